@@ -1,0 +1,260 @@
+"""Where examples come from: TFDS `imagenet2012`, an image folder, or the embedded digits demo.
+
+Each source opens a split and hands out per-process slices (`HostSlice`): a process reads
+only its slice, as raw records (serialized TFDS examples or file indices), and decodes them
+to `{'image': encoded bytes, 'label': int32, 'example_id': int64}` later, in parallel, after
+any shuffling and skipping, so that skipping to a resumed position costs no image decoding.
+
+Slicing follows `tfds.even_splits`: with `drop_remainder` every process gets
+`num_examples // process_count` examples (train: equal epoch lengths on all hosts), without
+it the first `num_examples % process_count` processes get one more (eval: every example
+read exactly once).
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
+TRAIN_TAR = 'ILSVRC2012_img_train.tar'
+VAL_TAR = 'ILSVRC2012_img_val.tar'
+PREPARE_COMMAND = 'python -m rmt_jax.prepare_imagenet --data_dir={data_dir} --manual_dir={manual_dir}'
+
+
+class DataNotFoundError(Exception):
+  """The dataset is not where the config says; the message says how to put it there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSlice:
+  """One process's part of a split.
+
+  Attributes:
+    num_examples: examples in this slice.
+    items: `items(order_seed)` -> tf.data.Dataset of raw records, in a fixed order when
+      `order_seed` is None, else shuffled as a function of the [2] int seed alone.
+    decode: raw record -> {'image': bytes, 'label': int32, 'example_id': int64}.
+  """
+  num_examples: int
+  items: Callable[[Any], tf.data.Dataset]
+  decode: Callable[[tf.Tensor], dict[str, tf.Tensor]]
+
+
+def even_split_range(num_examples: int, index: int, count: int,
+                     drop_remainder: bool) -> tuple[int, int]:
+  """[start, end) of sub-split `index` of `count`, as `tfds.even_splits` makes them."""
+  base, remainder = divmod(num_examples, count)
+  if drop_remainder:
+    return index * base, (index + 1) * base
+  start = index * base + min(index, remainder)
+  return start, start + base + (1 if index < remainder else 0)
+
+
+def _example_id(name: tf.Tensor) -> tf.Tensor:
+  return tf.strings.to_hash_bucket_fast(name, 2**62)
+
+
+# ---------------------------------------------------------------------------------------
+# TFDS imagenet2012 (any prepared TFDS image classification dataset works the same way).
+
+
+def resolve_tfds_dirs(data_dir: str, manual_dir: str) -> tuple[str, str]:
+  data_dir = os.path.expanduser(
+      data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+  manual_dir = os.path.expanduser(manual_dir or os.path.join(data_dir, 'downloads', 'manual'))
+  return data_dir, manual_dir
+
+
+def imagenet_not_found_message(name: str, data_dir: str, manual_dir: str) -> str:
+  def state(path):
+    return 'present' if os.path.exists(path) else 'MISSING'
+  train, val = os.path.join(manual_dir, TRAIN_TAR), os.path.join(manual_dir, VAL_TAR)
+  return (
+      f"TFDS dataset '{name}' is not prepared under data_dir={data_dir}.\n"
+      'To prepare it, put the two ImageNet release tars (from https://image-net.org/'
+      'download-images, after registering) into manual_dir:\n'
+      f'  {train}  ({state(train)}; 138 GB, one tar per synset inside)\n'
+      f'  {val}  ({state(val)}; 6.3 GB, 50,000 JPEGs)\n'
+      'then run once (a few hours; ~150 GB free under data_dir):\n'
+      f'  {PREPARE_COMMAND.format(data_dir=data_dir, manual_dir=manual_dir)}\n'
+      "Or use an image folder: set config.data.dataset='folder' and config.data.folder_root "
+      'to a directory holding train/<class>/*.JPEG and val/<class>/*.JPEG.')
+
+
+class TfdsSource:
+  """A prepared TFDS dataset, read shard by shard from its TFRecord files."""
+
+  def __init__(self, name: str, data_dir: str, manual_dir: str = '', *,
+               cycle_length: int = 16, shuffle_buffer: int = 16_384):
+    data_dir, manual_dir = resolve_tfds_dirs(data_dir, manual_dir)
+    self.builder = tfds.builder(name, data_dir=data_dir)
+    if not self.builder.is_prepared():
+      raise DataNotFoundError(imagenet_not_found_message(name, data_dir, manual_dir))
+    self.name = name
+    self.cycle_length = cycle_length
+    self.shuffle_buffer = shuffle_buffer
+
+  def num_examples(self, split: str) -> int:
+    if split not in self.builder.info.splits:
+      raise DataNotFoundError(
+          f"TFDS dataset '{self.name}' under {self.builder.data_dir} has no split {split!r} "
+          f'(it has {sorted(self.builder.info.splits.keys())}); prepare it again with '
+          f'the release tar of that split in manual_dir.')
+    return self.builder.info.splits[split].num_examples
+
+  def host_slice(self, split: str, index: int, count: int, drop_remainder: bool) -> HostSlice:
+    self.num_examples(split)
+    sub_split = tfds.even_splits(split, count, drop_remainder=drop_remainder)[index]
+    info = self.builder.info.splits[sub_split]
+    instructions = [f for f in info.file_instructions if f.take > 0]
+    features = self.builder.info.features
+
+    def decode(record):
+      example = features.deserialize_example(
+          record, decoders={'image': tfds.decode.SkipDecoding()})
+      return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32),
+              'example_id': _example_id(example['file_name'])}
+
+    return HostSlice(num_examples=info.num_examples,
+                     items=lambda seed: self._records(instructions, seed), decode=decode)
+
+  def _records(self, instructions, order_seed) -> tf.data.Dataset:
+    files = tf.constant([f.filename for f in instructions])
+    skips = tf.constant([f.skip for f in instructions], tf.int64)
+    takes = tf.constant([f.take for f in instructions], tf.int64)
+    order = tf.range(len(instructions))
+    if order_seed is not None:
+      order = tf.random.experimental.stateless_shuffle(order, order_seed)
+
+    def read_shard(i):
+      return tf.data.TFRecordDataset(files[i], buffer_size=1 << 20).skip(skips[i]).take(takes[i])
+
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        read_shard, cycle_length=min(self.cycle_length, len(instructions)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if order_seed is not None and self.shuffle_buffer > 1:
+      # Records inside a TFDS shard are already in random order (TFDS shuffles at prepare
+      # time); the shard order and this buffer make each epoch's order different.
+      buffer_seed = tf.random.stateless_uniform(
+          [], order_seed, minval=None, maxval=None, dtype=tf.int64)
+      ds = ds.shuffle(self.shuffle_buffer, seed=buffer_seed, reshuffle_each_iteration=False)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Image folder: root/<split>/<class>/<image>, classes in sorted order.
+
+
+class FolderSource:
+  """Images in `root/<split>/<class>/*.{JPEG,jpg,png}` with labels from sorted class names."""
+
+  def __init__(self, root: str, *, train_split: str = 'train', num_classes: int | None = None):
+    self.root = os.path.expanduser(root)
+    train_dir = os.path.join(self.root, train_split)
+    if not root or not os.path.isdir(train_dir):
+      raise DataNotFoundError(
+          f'Image folder not found: {train_dir!r} does not exist.\n'
+          'Set config.data.folder_root to a directory laid out as\n'
+          '  <folder_root>/train/<class name>/<image>.JPEG   (e.g. train/n01440764/'
+          'n01440764_10026.JPEG)\n'
+          '  <folder_root>/val/<class name>/<image>.JPEG     (same class names as train)\n'
+          'which is the layout torchvision ImageFolder reads (for ImageNet, the val images '
+          'must be sorted into class folders first).')
+    self.classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if not self.classes:
+      raise DataNotFoundError(f'{train_dir} holds no class folders (train/<class>/<image>).')
+    if num_classes is not None and len(self.classes) > num_classes:
+      raise ValueError(f'{train_dir} has {len(self.classes)} classes but config.data.'
+                       f'num_classes={num_classes}.')
+    self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def _list(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split in self._files:
+      return self._files[split]
+    split_dir = os.path.join(self.root, split)
+    if not os.path.isdir(split_dir):
+      raise DataNotFoundError(f'Image folder split not found: {split_dir!r} does not exist '
+                              f'(expected {split_dir}/<class>/<image>.JPEG).')
+    class_index = {c: i for i, c in enumerate(self.classes)}
+    paths, labels = [], []
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+      if not entry.is_dir():
+        continue
+      if entry.name not in class_index:
+        raise ValueError(f'{entry.path}: class {entry.name!r} is not among the train classes.')
+      for name in sorted(os.listdir(entry.path)):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(entry.path, name))
+          labels.append(class_index[entry.name])
+    if not paths:
+      raise DataNotFoundError(f'No images (*.JPEG, *.jpg, *.png) under {split_dir}/<class>/.')
+    # A fixed permutation, so that contiguous per-process slices mix all classes.
+    perm = np.random.default_rng(0).permutation(len(paths))
+    self._files[split] = (np.asarray(paths)[perm], np.asarray(labels, np.int32)[perm])
+    return self._files[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self._list(split)[0])
+
+  def host_slice(self, split: str, index: int, count: int, drop_remainder: bool) -> HostSlice:
+    paths, labels = self._list(split)
+    start, end = even_split_range(len(paths), index, count, drop_remainder)
+    paths_t = tf.constant(paths[start:end])
+    labels_t = tf.constant(labels[start:end])
+    n = end - start
+
+    def items(order_seed):
+      order = tf.range(n, dtype=tf.int64)
+      if order_seed is not None:
+        order = tf.random.experimental.stateless_shuffle(order, order_seed)
+      return tf.data.Dataset.from_tensor_slices(order)
+
+    def decode(i):
+      path = paths_t[i]
+      return {'image': tf.io.read_file(path), 'label': labels_t[i],
+              'example_id': _example_id(path)}
+
+    return HostSlice(num_examples=n, items=items, decode=decode)
+
+
+# ---------------------------------------------------------------------------------------
+# The offline demo: scikit-learn's 8x8 digits, written once as PNGs in the folder layout.
+
+DIGITS_EVAL_FRACTION = 0.2
+
+
+def materialize_digits(root: str, size: int = 32) -> str:
+  """Writes sklearn's digits as `root/{train,val}/<digit>/<n>.png` (size x size RGB) once.
+
+  The held-out split is a fixed stratified 20% (random_state=0). Returns `root`.
+  """
+  root = os.path.expanduser(root)
+  if os.path.isdir(os.path.join(root, 'val')):
+    return root
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  index = np.arange(len(digits.target))
+  train_idx, val_idx = model_selection.train_test_split(
+      index, test_size=DIGITS_EVAL_FRACTION, stratify=digits.target, random_state=0)
+  tmp = f'{root}.tmp{os.getpid()}'
+  for split, idx in (('train', train_idx), ('val', val_idx)):
+    for i in idx:
+      folder = os.path.join(tmp, split, str(digits.target[i]))
+      os.makedirs(folder, exist_ok=True)
+      pixels = (digits.images[i] / 16.0 * 255.0)[:, :, None]
+      image = tf.image.resize(pixels, [size, size], method='bilinear')
+      image = tf.cast(tf.round(tf.clip_by_value(tf.tile(image, [1, 1, 3]), 0, 255)), tf.uint8)
+      tf.io.write_file(os.path.join(folder, f'{i:04d}.png'), tf.io.encode_png(image))
+  os.makedirs(os.path.dirname(root) or '.', exist_ok=True)
+  try:
+    os.rename(tmp, root)  # Atomic: concurrent processes see all files or none.
+  except OSError:
+    if not os.path.isdir(os.path.join(root, 'val')):
+      raise
+    tf.io.gfile.rmtree(tmp)  # Another process won the race.
+  return root
