@@ -195,15 +195,18 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, probability: float = 0.
   h, w = erase_h[first], erase_w[first]
   top = _randint_inclusive(s_y, height - h)
   left = _randint_inclusive(s_x, width - w)
-  rows = tf.range(shape[0])[:, None, None]
-  cols = tf.range(shape[1])[None, :, None]
-  inside = ((rows >= top) & (rows < top + tf.cast(h, tf.int32)) &
-            (cols >= left) & (cols < left + tf.cast(w, tf.int32)))
-  if mode == 'pixel':
-    fill = tf.random.stateless_normal(shape, s_fill, dtype=image.dtype)
-  elif mode == 'rand':
-    fill = tf.random.stateless_normal([1, 1, shape[2]], s_fill, dtype=image.dtype)
-  else:
-    fill = tf.zeros([1, 1, shape[2]], image.dtype)
+  def erase():
+    rows = tf.range(shape[0])[:, None, None]
+    cols = tf.range(shape[1])[None, :, None]
+    inside = ((rows >= top) & (rows < top + tf.cast(h, tf.int32)) &
+              (cols >= left) & (cols < left + tf.cast(w, tf.int32)))
+    if mode == 'pixel':
+      fill = tf.random.stateless_normal(shape, s_fill, dtype=image.dtype)
+    elif mode == 'rand':
+      fill = tf.random.stateless_normal([1, 1, shape[2]], s_fill, dtype=image.dtype)
+    else:
+      fill = tf.zeros([1, 1, shape[2]], image.dtype)
+    return tf.where(inside, fill, image)
+
   apply = (_uniform(s_apply) < probability) & tf.reduce_any(fits)
-  return tf.where(apply & inside, fill, image)
+  return tf.cond(apply, erase, lambda: image)

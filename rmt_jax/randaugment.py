@@ -84,13 +84,15 @@ def _grayscale(image: tf.Tensor) -> tf.Tensor:
 
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
   """Stretches each channel's [min, max] to [0, 255]; flat channels stay as they are."""
-  # PIL builds its lookup table in double precision as int(x * scale + offset).
-  x = tf.cast(image, tf.float64)
-  lo = tf.reduce_min(x, axis=[0, 1], keepdims=True)
-  hi = tf.reduce_max(x, axis=[0, 1], keepdims=True)
+  # PIL's lookup table, int(i * scale + offset) in double precision, per channel.
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)
   scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  stretched = tf.clip_by_value(tf.floor(x * scale - lo * scale), 0.0, 255.0)
-  return tf.cast(tf.where(hi > lo, stretched, x), tf.uint8)
+  values = tf.range(256, dtype=tf.float64)[:, None]
+  lut = tf.clip_by_value(tf.floor(values * scale - lo * scale), 0.0, 255.0)
+  lut = tf.cast(tf.where(hi > lo, lut, values), tf.uint8)  # [256, 3]
+  channels = [tf.gather(lut[:, c], tf.cast(image[..., c], tf.int32)) for c in range(3)]
+  return tf.stack(channels, axis=-1)
 
 
 def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
@@ -168,15 +170,14 @@ def affine(image: tf.Tensor, matrix: tf.Tensor, fill=DEFAULT_FILL) -> tf.Tensor:
   `matrix` holds the 6 entries (a, b, c, d, e, f) of PIL's `Image.AFFINE` data: the input
   point of output (x, y) is (a x + b y + c, d x + e y + f).
   """
-  x = tf.cast(image, tf.float32)
-  # A ones channel, filled with 0 outside, tells how much of each output pixel is inside.
-  with_ones = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)[None]
+  # Bilinear sampling is linear, so sampling (image - fill) with zeros outside and adding
+  # fill back blends edge pixels with the fill colour exactly as PIL's fillcolor does.
+  fill = tf.constant(fill, tf.float32)
+  shifted = (tf.cast(image, tf.float32) - fill)[None]
   transform = tf.concat([tf.cast(matrix, tf.float32), tf.zeros([2])], 0)[None]
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=with_ones, transforms=transform, output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  inside = out[..., 3:]
-  out = out[..., :3] + (1.0 - inside) * tf.constant(fill, tf.float32)
+      images=shifted, transforms=transform, output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0] + fill
   return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 

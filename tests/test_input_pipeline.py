@@ -181,8 +181,8 @@ def test_two_processes_read_disjoint_train_data(imagenet):
   assert per_process[0] | per_process[1] == set(train)
 
 
-def test_same_seed_same_batches_and_exact_resume(folder_imagenet):
-  cfg, _, _ = folder_imagenet  # Full recipe: repeated augmentation, RandAugment, Mixup.
+def test_same_seed_same_batches_and_exact_resume(imagenet):
+  cfg, _, _ = imagenet  # Full recipe: repeated augmentation, RandAugment, Mixup.
   reference = _take(input_pipeline.create_train_iterator(cfg, global_batch_size=4, seed=3), 9)
   again = input_pipeline.create_train_iterator(cfg, global_batch_size=4, seed=3)
   first = _take(again, 4)  # 6 steps per epoch: resume mid-epoch, run past its end.
