@@ -5,13 +5,13 @@ per shape in NumPy float32 and embedded in the compiled computation as a constan
 is a parameter. The official code stores two of these tables as buffers (`Relpos.angle`,
 `Relpos.decay`); `rmt_jax.convert` regenerates them from these functions.
 
-The frequencies and decay rates are computed in float64 and rounded once to float32; the rotary
-phases `position * frequency` are then rounded to float32 as in the official code, because at
-thousands of positions that rounding is part of the function. The official buffers are computed
-in float32 by `torch.linspace`, `pow` and `log`, whose last bit depends on the device and its vector
-width (PyTorch's CPU linspace differs between AVX2 and AVX-512), so no float32 recipe reproduces
-every official checkpoint bit for bit; these agree with them within a few units in the last place
-(tests/test_decay.py measures it), far inside float32 parity of the network's outputs.
+Every step runs in float32, as in the official code: `log(1 - 2 ** -x)` loses bits to the
+subtraction, and the rotary phases `position * frequency` reach thousands of radians, so float32
+rounding is part of the function. The official `linspace` rounds its last bit differently by
+device (PyTorch's CPU kernel differs under AVX2 and AVX-512, CUDA differently again), and
+`10000 ** x` multiplies that bit by ln(10000): no recipe reproduces every official checkpoint bit
+for bit. These tables agree with them within 1.1e-6 relative (frequencies) and 2 units in the last
+place (decay rates), see tests/test_decay.py, far inside float32 parity of the network's outputs.
 """
 
 import functools
@@ -31,7 +31,8 @@ def rotary_angles(key_dim: int) -> np.ndarray:
   """
   if key_dim % 2:
     raise ValueError(f'key_dim must be even for the rotary table, got {key_dim}')
-  angle = 1.0 / 10000.0 ** np.linspace(0.0, 1.0, key_dim // 2)
+  exponent = np.linspace(0.0, 1.0, key_dim // 2, dtype=np.float32)
+  angle = np.float32(1.0) / np.float32(10000.0) ** exponent
   return np.repeat(angle, 2).astype(np.float32)
 
 
@@ -49,8 +50,9 @@ def log_gamma(num_heads: int, initial_value: float, heads_range: float) -> np.nd
   Returns:
     float32 array (num_heads,) of negative numbers.
   """
-  exponent = -initial_value - heads_range * np.arange(num_heads) / num_heads
-  return np.log(1.0 - 2.0 ** exponent).astype(np.float32)
+  heads = np.arange(num_heads, dtype=np.float32)
+  exponent = np.float32(-initial_value) - np.float32(heads_range) * heads / np.float32(num_heads)
+  return np.log(np.float32(1.0) - np.float32(2.0) ** exponent).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)

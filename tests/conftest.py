@@ -1,0 +1,57 @@
+"""Shared test helpers: the official reference fixtures (../shared/fixtures, see its README)."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+# XLA's CPU compiler spends ~15 s on the threefry generator of even the tiny model's init; the
+# 'rbg' generator compiles in a fraction of that. No test depends on which generator runs.
+jax.config.update('jax_default_prng_impl', 'rbg')
+
+# The fixtures live beside the repository (`../shared/fixtures` from its root); CI lays them
+# there too. RMT_FIXTURES overrides the location.
+FIXTURES = pathlib.Path(os.environ.get(
+    'RMT_FIXTURES', pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
+CASES = ('a', 'b', 'tokenlabel')
+
+
+def _require_fixtures() -> None:
+  if not (FIXTURES / 'official_manifest.json').exists():
+    # A missing reference is an error, not a skip: parity is what these tests are for.
+    pytest.fail(f'official reference fixtures not found in {FIXTURES} '
+                '(set RMT_FIXTURES to their folder)')
+
+
+def official_case(case: str) -> dict:
+  """One reference case: its official constructor kwargs, state_dict, input and outputs.
+
+  Returns:
+    {'kwargs': VisRetNet kwargs, 'state_dict': {key: array}, 'images': NHWC float32,
+     'logits': (2, 10), 'features': {'stem', 'stage0'..'stage3': NHWC}}.
+  """
+  _require_fixtures()
+  configs = json.loads((FIXTURES / 'official_tiny_configs.json').read_text())
+  with np.load(FIXTURES / f'official_tiny_{case}.npz') as f:
+    arrays = {k: f[k] for k in f.files}
+  return {
+      'kwargs': configs[f'official_tiny_{case}'],
+      'state_dict': {k: v for k, v in arrays.items()
+                     if k not in ('input', 'logits') and not k.startswith('feature.')},
+      'images': arrays['input'].transpose(0, 2, 3, 1),
+      'logits': arrays['logits'],
+      'features': {k[len('feature.'):]: v for k, v in arrays.items() if k.startswith('feature.')},
+  }
+
+
+def official_manifest() -> dict:
+  _require_fixtures()
+  return json.loads((FIXTURES / 'official_manifest.json').read_text())
+
+
+def relative_error(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
