@@ -84,6 +84,7 @@ def main(argv=None) -> None:
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--warmup_batches', type=int, default=3)
   parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--repeats', type=int, default=3, help='median of this many runs')
   args = parser.parse_args(argv)
   tf.config.set_visible_devices([], 'GPU')
   cores = _cores()
@@ -106,21 +107,33 @@ def main(argv=None) -> None:
   cfg.update(dataset='folder', folder_root=root, image_size=args.image_size)
   plain = cfg.copy_and_resolve_references()
   plain.update(randaugment='', reprob=0.0, mixup=0.0, cutmix=0.0)
-  measure = lambda it, n=args.batches: _rate(it, args.batch_size, args.warmup_batches, n)
-  # One pipeline at a time: an iterator left alive keeps its threads prefetching.
-  rows = [('decode (bare decode_jpeg)',
-           bare_decode_rate(root, args.batch_size, args.warmup_batches, args.batches))]
-  rows.append(('train (official recipe)', measure(input_pipeline.create_train_iterator(
-      cfg, global_batch_size=args.batch_size, seed=0))))
-  rows.append(('train (crop + flip only)', measure(input_pipeline.create_train_iterator(
-      plain, global_batch_size=args.batch_size, seed=0))))
   eval_batches = min(args.batches, len(files) // args.batch_size - args.warmup_batches)
-  rows.append(('eval (resize + centre crop)', measure(iter(input_pipeline.create_eval_iterator(
-      cfg, global_batch_size=args.batch_size)), eval_batches)))
+  pipelines = {
+      'decode (bare decode_jpeg)': lambda: bare_decode_rate(
+          root, args.batch_size, args.warmup_batches, args.batches),
+      'train (official recipe)': lambda: _rate(input_pipeline.create_train_iterator(
+          cfg, global_batch_size=args.batch_size, seed=0), args.batch_size,
+                                               args.warmup_batches, args.batches),
+      'train (crop + flip only)': lambda: _rate(input_pipeline.create_train_iterator(
+          plain, global_batch_size=args.batch_size, seed=0), args.batch_size,
+                                                args.warmup_batches, args.batches),
+      'eval (resize + centre crop)': lambda: _rate(iter(input_pipeline.create_eval_iterator(
+          cfg, global_batch_size=args.batch_size)), args.batch_size, args.warmup_batches,
+                                                   eval_batches),
+  }
+  # One pipeline at a time (an iterator left alive keeps its threads prefetching), taking
+  # turns, so that load from other processes spreads over all of them; median of repeats.
+  rates = {name: [] for name in pipelines}
+  for _ in range(args.repeats):
+    for name, run in pipelines.items():
+      rates[name].append(run())
+  rows = [(name, float(np.median(r))) for name, r in rates.items()]
   decode = rows[0][1]
-  print(f'{"pipeline":32s} {"images/s":>10s} {"per core":>10s} {"vs decode":>10s}')
+  print(f'{"pipeline":32s} {"images/s":>10s} {"per core":>10s} {"vs decode":>10s}'
+        f'  runs (images/s)')
   for name, rate in rows:
-    print(f'{name:32s} {rate:10.1f} {rate / cores:10.1f} {rate / decode:10.2f}')
+    runs = ' '.join(f'{r:.0f}' for r in rates[name])
+    print(f'{name:32s} {rate:10.1f} {rate / cores:10.1f} {rate / decode:10.2f}  {runs}')
   steps, fresh_s, restored_s = _first_batch_seconds(cfg, args.batch_size)
   print(f'first batch: fresh iterator {fresh_s:.2f} s, restored at step {steps - 1} of '
         f'{steps} {restored_s:.2f} s (folder source: skipping costs no decoding)')
@@ -130,17 +143,18 @@ def main(argv=None) -> None:
 
 
 def _first_batch_seconds(cfg, batch_size: int) -> tuple[int, float, float]:
-  """Seconds to the first batch, fresh and restored at the last step of epoch 0."""
-  times = []
-  for restore in (False, True):
+  """Seconds to the first batch, fresh and restored at the last step of epoch 0 (best of 2)."""
+  times = {False: [], True: []}
+  for restore in (True, False, True, False):
     it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch_size, seed=0)
     if restore:
       it.set_state({'epoch': 0, 'step_in_epoch': it.steps_per_epoch - 1})
     start = time.perf_counter()
     next(it)
-    times.append(time.perf_counter() - start)
+    times[restore].append(time.perf_counter() - start)
     del it
-  return input_pipeline.num_examples(cfg, 'train') // batch_size, times[0], times[1]
+  steps = input_pipeline.num_examples(cfg, 'train') // batch_size
+  return steps, min(times[False]), min(times[True])
 
 
 def record_skip_rate(files: list[str], seconds: float = 3.0) -> float:
