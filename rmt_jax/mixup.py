@@ -69,17 +69,24 @@ def mix_batch(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor,
   lam = tf.where(use_cutmix, cut_lam, mix_lam)
   lam = tf.where(tf.random.stateless_uniform([], s_apply) < config.prob, lam, 1.0)
 
-  flipped = tf.reverse(images, axis=[0])
   shape = tf.shape(images)
   y0, y1, x0, x1 = cutmix_box(shape[1], shape[2], lam, s_box)
-  rows = tf.range(shape[1])[None, :, None, None]
-  cols = tf.range(shape[2])[None, None, :, None]
-  in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
   box_lam = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(shape[1] * shape[2],
                                                                          tf.float32)
-  cutmixed = tf.where(in_box, flipped, images)
-  mixed = images * lam + flipped * (1.0 - lam)
-  images = tf.where(use_cutmix, cutmixed, mixed)
+
+  def cutmix_images():
+    rows = tf.range(shape[1])[None, :, None, None]
+    cols = tf.range(shape[2])[None, None, :, None]
+    in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    return tf.where(in_box, tf.reverse(images, axis=[0]), images)
+
+  def mixup_images():
+    return images * lam + tf.reverse(images, axis=[0]) * (1.0 - lam)
+
+  # Only the chosen mix is computed: each is a few passes over a large batch.
+  images = tf.cond(lam < 1.0,
+                   lambda: tf.cond(use_cutmix, cutmix_images, mixup_images),
+                   lambda: images)
   lam = tf.where(use_cutmix, box_lam, lam)
   targets = targets * lam + tf.reverse(targets, axis=[0]) * (1.0 - lam)
   return images, targets
