@@ -10,7 +10,7 @@ import pytest
 import rmt_jax
 from conftest import CASES, official_case, official_manifest, relative_error
 from rmt_jax import convert
-from rmt_jax.models import RMT, from_official_kwargs, layers
+from rmt_jax.models import RMT, Stage, from_official_kwargs, layers
 from rmt_jax.summary import count_macs, count_params
 
 VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
@@ -89,9 +89,14 @@ def _tiny(**kw) -> RMT:
   return rmt_jax.create_model('rmt_tiny', num_classes=7, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_variables():
+  """One initialisation shared by the tests below (initialising compiles for ~10 s on CPU)."""
+  return jax.jit(_tiny().init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+
+
 def test_any_input_size_under_jit():
-  model = _tiny()
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  model, variables = _tiny(), _tiny_variables()
   apply = jax.jit(model.apply)
   for shape in [(2, 64, 64, 3), (1, 96, 160, 3), (1, 72, 40, 3)]:
     out = apply(variables, jax.random.normal(jax.random.PRNGKey(1), shape))
@@ -101,7 +106,7 @@ def test_any_input_size_under_jit():
 def test_train_mode_updates_batch_stats_and_drop_path_uses_dropout_rng():
   model = _tiny(drop_path_rate=0.5)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(1), images)
+  variables = _tiny_variables()
 
   @jax.jit
   def run(seed):
@@ -127,13 +132,15 @@ def test_drop_path_rate_rises_linearly_over_blocks():
 
 
 def test_remat_changes_memory_not_values():
-  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  plain, remat = _tiny(), _tiny(remat=(True, False, True, True))
-  variables = jax.jit(plain.init)(jax.random.PRNGKey(1), images)
+  # One stage of two blocks: the remat wrapper is per stage, and a stage compiles quickly.
+  stage_kw = dict(depth=2, num_heads=2, initial_value=2, heads_range=4, mlp_ratio=2, axial=True,
+                  drop_path=(0.0, 0.2), layerscale=True, layer_init_values=0.5, out_dim=None)
+  plain, remat = Stage(**stage_kw), Stage(**stage_kw, remat=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 8))
+  variables = plain.init(jax.random.PRNGKey(1), x)
 
-  def loss(model, params):
-    out, _ = model.apply({**variables, 'params': params}, images, train=True,
-                         mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(2)})
+  def loss(stage, params):
+    out, _ = stage.apply({'params': params}, x, True, rngs={'dropout': jax.random.PRNGKey(2)})
     return (out ** 2).mean()
 
   grads = [jax.jit(jax.grad(functools.partial(loss, m)))(variables['params'])
@@ -144,8 +151,9 @@ def test_remat_changes_memory_not_values():
 
 def test_headless_model_returns_pooled_features():
   model = rmt_jax.create_model('rmt_tiny', num_classes=0)
-  images = jnp.zeros((2, 32, 32, 3))
-  out = jax.jit(model.apply)(model.init(jax.random.PRNGKey(0), images), images)
+  variables = dict(_tiny_variables())
+  variables['params'] = {k: v for k, v in variables['params'].items() if k != 'head'}
+  out = jax.jit(model.apply)(variables, jnp.zeros((2, 32, 32, 3)))
   assert out.shape == (2, 96)
 
 
@@ -160,6 +168,6 @@ def test_depthwise_forms_agree():
 def test_param_dtype_and_compute_dtype_are_separate():
   model = _tiny(dtype=jnp.bfloat16)
   images = jnp.ones((1, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
-  assert jax.jit(model.apply)(variables, images).dtype == jnp.float32
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype('float32')}
+  assert jax.jit(model.apply)(_tiny_variables(), images).dtype == jnp.float32
