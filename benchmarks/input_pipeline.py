@@ -3,7 +3,8 @@ r"""Input pipeline throughput: images/s per CPU core, next to the bare JPEG-deco
   python -m benchmarks.input_pipeline                      # synthetic ImageNet-sized JPEGs
   python -m benchmarks.input_pipeline --folder_root=/data/imagenet   # your own image folder
 
-Measures, in one run and on the same images:
+Reports images per wall second and images per CPU second of this process (= per core;
+robust to other load on the machine), measured in one run on the same images, of:
   decode  tf.data reading + `decode_jpeg` of whole images (the floor of any pipeline);
   train   the full training pipeline of `config.data` (official recipe by default:
           random-resized crop, flip, RandAugment, random erasing, Mixup/CutMix, batching);
@@ -54,16 +55,29 @@ def write_synthetic_folder(root: str, num_images: int, height: int, width: int,
                        tf.io.encode_jpeg(pixels, quality=90))
 
 
-def _rate(iterator, batch_size: int, warmup: int, batches: int) -> float:
+def _cpu_seconds() -> float:
+  times = os.times()
+  return times.user + times.system
+
+
+def _rate(iterator, batch_size: int, warmup: int, batches: int) -> tuple[float, float]:
+  """(images per wall second, images per CPU second of this process) in steady state.
+
+  Per CPU second is the per-core rate, and other processes on the machine barely move it;
+  in steady state the prefetch buffers are as full at the end as at the start, so the CPU
+  time in the window is the work for the images delivered in it.
+  """
   for _ in range(warmup):
     next(iterator)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(batches):
     next(iterator)
-  return batches * batch_size / (time.perf_counter() - start)
+  images = batches * batch_size
+  return images / (time.perf_counter() - start), images / (_cpu_seconds() - cpu)
 
 
-def bare_decode_rate(root: str, batch_size: int, warmup: int, batches: int) -> float:
+def bare_decode_rate(root: str, batch_size: int, warmup: int,
+                     batches: int) -> tuple[float, float]:
   files = tf.io.gfile.glob(os.path.join(root, 'train', '*', '*'))
   ds = tf.data.Dataset.from_tensor_slices(files).repeat()
   ds = ds.map(lambda f: tf.io.decode_jpeg(tf.io.read_file(f), channels=3),
@@ -83,7 +97,7 @@ def main(argv=None) -> None:
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--warmup_batches', type=int, default=3)
-  parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--batches', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=3, help='median of this many runs')
   args = parser.parse_args(argv)
   tf.config.set_visible_devices([], 'GPU')
@@ -127,19 +141,21 @@ def main(argv=None) -> None:
   for _ in range(args.repeats):
     for name, run in pipelines.items():
       rates[name].append(run())
-  rows = [(name, float(np.median(r))) for name, r in rates.items()]
-  decode = rows[0][1]
-  print(f'{"pipeline":32s} {"images/s":>10s} {"per core":>10s} {"vs decode":>10s}'
-        f'  runs (images/s)')
-  for name, rate in rows:
-    runs = ' '.join(f'{r:.0f}' for r in rates[name])
-    print(f'{name:32s} {rate:10.1f} {rate / cores:10.1f} {rate / decode:10.2f}  {runs}')
+  rows = [(name, float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs])))
+          for name, runs in rates.items()]
+  decode = rows[0][2]
+  print(f'{"pipeline":30s} {"images/s":>9s} {"per core":>9s} {"vs decode":>9s}  '
+        'per-core runs (images per CPU second)')
+  for name, wall, per_core in rows:
+    runs = ' '.join(f'{r[1]:.0f}' for r in rates[name])
+    print(f'{name:30s} {wall:9.1f} {per_core:9.1f} {per_core / decode:9.2f}  {runs}')
   steps, fresh_s, restored_s = _first_batch_seconds(cfg, args.batch_size)
   print(f'first batch: fresh iterator {fresh_s:.2f} s, restored at step {steps - 1} of '
         f'{steps} {restored_s:.2f} s (folder source: skipping costs no decoding)')
   skip = record_skip_rate(files)
-  print(f'TFDS restore skips raw records at {skip:.0f} records/s: resuming in the middle of '
-        f'an ImageNet epoch on one host (640k records) costs ~{640_000 / skip:.0f} s')
+  print(f'TFDS restore skips raw records at {skip:.0f} records per CPU second: resuming in '
+        f'the middle of an ImageNet epoch (640k records) costs ~{640_000 / skip:.0f} CPU s '
+        'on one host, a 1/N share of that on each of N hosts')
 
 
 def _first_batch_seconds(cfg, batch_size: int) -> tuple[int, float, float]:
@@ -158,7 +174,7 @@ def _first_batch_seconds(cfg, batch_size: int) -> tuple[int, float, float]:
 
 
 def record_skip_rate(files: list[str], seconds: float = 3.0) -> float:
-  """Records/s that restoring a TFDS pipeline skips: serialized examples, read, not decoded."""
+  """Records per CPU second that restoring a TFDS pipeline skips (read, never decoded)."""
   path = os.path.join(tempfile.gettempdir(), 'rmt_jax_benchmark_records.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
     for f in files:
@@ -166,14 +182,11 @@ def record_skip_rate(files: list[str], seconds: float = 3.0) -> float:
           value=[tf.io.read_file(f).numpy()]))}
       writer.write(tf.train.Example(
           features=tf.train.Features(feature=feature)).SerializeToString())
-  count, start = 0, time.perf_counter()
+  count, start, cpu = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - start < seconds:
     # Same shape as a resumed TFDS epoch: shuffle buffer, then skip (nothing decoded).
     ds = tf.data.TFRecordDataset(path).repeat(20).shuffle(1024, seed=0).skip(20 * len(files))
     for _ in ds:
       pass
     count += 20 * len(files)
-  return count / (time.perf_counter() - start)
-
-if __name__ == '__main__':
-  main()
+  return count / (_cpu_seconds() - cpu)
