@@ -238,6 +238,19 @@ def test_enhance_ops_blend_as_defined():
   assert len(np.unique(flat)) == 1  # Factor 0: the mean grey.
 
 
+def test_sharpness_blends_with_the_smoothed_interior():
+  x = _image(10, 12)
+  smooth = ra.sharpness(tf.constant(x), 0.0).numpy().astype(float)  # Factor 0: SMOOTH.
+  kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0
+  y, z = 4, 5
+  want = np.round((x[y - 1:y + 2, z - 1:z + 2].astype(float) * kernel[..., None]).sum((0, 1)))
+  np.testing.assert_allclose(smooth[y, z], want, atol=1)
+  sharp = ra.sharpness(tf.constant(x), 1.9).numpy()
+  for out in (smooth, sharp):  # PIL leaves the one-pixel border as it was.
+    np.testing.assert_array_equal(out[0], x[0])
+    np.testing.assert_array_equal(out[:, -1], x[:, -1])
+
+
 def test_randaugment_is_seeded_and_prob_zero_is_identity():
   image = tf.constant(_image(24, 24))
   policy = ra.parse_policy('rand-m9-mstd0.5-inc1')
