@@ -71,7 +71,7 @@ def resolve_tfds_dirs(data_dir: str, manual_dir: str) -> tuple[str, str]:
 
 def imagenet_not_found_message(name: str, data_dir: str, manual_dir: str) -> str:
   def state(path):
-    return 'present' if os.path.exists(path) else 'MISSING'
+    return 'present' if tf.io.gfile.exists(path) else 'MISSING'
   train, val = os.path.join(manual_dir, TRAIN_TAR), os.path.join(manual_dir, VAL_TAR)
   return (
       f"TFDS dataset '{name}' is not prepared under data_dir={data_dir}.\n"
@@ -150,12 +150,15 @@ class TfdsSource:
 
 
 class FolderSource:
-  """Images in `root/<split>/<class>/*.{JPEG,jpg,png}` with labels from sorted class names."""
+  """Images in `root/<split>/<class>/*.{JPEG,jpg,png}` with labels from sorted class names.
+
+  Paths go through tf.io.gfile, so `root` may be local or a bucket (gs://...).
+  """
 
   def __init__(self, root: str, *, train_split: str = 'train', num_classes: int | None = None):
     self.root = os.path.expanduser(root)
     train_dir = os.path.join(self.root, train_split)
-    if not root or not os.path.isdir(train_dir):
+    if not root or not tf.io.gfile.isdir(train_dir):
       raise DataNotFoundError(
           f'Image folder not found: {train_dir!r} does not exist.\n'
           'Set config.data.folder_root to a directory laid out as\n'
@@ -164,7 +167,7 @@ class FolderSource:
           '  <folder_root>/val/<class name>/<image>.JPEG     (same class names as train)\n'
           'which is the layout torchvision ImageFolder reads (for ImageNet, the val images '
           'must be sorted into class folders first).')
-    self.classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    self.classes = sorted(_subdirs(train_dir))
     if not self.classes:
       raise DataNotFoundError(f'{train_dir} holds no class folders (train/<class>/<image>).')
     if num_classes is not None and len(self.classes) > num_classes:
@@ -176,20 +179,19 @@ class FolderSource:
     if split in self._files:
       return self._files[split]
     split_dir = os.path.join(self.root, split)
-    if not os.path.isdir(split_dir):
+    if not tf.io.gfile.isdir(split_dir):
       raise DataNotFoundError(f'Image folder split not found: {split_dir!r} does not exist '
                               f'(expected {split_dir}/<class>/<image>.JPEG).')
     class_index = {c: i for i, c in enumerate(self.classes)}
     paths, labels = [], []
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-      if not entry.is_dir():
-        continue
-      if entry.name not in class_index:
-        raise ValueError(f'{entry.path}: class {entry.name!r} is not among the train classes.')
-      for name in sorted(os.listdir(entry.path)):
+    for class_name in sorted(_subdirs(split_dir)):
+      class_dir = os.path.join(split_dir, class_name)
+      if class_name not in class_index:
+        raise ValueError(f'{class_dir}: class {class_name!r} is not among the train classes.')
+      for name in sorted(tf.io.gfile.listdir(class_dir)):
         if name.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(entry.path, name))
-          labels.append(class_index[entry.name])
+          paths.append(os.path.join(class_dir, name))
+          labels.append(class_index[class_name])
     if not paths:
       raise DataNotFoundError(f'No images (*.JPEG, *.jpg, *.png) under {split_dir}/<class>/.')
     # A fixed permutation, so that contiguous per-process slices mix all classes.
@@ -219,6 +221,11 @@ class FolderSource:
               'example_id': _example_id(path)}
 
     return HostSlice(num_examples=n, items=items, decode=decode)
+
+
+def _subdirs(path: str) -> list[str]:
+  names = (n.rstrip('/') for n in tf.io.gfile.listdir(path))
+  return [n for n in names if tf.io.gfile.isdir(os.path.join(path, n))]
 
 
 # ---------------------------------------------------------------------------------------

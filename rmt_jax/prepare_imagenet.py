@@ -34,7 +34,7 @@ def prepare(data_dir: str = '', manual_dir: str = '', name: str = 'imagenet2012'
   """
   data_dir, manual_dir = data_sources.resolve_tfds_dirs(data_dir, manual_dir)
   tars = [os.path.join(manual_dir, t) for t in (data_sources.TRAIN_TAR, data_sources.VAL_TAR)]
-  if not any(os.path.exists(t) for t in tars):
+  if not any(tf.io.gfile.exists(t) for t in tars):
     raise data_sources.DataNotFoundError(
         data_sources.imagenet_not_found_message(name, data_dir, manual_dir))
   builder = tfds.builder(name, data_dir=data_dir)
