@@ -23,6 +23,7 @@ import numpy as np
 
 if __package__ in (None, ''):  # `python benchmarks/input_pipeline.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -73,7 +74,9 @@ def _rate(iterator, batch_size: int, warmup: int, batches: int) -> tuple[float, 
   for _ in range(batches):
     next(iterator)
   images = batches * batch_size
-  return images / (time.perf_counter() - start), images / (_cpu_seconds() - cpu)
+  # os.times() ticks in 10 ms: floor the interval for very short runs.
+  return (images / (time.perf_counter() - start),
+          images / max(_cpu_seconds() - cpu, 0.01))
 
 
 def bare_decode_rate(root: str, batch_size: int, warmup: int,
@@ -99,6 +102,10 @@ def main(argv=None) -> None:
   parser.add_argument('--warmup_batches', type=int, default=3)
   parser.add_argument('--batches', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=3, help='median of this many runs')
+  parser.add_argument('--skip_seconds', type=float, default=3.0,
+                      help='how long to measure the TFDS record-skipping rate')
+  parser.add_argument('--work_dir', default=tempfile.gettempdir(),
+                      help='where the synthetic JPEGs and records are kept between runs')
   args = parser.parse_args(argv)
   tf.config.set_visible_devices([], 'GPU')
   cores = _cores()
@@ -106,7 +113,7 @@ def main(argv=None) -> None:
   root = args.folder_root
   if not root:
     # Kept between runs (and not deleted under iterators still winding down).
-    root = os.path.join(tempfile.gettempdir(), 'rmt_jax_benchmark_jpegs_'
+    root = os.path.join(args.work_dir, 'rmt_jax_benchmark_jpegs_'
                         f'{args.num_images}_{args.source_height}x{args.source_width}')
     if not os.path.isdir(os.path.join(root, 'val')):
       write_synthetic_folder(root + '.tmp', args.num_images, args.source_height,
@@ -149,19 +156,20 @@ def main(argv=None) -> None:
   for name, wall, per_core in rows:
     runs = ' '.join(f'{r[1]:.0f}' for r in rates[name])
     print(f'{name:30s} {wall:9.1f} {per_core:9.1f} {per_core / decode:9.2f}  {runs}')
-  steps, fresh_s, restored_s = _first_batch_seconds(cfg, args.batch_size)
+  steps, fresh_s, restored_s = _first_batch_seconds(cfg, args.batch_size,
+                                                    min(2, args.repeats))
   print(f'first batch: fresh iterator {fresh_s:.2f} s, restored at step {steps - 1} of '
         f'{steps} {restored_s:.2f} s (folder source: skipping costs no decoding)')
-  skip = record_skip_rate(files)
+  skip = record_skip_rate(files, args.work_dir, args.skip_seconds)
   print(f'TFDS restore skips raw records at {skip:.0f} records per CPU second: resuming in '
         f'the middle of an ImageNet epoch (640k records) costs ~{640_000 / skip:.0f} CPU s '
         'on one host, a 1/N share of that on each of N hosts')
 
 
-def _first_batch_seconds(cfg, batch_size: int) -> tuple[int, float, float]:
-  """Seconds to the first batch, fresh and restored at the last step of epoch 0 (best of 2)."""
+def _first_batch_seconds(cfg, batch_size: int, trials: int) -> tuple[int, float, float]:
+  """Seconds to the first batch, fresh and restored at the last step of epoch 0 (best of)."""
   times = {False: [], True: []}
-  for restore in (True, False, True, False):
+  for restore in (True, False) * trials:
     it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch_size, seed=0)
     if restore:
       it.set_state({'epoch': 0, 'step_in_epoch': it.steps_per_epoch - 1})
@@ -173,9 +181,9 @@ def _first_batch_seconds(cfg, batch_size: int) -> tuple[int, float, float]:
   return steps, min(times[False]), min(times[True])
 
 
-def record_skip_rate(files: list[str], seconds: float = 3.0) -> float:
+def record_skip_rate(files: list[str], work_dir: str, seconds: float) -> float:
   """Records per CPU second that restoring a TFDS pipeline skips (read, never decoded)."""
-  path = os.path.join(tempfile.gettempdir(), 'rmt_jax_benchmark_records.tfrecord')
+  path = os.path.join(work_dir, 'rmt_jax_benchmark_records.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
     for f in files:
       feature = {'image': tf.train.Feature(bytes_list=tf.train.BytesList(
@@ -189,4 +197,8 @@ def record_skip_rate(files: list[str], seconds: float = 3.0) -> float:
     for _ in ds:
       pass
     count += 20 * len(files)
-  return count / (_cpu_seconds() - cpu)
+  return count / max(_cpu_seconds() - cpu, 0.01)
+
+
+if __name__ == '__main__':
+  main()

@@ -8,6 +8,7 @@ seeded determinism and exact resumption.
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -257,3 +258,15 @@ def test_digits_demo_trains_offline(tmp_path):
   assert len(eval_batches) == 3
   labels = np.concatenate([b['label'][b['mask'] > 0] for b in eval_batches])
   assert len(labels) == 360 and np.all(np.bincount(labels, minlength=10) >= 35)
+
+
+def test_benchmark_command_runs(tmp_path, capsys):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import input_pipeline as benchmark  # pylint: disable=g-import-not-at-top
+  benchmark.main(['--num_images=8', '--source_height=20', '--source_width=24',
+                  '--image_size=16', '--batch_size=4', '--warmup_batches=1', '--batches=1',
+                  '--repeats=1', '--skip_seconds=0.1', f'--work_dir={tmp_path}'])
+  out = capsys.readouterr().out
+  for row in ('decode (bare decode_jpeg)', 'train (official recipe)', 'eval (resize',
+              'first batch: fresh iterator', 'records per CPU second'):
+    assert row in out
