@@ -116,8 +116,10 @@ class TfdsSource:
     def decode(record):
       example = features.deserialize_example(
           record, decoders={'image': tfds.decode.SkipDecoding()})
+      # Datasets without file names (not imagenet2012) are told apart by their bytes.
+      name = example['file_name'] if 'file_name' in example else record
       return {'image': example['image'], 'label': tf.cast(example['label'], tf.int32),
-              'example_id': _example_id(example['file_name'])}
+              'example_id': _example_id(name)}
 
     return HostSlice(num_examples=info.num_examples,
                      items=lambda seed: self._records(instructions, seed), decode=decode)
