@@ -3,10 +3,17 @@
     python -m rmt_jax.convert torch2flax --model rmt_s --src RMT-S.pth --dst rmt_s_vars [--ema]
     python -m rmt_jax.convert flax2torch --model rmt_s --src rmt_s_vars --dst rmt_s.pth
 
-`torch2flax` writes a variables directory (`rmt_jax.checkpoint.save_variables`: orbax + JSON
-description); `flax2torch` writes `{'model': state_dict}` for the official code's
-`load_state_dict(..., strict=True)`. torch is imported only by the functions that read or write
-`.pth` files, so that `import rmt_jax.convert` and the model run without it.
+`torch2flax` reads a bare state_dict or a training checkpoint (`model` / `state_dict`, or with
+`--ema` `model_ema` / `state_dict_ema`; a DDP `module.` prefix is removed; optimizer, args, epoch
+... are ignored) with `torch.load(weights_only=True)`, unpickling fully only with
+`--allow-pickle`. `num_classes` and `token_label` are read off the file (rows of `head.weight`,
+presence of `aux_head.*`) unless `--num-classes` / `--[no-]token-label` say otherwise; the
+variant is never guessed: `--model` is checked strictly against every key and shape. It writes
+a variables directory (`rmt_jax.checkpoint.save_variables`: orbax + JSON description).
+`flax2torch` reads such a directory (or what `checkpoint.load_variables` reads) and writes
+`{'model': state_dict}` for the official code's `load_state_dict(..., strict=True)`. Both write
+atomically and fail with one line on stderr and exit status 1. torch is imported only by the
+functions that read or write `.pth` files: `import rmt_jax.convert` and the model run without it.
 
 The mapping is a rename plus a transpose, derived from the Flax variable tree itself:
 
@@ -482,6 +489,8 @@ def _torch2flax(args: argparse.Namespace) -> str:
   if args.token_label is not None:
     overrides['token_label'] = args.token_label
   model = create_model(name, **overrides)
+  print(f'torch2flax: {len(state_dict)} tensors of {entry} -> {_describe(name, overrides)}, '
+        f'writing {dst} ...', flush=True)
   try:
     variables = torch_to_flax(state_dict, model)
   except ConversionError as e:

@@ -212,6 +212,22 @@ def test_bad_input_fails_with_one_message_and_writes_nothing(bad_files, tmp_path
   assert not dst.exists() and not list(tmp_path.iterdir())
 
 
+def test_flags_override_what_the_file_says(bad_files, tmp_path, capsys):
+  tokenlabel = tmp_path / 'tokenlabel.pth'
+  torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
+  torch.save({k: torch.from_numpy(v) for k, v in official_case('tokenlabel')['state_dict'].items()},
+             tokenlabel)
+  for src, flags, says in (
+      (bad_files / 'rmt_tiny.pth', ['--num-classes', '1000'],
+       'head.weight: checkpoint (10, 96), model expects (1000, 96)'),
+      (tokenlabel, ['--no-token-label'], '2 unexpected: aux_head.weight (10, 64); aux_head.bias (10,)')):
+    assert convert.main(['torch2flax', '--model', 'rmt_tiny', '--src', str(src),
+                         '--dst', str(tmp_path / 'out'), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and says in err and err.count('\n') == 1, err
+  assert not (tmp_path / 'out').exists()
+
+
 def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_directory(
     bad_files, tmp_path, capsys):
   model = create_model('rmt_tiny', num_classes=10)
