@@ -8,7 +8,13 @@ A variables directory, as written by `python -m rmt_jax.convert torch2flax` or
     DIR/variables/     an orbax StandardCheckpointer tree: {'params', 'batch_stats',
                         and optionally 'official_buffers'} (see rmt_jax.convert)
 
-`load_variables` reads it back as host (NumPy) arrays.
+`load_variables` reads it back as host (NumPy) arrays; it also reads a training workdir (the
+latest checkpoint's EMA weights, or raw weights where the run kept no EMA).
+
+Training runs (`TrainCheckpointer`, `restore_or_initialize`) keep an orbax CheckpointManager
+under WORKDIR/checkpoints/<step>/{state, data, meta}: the whole train state, the input
+pipeline's position and the model's description; saves are asynchronous and atomic, and a run
+resumes from the latest complete one.
 """
 
 import json
@@ -16,10 +22,11 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 
 FORMAT = 'rmt_jax.variables'
@@ -90,7 +97,9 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   """Reads a variables directory.
 
   Args:
-    path: a directory written by `save_variables` (e.g. by the converter).
+    path: a directory written by `save_variables` (e.g. by the converter), or a training
+      workdir (`main.py --workdir`): its latest checkpoint, EMA weights where the run kept
+      them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step).
 
   Returns:
     (variables as NumPy arrays, metadata). Rebuild the model with
@@ -99,7 +108,153 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   Raises:
     CheckpointNotFoundError: `path` holds no checkpoint that rmt_jax can read.
   """
+  if not (pathlib.Path(path) / METADATA_FILE).is_file():
+    run = _latest_training_checkpoint(path)
+    if run is not None:
+      return _load_training_run(*run)
   path = pathlib.Path(path).absolute()
   metadata = read_metadata(path)
   restored = ocp.StandardCheckpointer().restore(path / VARIABLES_DIR)
   return jax.tree.map(np.asarray, restored), metadata
+
+
+# ---------------------------------------------------------------------------------------
+# Training runs: an orbax CheckpointManager over WORKDIR/checkpoints.
+#
+#   WORKDIR/checkpoints/<step>/state/   the train state pytree (each process writes its shards)
+#   WORKDIR/checkpoints/<step>/data/    the input pipeline position (JSON, process 0 writes)
+#   WORKDIR/checkpoints/<step>/meta/    {'model', 'model_overrides', 'step'} (JSON)
+#
+# orbax writes each step into a temporary directory and renames it when every process has
+# finished, so a run killed mid-save leaves the previous step as the latest complete one.
+
+CHECKPOINTS_DIR = 'checkpoints'
+_ITEMS = ('state', 'data', 'meta')
+
+
+class TrainCheckpointer:
+  """Periodic, asynchronous checkpoints of a training run.
+
+  Every process must call `save` and `restore` at the same steps (orbax synchronises them).
+
+  Args:
+    workdir: the run's directory (local, gs://, ...).
+    max_to_keep: the newest checkpoints kept; older ones are deleted.
+    async_save: write in a background thread after the arrays are copied to host memory, so
+      that training continues during the write.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(str(workdir), CHECKPOINTS_DIR)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        # The loop decides when to save (interval, epoch end, preemption, end of run).
+        save_interval_steps=1)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any],
+           meta: Mapping[str, Any]) -> None:
+    """Starts saving; returns once the arrays are on the host (donating them is then safe)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+        meta=ocp.args.JsonSave({**meta, 'step': int(step)})), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state placed as `abstract_state`'s shardings say, data iterator position)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['data'])
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, then releases the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_or_initialize(
+    checkpointer: TrainCheckpointer, abstract_state: Any, *,
+    initialize: Callable[[], Any], init_from: str = '',
+    load_weights: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], Any] | None = None,
+) -> tuple[Any, dict[str, Any] | None, str]:
+  """The train state to start from, in the resume order of the house style.
+
+  1. The latest complete checkpoint in the workdir (a resumed or preempted run): the whole
+     state and the data position.
+  2. Else `init_from` (converted PyTorch weights, or another run's workdir): a fresh state
+     whose weights `load_weights(state, variables, metadata)` replaces.
+  3. Else the fresh state from `initialize()`.
+
+  Args:
+    checkpointer: the run's checkpoints.
+    abstract_state: shapes, dtypes and shardings of the state (restore target).
+    initialize: builds the fresh, sharded state.
+    init_from: '' or a path `load_variables` accepts.
+    load_weights: needed with `init_from`.
+
+  Returns:
+    (state, data iterator position or None for "from the start", where it came from:
+    'checkpoint <step>', 'init_from <path>' or 'scratch').
+  """
+  step = checkpointer.latest_step()
+  if step is not None:
+    state, data_state = checkpointer.restore(step, abstract_state)
+    return state, data_state, f'checkpoint {step}'
+  state = initialize()
+  if init_from:
+    if load_weights is None:
+      raise ValueError('init_from needs load_weights')
+    variables, metadata = load_variables(init_from)
+    return load_weights(state, variables, metadata), None, f'init_from {init_from}'
+  return state, None, 'scratch'
+
+
+def _latest_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | None:
+  """(checkpoints directory, latest step) if `path` is a training workdir, or its
+  checkpoints/ directory, holding at least one complete checkpoint; else None."""
+  for directory in (os.path.join(str(path), CHECKPOINTS_DIR), str(path)):
+    if not epath.Path(directory).is_dir():
+      continue
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=_ITEMS)
+    step = manager.latest_step()
+    manager.close()
+    if step is not None:
+      return directory, step
+  return None
+
+
+def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The weights of one training checkpoint as NumPy arrays: the EMA weights where the run
+  kept them (they evaluate better, as in the official release), else the raw ones."""
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_names=_ITEMS)
+  try:
+    tree = manager.item_metadata(step)['state']
+    if tree is None:
+      tree = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore())).state
+    # A host-memory target: restores on any number of devices, whatever the run's mesh was.
+    # np.empty reserves address space only; restore fills it.
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  state, meta = restored['state'], dict(restored['meta'])
+  use_ema = bool(state.get('ema_params'))
+  prefix = 'ema_' if use_ema else ''
+  variables = {'params': state[prefix + 'params'],
+               'batch_stats': state.get(prefix + 'batch_stats') or {}}
+  metadata = {'format': FORMAT, 'version': 1, 'model': meta['model'],
+              'model_overrides': meta.get('model_overrides', {}), 'step': int(step),
+              'weights': 'ema' if use_ema else 'raw', 'source': f'{directory}/{step}'}
+  return jax.tree.map(np.asarray, variables), metadata

@@ -1,0 +1,14 @@
+"""RMT-L on ImageNet-1k, the official recipe (see configs/common.py).
+
+Run (one host; every host of a pod runs the same command):
+  python main.py --config configs/rmt_l.py --workdir gs://BUCKET/rmt_l \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return common.get_config('rmt_l')
