@@ -235,7 +235,10 @@ def _head(values: np.ndarray) -> str:
 
 def _as_numpy(value: Any) -> np.ndarray:
   if hasattr(value, 'detach'):  # a torch tensor; torch itself is not imported here
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16; float32 holds it exactly
+      value = value.float()
+    return value.numpy()
   return np.asarray(value)
 
 
@@ -381,7 +384,7 @@ def read_torch_checkpoint(path: str | os.PathLike, ema: bool = False,
   if all(k.startswith(_DDP_PREFIX) for k in keys):
     source['prefix_removed'] = True
     keys = [k[len(_DDP_PREFIX):] for k in keys]
-  return {k: _tensor_to_numpy(v) for k, v in zip(keys, state_dict.values())}, source
+  return {k: _as_numpy(v) for k, v in zip(keys, state_dict.values())}, source
 
 
 def describe_source(source: Mapping[str, Any]) -> str:
@@ -457,15 +460,6 @@ def guess_variants(state_dict: Mapping[str, Any]) -> list[str]:
 def parameter_count(variables: Mapping[str, Any]) -> int:
   """Number of trainable parameters (the `params` collection)."""
   return int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
-
-
-def _tensor_to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, 'detach'):
-    value = value.detach().cpu()
-    if str(value.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16; float32 holds it exactly
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
 
 
 # --- the command line ---------------------------------------------------------------------

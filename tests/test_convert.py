@@ -253,7 +253,8 @@ def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_direc
 
 def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
   torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
-  weights = {'a.weight': torch.ones(2), 'b.num_batches_tracked': torch.tensor(3)}
+  weights = {'a.weight': torch.ones(2), 'b.num_batches_tracked': torch.tensor(3),
+             'c.weight': torch.full((2,), 1.5, dtype=torch.bfloat16)}
   cases = {
       'bare.pth': weights,
       'state_dict.pth': {'state_dict': weights, 'state_dict_ema': {'a.weight': torch.zeros(2)}},
@@ -264,7 +265,8 @@ def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
     torch.save(obj, tmp_path / name)
   sd, source = convert.read_torch_checkpoint(tmp_path / 'bare.pth')
   assert source == {'entry': None, 'prefix_removed': False, 'unpickled': False}
-  assert sd['b.num_batches_tracked'].dtype == np.int64
+  assert sd['b.num_batches_tracked'].dtype == np.int64 and sd['b.num_batches_tracked'].shape == ()
+  np.testing.assert_array_equal(sd['c.weight'], np.full(2, 1.5, np.float32))  # bfloat16 -> f32
   sd, source = convert.read_torch_checkpoint(tmp_path / 'state_dict.pth', ema=True)
   assert source['entry'] == 'state_dict_ema' and sorted(sd) == ['a.weight']
   sd, _ = convert.read_torch_checkpoint(tmp_path / 'partial_prefix.pth')
