@@ -251,6 +251,25 @@ def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_direc
   assert sorted(p.name for p in tmp_path.iterdir()) == ['corrupt', 'vars']
 
 
+def test_flax2torch_hands_a_training_run_back_with_its_ema_weights(tmp_path, capsys):
+  torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
+  model = create_model('rmt_tiny', num_classes=10)
+  abstract = convert.abstract_variables(model)
+  fill = lambda value: jax.tree.map(lambda s: np.full(s.shape, value, s.dtype), abstract)
+  raw, ema = fill(1.0), fill(2.0)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / 'run'))
+  ckpt.save(7, {'params': raw['params'], 'batch_stats': raw['batch_stats'],
+                'ema_params': ema['params'], 'ema_batch_stats': ema['batch_stats']},
+            {'epoch': 0}, {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 10}})
+  ckpt.close()
+  assert convert.main(['flax2torch', '--model', 'rmt_tiny', '--src', str(tmp_path / 'run'),
+                       '--dst', str(tmp_path / 'run.pth')]) == 0
+  assert 'from step 7 (ema weights)' in capsys.readouterr().out
+  state_dict = torch.load(tmp_path / 'run.pth', weights_only=True)['model']
+  _assert_exact({k: v.numpy() for k, v in state_dict.items()},
+                convert.flax_to_torch(ema, model))
+
+
 def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
   torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
   weights = {'a.weight': torch.ones(2), 'b.num_batches_tracked': torch.tensor(3),
