@@ -41,8 +41,8 @@ import hashlib
 import os
 import pathlib
 import re
+import secrets
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 import warnings
 import zipfile
@@ -417,13 +417,14 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
     # np.array, not np.ascontiguousarray: that one turns the 0-d num_batches_tracked into (1,).
     tensors[key] = torch.from_numpy(np.array(value, dtype=dtype, order='C'))
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, staging = tempfile.mkstemp(prefix=f'.{path.name}.partial-', dir=path.parent)
-  os.close(fd)
+  # Created with open(), not mkstemp: the file gets the umask's permissions, not 0600.
+  staging = path.parent / f'.{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
   try:
-    torch.save({'model': tensors}, staging)
+    with open(staging, 'xb') as f:
+      torch.save({'model': tensors}, f)
     os.replace(staging, path)
   except BaseException:
-    pathlib.Path(staging).unlink(missing_ok=True)
+    staging.unlink(missing_ok=True)
     raise
 
 

@@ -40,6 +40,12 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300)
 
 
+def _umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
 def _assert_exact(got: dict, want: dict) -> None:
   assert sorted(got) == sorted(want)
   for key, value in want.items():
@@ -169,6 +175,7 @@ def test_command_line_round_trips_a_training_checkpoint_and_picks_the_entry(tmp_
                 '--dst', str(out))
   assert result.returncode == 0, result.stderr
   assert "entry 'model'" in result.stdout
+  assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as open() would have made it
   saved = torch.load(out, weights_only=True)
   assert list(saved) == ['model']
   back = {k: v.numpy() for k, v in saved['model'].items()}
@@ -298,6 +305,19 @@ def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
   assert source['unpickled'] and sorted(sd) == sorted(weights)
   with pytest.raises(convert.CheckpointFileError, match='does not exist'):
     convert.read_torch_checkpoint(tmp_path / 'missing.pth')
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+  torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
+
+  def save_half_then_fail(obj, f):
+    f.write(b'PK\x03\x04 half a zip')
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(torch, 'save', save_half_then_fail)
+  with pytest.raises(KeyboardInterrupt):
+    convert.write_torch_checkpoint(tmp_path / 'out.pth', {'a.weight': np.ones(2)})
+  assert not list(tmp_path.iterdir())
 
 
 def test_missing_torch_says_how_to_install_it(tmp_path, monkeypatch):
