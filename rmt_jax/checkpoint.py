@@ -129,7 +129,6 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 # finished, so a run killed mid-save leaves the previous step as the latest complete one.
 
 CHECKPOINTS_DIR = 'checkpoints'
-_ITEMS = ('state', 'data', 'meta')
 
 
 class TrainCheckpointer:
@@ -150,7 +149,8 @@ class TrainCheckpointer:
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         # The loop decides when to save (interval, epoch end, preemption, end of run).
         save_interval_steps=1)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_item_handlers())
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -215,15 +215,25 @@ def restore_or_initialize(
   return state, None, 'scratch'
 
 
+def _item_handlers() -> dict[str, Any]:
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager that knows the items' handlers (so their metadata can be read)."""
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers=_item_handlers())
+
+
 def _latest_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | None:
   """(checkpoints directory, latest step) if `path` is a training workdir, or its
   checkpoints/ directory, holding at least one complete checkpoint; else None."""
   for directory in (os.path.join(str(path), CHECKPOINTS_DIR), str(path)):
     if not epath.Path(directory).is_dir():
       continue
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=_ITEMS)
+    manager = _reader(directory)
     step = manager.latest_step()
     manager.close()
     if step is not None:
@@ -231,25 +241,44 @@ def _latest_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | No
   return None
 
 
-def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The weights of one training checkpoint as NumPy arrays: the EMA weights where the run
-  kept them (they evaluate better, as in the official release), else the raw ones."""
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_names=_ITEMS)
+def load_train_state(path: str | os.PathLike,
+                     step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A training checkpoint's whole state as NumPy arrays, on any number of devices.
+
+  Args:
+    path: a training workdir or its checkpoints/ directory.
+    step: which checkpoint; None = the latest complete one.
+
+  Returns:
+    ({'step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'rng'}
+    as nested dicts of arrays, {'model', 'model_overrides', 'step'}).
+
+  Raises:
+    CheckpointNotFoundError: no complete training checkpoint there.
+  """
+  run = _latest_training_checkpoint(path)
+  if run is None:
+    raise CheckpointNotFoundError(f'{path} holds no complete training checkpoint '
+                                  f'(expected {CHECKPOINTS_DIR}/<step>/ written by main.py)')
+  directory, latest = run
+  step = latest if step is None else step
+  manager = _reader(directory)
   try:
     tree = manager.item_metadata(step)['state']
-    if tree is None:
-      tree = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore())).state
-    # A host-memory target: restores on any number of devices, whatever the run's mesh was.
-    # np.empty reserves address space only; restore fills it.
+    # A host-memory target restores on any number of devices, whatever the run's mesh was;
+    # np.empty only reserves the memory that the restore then fills.
     target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  state, meta = restored['state'], dict(restored['meta'])
+  return restored['state'], dict(restored['meta'])
+
+
+def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The weights of one training checkpoint as NumPy arrays: the EMA weights where the run
+  kept them (they evaluate better, as in the official release), else the raw ones."""
+  state, meta = load_train_state(directory, step)
   use_ema = bool(state.get('ema_params'))
   prefix = 'ema_' if use_ema else ''
   variables = {'params': state[prefix + 'params'],

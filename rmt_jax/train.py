@@ -82,14 +82,15 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   overrides['num_classes'] = int(config.num_classes)
   if config.get('drop_path_rate') is not None and config.drop_path_rate >= 0:
     overrides['drop_path_rate'] = float(config.drop_path_rate)
+  if config.get('remat') is not None:
+    overrides['remat'] = [bool(r) for r in config.remat]
   return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
 def build_model(config: ml_collections.ConfigDict) -> RMT:
   """The network of `config.model` with the config's classes, drop path, dtype and remat."""
   return create_model(config.model, **model_overrides(config),
-                      dtype=jnp.dtype(config.get('dtype', 'float32')),
-                      remat=tuple(bool(r) for r in config.get('remat', (False,) * 4)))
+                      dtype=jnp.dtype(config.get('dtype', 'float32')))
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
