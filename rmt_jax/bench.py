@@ -1,0 +1,329 @@
+r"""Throughput of RMT against the machine's own ceiling: eval and train images/s, FLOP/s, memory.
+
+    python -m rmt_jax.bench --variant rmt_t --batch 16 --resolution 224 --dtype float32
+    python -m rmt_jax.bench --variant rmt_s --mode eval --repeats 7 --json rmt_s.json
+    python -m rmt_jax.bench --variant rmt_t --dtype bfloat16          # on an accelerator
+
+For one variant, batch size, resolution and compute dtype, on the default device:
+  eval     the jitted forward pass (inference mode: running BatchNorm statistics, no drop path);
+  train    one jitted training step: forward with batch statistics and drop path, cross-entropy,
+           backward, AdamW update and the EMA of the parameters, the state donated in place;
+  ceiling  a size^3 matrix product in the same dtype on the same device (2048^3 by default),
+           the roofline every figure is also given as a fraction of.
+
+The three are compiled first (compile seconds reported, never timed), then timed in turns,
+`repeats` rounds of (ceiling, eval, train), each call waited on with `block_until_ready`; the
+figures are the medians. Taking them in turns matters on a shared machine: a neighbour's load
+slows the ceiling and the model alike, so the fractions stay meaningful when the images/s do not.
+
+FLOP/s are given two ways. 'model' counts 2 x the multiply-accumulates of the network's dots
+and convolutions (`rmt_jax.summary`, the fvcore / paper convention), and 3x that for a training
+step (forward + the two backward products): the convention of published utilisation figures,
+and the one issue 7's targets use. 'xla' is the compiled computation's own `cost_analysis()`,
+which also counts element-wise work (norms, softmax, GELU, the optimizer) and, on CPU, depthwise
+convolutions in whichever form runs.
+
+Weights are synthetic (normal(0, 0.02) kernels, unit scales, zero biases), drawn in NumPy from
+the shapes that `jax.eval_shape(model.init)` gives: throughput does not depend on the values, and
+XLA's CPU compiler spends longer on the random initialisers than on the model itself.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmt_jax import summary
+from rmt_jax.models import RMT, canonical_name, create_model
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The training recipe's optimizer constants (official RMT: AdamW, weight decay 0.05; EMA as in
+# timm's ModelEmaV2). Their values do not change the cost of a step.
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.05
+EMA_DECAY = 0.9999
+
+
+def synthetic_variables(model: RMT, images: jax.Array, seed: int = 0) -> Any:
+  """Variables of the model's structure filled with plausible values, without running `init`.
+
+  Args:
+    model: the network.
+    images: an input of the benchmarked shape (only its shape and dtype are used).
+    seed: NumPy seed of the kernels.
+
+  Returns:
+    {'params', 'batch_stats'} with the shapes and dtypes of `model.init`.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = getattr(path[-1], 'key', '')
+    if name in ('scale', 'var'):
+      value = np.ones(leaf.shape)
+    elif name in ('bias', 'mean'):
+      value = np.zeros(leaf.shape)
+    else:
+      value = rng.normal(0.0, 0.02, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_RATE,
+                    weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY
+                    ) -> tuple[Callable[..., Any], dict[str, Any]]:
+  """A training step composed here (forward, cross-entropy, backward, AdamW, EMA).
+
+  Args:
+    model: the network.
+    variables: {'params', 'batch_stats'}.
+    learning_rate: AdamW's step size.
+    weight_decay: AdamW's decoupled weight decay.
+    ema_decay: decay of the parameters' exponential moving average.
+
+  Returns:
+    (step, state): `step(state, images, labels) -> (state, loss)` (not yet jitted) and the
+    initial state {'params', 'batch_stats', 'opt_state', 'ema', 'step', 'rng'}.
+  """
+  tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+  # Copies: the step donates its state, and the caller may still use `variables`.
+  params = jax.tree.map(jnp.copy, variables['params'])
+  state = dict(params=params, batch_stats=jax.tree.map(jnp.copy, variables['batch_stats']),
+               opt_state=tx.init(params),
+               ema=jax.tree.map(jnp.copy, params), step=jnp.zeros((), jnp.int32),
+               rng=jax.random.key(1))
+
+  def step(state, images, labels):
+    rng, dropout_rng = jax.random.split(state['rng'])
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
+          mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema'], params)
+    return dict(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
+                step=state['step'] + 1, rng=rng), loss
+
+  return step, state
+
+
+class _Timed:
+  """One compiled computation, its arguments, and the seconds of each timed call."""
+
+  def __init__(self, name: str, fn: Callable[..., Any], args: tuple, donate: tuple = ()):
+    self.name = name
+    start = time.perf_counter()
+    self.compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    self.compile_s = time.perf_counter() - start
+    self.args = args
+    self.stateful = bool(donate)
+    self.seconds: list[float] = []
+
+  def call(self) -> None:
+    out = self.compiled(*self.args)
+    if self.stateful:  # the train step returns the state it consumed
+      self.args = (out[0], *self.args[1:])
+    jax.block_until_ready(out)
+
+  def timed_call(self) -> None:
+    start = time.perf_counter()
+    self.call()
+    self.seconds.append(time.perf_counter() - start)
+
+  def xla_flops(self) -> float:
+    cost = self.compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+      cost = cost[0]
+    return float(cost.get('flops', 0.0)) if cost else 0.0
+
+  def compiled_bytes(self) -> int | None:
+    """Arguments + outputs + temporaries of the compiled computation (what it needs at peak)."""
+    try:
+      m = self.compiled.memory_analysis()
+    except Exception:  # pylint: disable=broad-except  # not every backend implements it
+      return None
+    if m is None:
+      return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def _device_peak_bytes(device: jax.Device) -> int | None:
+  stats = device.memory_stats()  # None on the CPU backend
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def _host_peak_bytes() -> int:
+  # ru_maxrss is in KiB on Linux, bytes on macOS.
+  scale = 1 if sys.platform == 'darwin' else 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode: str = 'both',
+        repeats: int = 5, warmup: int = 1, ceiling_size: int = 2048,
+        remat: bool = False) -> dict[str, Any]:
+  """Compiles, then times in turns, the matmul ceiling and the model's eval and/or train step.
+
+  Args:
+    variant: a name `create_model` knows ('rmt_t', 'rmt_s', ..., 'rmt_tiny').
+    batch: images per step.
+    resolution: input height and width.
+    dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
+    mode: 'eval', 'train' or 'both'.
+    repeats: timed rounds; each figure is the median of `repeats` calls.
+    warmup: untimed rounds after compilation.
+    ceiling_size: n of the n x n x n matrix product that measures the ceiling.
+    remat: rematerialise every stage's blocks in the backward pass.
+
+  Returns:
+    A JSON-ready dict: the setup, the machine, 'ceiling' and one entry per mode with images/s,
+    seconds, FLOP/s both ways and as fractions of the ceiling, compile seconds and memory.
+  """
+  if mode not in ('eval', 'train', 'both'):
+    raise ValueError(f"mode must be 'eval', 'train' or 'both', got {mode!r}")
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+  if repeats < 1:
+    raise ValueError(f'repeats must be at least 1, got {repeats}')
+  compute_dtype = DTYPES[dtype]
+  variant = canonical_name(variant)
+  model = create_model(variant, dtype=compute_dtype,
+                       remat=(remat,) * len(create_model(variant).depths))
+  device = jax.devices()[0]
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, resolution, resolution, 3)),
+                       jnp.float32)
+  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  variables = synthetic_variables(model, images)
+
+  a = jnp.asarray(np.random.default_rng(1).normal(size=(ceiling_size, ceiling_size)),
+                  compute_dtype)
+  ceiling = _Timed('ceiling', jnp.matmul, (a, a))
+  timed = [ceiling]
+  if mode in ('eval', 'both'):
+    timed.append(_Timed('eval', model.apply, (variables, images)))
+  if mode in ('train', 'both'):
+    step, state = make_train_step(model, variables)
+    timed.append(_Timed('train', step, (state, images, labels), donate=(0,)))
+
+  for _ in range(warmup):
+    for t in timed:
+      t.call()
+  for _ in range(repeats):
+    for t in timed:
+      t.timed_call()
+
+  forward_model_flops = 2.0 * summary.count_macs(model, resolution, batch)
+  ceiling_s = float(np.median(ceiling.seconds))
+  ceiling_flops = 2.0 * ceiling_size ** 3 / ceiling_s
+  result: dict[str, Any] = {
+      'variant': variant, 'batch': batch, 'resolution': resolution, 'dtype': dtype,
+      'remat': remat, 'repeats': repeats,
+      'device': f'{device.platform}: {device.device_kind}', 'num_devices': 1,
+      'host': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
+      'jax': jax.__version__, 'flax': flax.__version__,
+      'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
+      'ceiling': {'size': ceiling_size, 'seconds': ceiling_s, 'flops_per_s': ceiling_flops,
+                  'all_seconds': ceiling.seconds},
+      'forward_model_flops_per_image': forward_model_flops / batch,
+  }
+  for t in timed[1:]:
+    seconds = float(np.median(t.seconds))
+    model_flops = forward_model_flops * (3.0 if t.name == 'train' else 1.0)
+    xla_flops = t.xla_flops()
+    result[t.name] = {
+        'images_per_s': batch / seconds, 'seconds': seconds, 'all_seconds': t.seconds,
+        'compile_s': t.compile_s,
+        'model_flops': model_flops, 'model_flops_per_s': model_flops / seconds,
+        'model_fraction_of_ceiling': model_flops / seconds / ceiling_flops,
+        'xla_flops': xla_flops, 'xla_flops_per_s': xla_flops / seconds,
+        'xla_fraction_of_ceiling': xla_flops / seconds / ceiling_flops,
+        'compiled_bytes': t.compiled_bytes(),
+    }
+  result['host_peak_bytes'] = _host_peak_bytes()
+  result['device_peak_bytes'] = _device_peak_bytes(device)
+  return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The result as a plain-text table, one row per timed computation."""
+  gib = 2.0 ** 30
+  c = result['ceiling']
+  load = result['load_average']
+  lines = [
+      f"{result['variant']}  batch {result['batch']}  {result['resolution']}x"
+      f"{result['resolution']}  {result['dtype']}{'  remat' if result['remat'] else ''}  on "
+      f"{result['device']} ({result['cpus']} cpus), jax {result['jax']}, "
+      f"median of {result['repeats']}"
+      + (f", load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ''),
+      f"ceiling: {c['size']}^3 {result['dtype']} matmul {c['flops_per_s'] / 1e9:.1f} GFLOP/s "
+      f"({c['seconds'] * 1e3:.1f} ms)",
+      f"{'':<6}{'images/s':>10}{'ms/step':>10}{'model GFLOP/s':>15}{'of ceiling':>12}"
+      f"{'xla GFLOP/s':>13}{'of ceiling':>12}{'compile s':>11}{'compiled GiB':>14}",
+  ]
+  for name in ('eval', 'train'):
+    if name not in result:
+      continue
+    r = result[name]
+    mem = f"{r['compiled_bytes'] / gib:.2f}" if r['compiled_bytes'] is not None else 'n/a'
+    lines.append(
+        f"{name:<6}{r['images_per_s']:>10.2f}{r['seconds'] * 1e3:>10.1f}"
+        f"{r['model_flops_per_s'] / 1e9:>15.1f}{r['model_fraction_of_ceiling']:>12.1%}"
+        f"{r['xla_flops_per_s'] / 1e9:>13.1f}{r['xla_fraction_of_ceiling']:>12.1%}"
+        f"{r['compile_s']:>11.1f}{mem:>14}")
+  device_peak = result['device_peak_bytes']
+  lines.append(f"peak host memory {result['host_peak_bytes'] / gib:.2f} GiB, peak device memory "
+               + (f'{device_peak / gib:.2f} GiB' if device_peak is not None
+                  else 'n/a (the backend reports none)'))
+  lines.append(f"model FLOPs = 2 x MACs ({result['forward_model_flops_per_image'] / 1e9:.2f} "
+               'GFLOP per image forward, x3 for a train step); xla = cost_analysis()')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variant', default='rmt_t')
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--resolution', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+  parser.add_argument('--mode', default='both', choices=['eval', 'train', 'both'])
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--ceiling_size', type=int, default=2048)
+  parser.add_argument('--remat', action='store_true',
+                      help='rematerialise the blocks in the backward pass')
+  parser.add_argument('--json', default=None, help='also write the result to this file')
+  args = parser.parse_args(argv)
+  try:
+    canonical_name(args.variant)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  result = run(args.variant, args.batch, args.resolution, args.dtype, args.mode, args.repeats,
+               args.warmup, args.ceiling_size, args.remat)
+  print(format_table(result), flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
