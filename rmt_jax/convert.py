@@ -490,9 +490,9 @@ def _torch2flax(args: argparse.Namespace) -> str:
     variables = torch_to_flax(state_dict, model)
   except ConversionError as e:
     guesses = [g for g in guess_variants(state_dict) if g != name]
-    hint = f'; its shapes are those of --model {" or ".join(guesses)}' if guesses else ''
-    raise ConversionError(f'{entry} of {args.src} does not fit {_describe(name, overrides)}: '
-                          f'{str(e).removeprefix("checkpoint does not fit the model: ")}{hint}') \
+    hint = f' (its shapes are those of --model {" or ".join(guesses)})' if guesses else ''
+    raise ConversionError(f'{entry} of {args.src} does not fit {_describe(name, overrides)}'
+                          f'{hint}: {str(e).removeprefix("checkpoint does not fit the model: ")}') \
         from None
   count = parameter_count(variables)
   metadata = {
