@@ -585,6 +585,17 @@ def _loop(config, state, step, total_steps, steps_per_epoch, train_iter, eval_da
     flush_train_metrics()  # Never save a state that follows a non-finite loss.
     ckpt.save(at_step, state, train_iter.get_state(), meta)
 
+  def run_eval():
+    flush_train_metrics()
+    results = evaluate(p_eval, state, eval_data)
+    for split, values in _eval_events(results).items():
+      event = writer.write(step, split, values)
+      metrics_writer.log_progress(step, total_steps, steps_per_epoch, event, None)
+      last[split] = values
+
+  if step >= total_steps:
+    logging.info('The run is complete (step %d); evaluating its final weights only.', step)
+    run_eval()
   while step < total_steps:
     batch = next(train_iter)
     state, metrics = p_train(state, batch)
@@ -600,12 +611,7 @@ def _loop(config, state, step, total_steps, steps_per_epoch, train_iter, eval_da
       last.update(step=step, preempted=True, state=state)
       return last
     if step % eval_every == 0 or step == total_steps:
-      flush_train_metrics()
-      results = evaluate(p_eval, state, eval_data)
-      for split, values in _eval_events(results).items():
-        event = writer.write(step, split, values)
-        metrics_writer.log_progress(step, total_steps, steps_per_epoch, event, None)
-        last[split] = values
+      run_eval()
     if (step % config.checkpoint_every_steps == 0 or step == total_steps
         or (config.checkpoint_every_epoch and step % steps_per_epoch == 0)):
       save(step)
