@@ -6,8 +6,9 @@ r"""Throughput of RMT against the machine's own ceiling: eval and train images/s
 
 For one variant, batch size, resolution and compute dtype, on the default device:
   eval     the jitted forward pass (inference mode: running BatchNorm statistics, no drop path);
-  train    one jitted training step: forward with batch statistics and drop path, cross-entropy,
-           backward, AdamW update and the EMA of the parameters, the state donated in place;
+  train    the trainer's step (`rmt_jax.train.train_step`), jitted with the state donated:
+           forward with batch statistics and drop path, soft-target cross-entropy, backward,
+           AdamW update, EMA of the weights and BatchNorm statistics;
   ceiling  a size^3 matrix product in the same dtype on the same device (2048^3 by default),
            the roofline every figure is also given as a fraction of.
 
@@ -82,45 +83,35 @@ def synthetic_variables(model: RMT, images: jax.Array, seed: int = 0) -> Any:
 
 
 def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_RATE,
-                    weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY
-                    ) -> tuple[Callable[..., Any], dict[str, Any]]:
-  """A training step composed here (forward, cross-entropy, backward, AdamW, EMA).
+                    weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY) -> tuple[Callable[..., Any], Any]:
+  """The trainer's step (`rmt_jax.train.train_step`) with AdamW and the EMA, and its state.
 
   Args:
     model: the network.
     variables: {'params', 'batch_stats'}.
-    learning_rate: AdamW's step size.
+    learning_rate: AdamW's step size (constant: the schedule costs nothing measurable).
     weight_decay: AdamW's decoupled weight decay.
-    ema_decay: decay of the parameters' exponential moving average.
+    ema_decay: decay of the weights' exponential moving average.
 
   Returns:
-    (step, state): `step(state, images, labels) -> (state, loss)` (not yet jitted) and the
-    initial state {'params', 'batch_stats', 'opt_state', 'ema', 'step', 'rng'}.
+    (step, state): `step(state, images, targets) -> (state, metrics)` (not yet jitted) and
+    a fresh `train.TrainState`.
   """
+  # Imported here: the trainer brings the input pipeline (TensorFlow), which eval does not need.
+  from rmt_jax import train  # pylint: disable=g-import-not-at-top
+
   tx = optax.adamw(learning_rate, weight_decay=weight_decay)
   # Copies: the step donates its state, and the caller may still use `variables`.
   params = jax.tree.map(jnp.copy, variables['params'])
-  state = dict(params=params, batch_stats=jax.tree.map(jnp.copy, variables['batch_stats']),
-               opt_state=tx.init(params),
-               ema=jax.tree.map(jnp.copy, params), step=jnp.zeros((), jnp.int32),
-               rng=jax.random.key(1))
+  batch_stats = jax.tree.map(jnp.copy, variables['batch_stats'])
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=jax.random.PRNGKey(1))
 
-  def step(state, images, labels):
-    rng, dropout_rng = jax.random.split(state['rng'])
-
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
-          mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, updates['batch_stats']
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema'], params)
-    return dict(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
-                step=state['step'] + 1, rng=rng), loss
+  def step(state, images, targets):
+    return train.train_step(state, {'image': images, 'label': targets}, model=model, tx=tx,
+                            ema=ema_decay)
 
   return step, state
 
@@ -210,7 +201,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   device = jax.devices()[0]
   images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, resolution, resolution, 3)),
                        jnp.float32)
-  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  # Soft targets, as the input pipeline's Mixup / label smoothing produce them.
+  targets = jax.nn.one_hot(jnp.arange(batch) % model.num_classes, model.num_classes)
   variables = synthetic_variables(model, images)
 
   a = jnp.asarray(np.random.default_rng(1).normal(size=(ceiling_size, ceiling_size)),
@@ -221,7 +213,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
     timed.append(_Timed('eval', model.apply, (variables, images)))
   if mode in ('train', 'both'):
     step, state = make_train_step(model, variables)
-    timed.append(_Timed('train', step, (state, images, labels), donate=(0,)))
+    timed.append(_Timed('train', step, (state, images, targets), donate=(0,)))
 
   for _ in range(warmup):
     for t in timed:
