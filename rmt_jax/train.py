@@ -1,21 +1,18 @@
-"""Training and evaluation: the train state, the optimizer, the jitted steps, and the loop.
+"""Training and evaluation: the train state, the jitted steps, and the loop.
 
 `train_and_evaluate(config, workdir)` runs the official RMT recipe (DeiT's, as in
-qhfan/RMT `classfication_release/main.py`) on any number of devices and hosts:
-
-- AdamW, lr = base_lr x global_batch / 512, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 on
-  the parameters that timm's `create_optimizer` decays (`weight_decay_mask`);
-- learning rate: linear warmup from 1e-6, then cosine to 1e-5, evaluated per step
-  (`learning_rate_schedule`);
-- soft-target cross-entropy on the input pipeline's Mixup/CutMix/label-smoothed targets;
-- an EMA of the weights and BatchNorm statistics, decay 0.99996^(global_batch / 512) per step
-  (`ema_decay`), evaluated beside the raw weights after every epoch.
+qhfan/RMT `classfication_release/main.py`) on any number of devices and hosts: AdamW with
+timm's weight-decay rule, warmup + per-step cosine lr and the batch-scaled EMA decay
+(`optim.py`); soft-target cross-entropy on the input pipeline's Mixup/CutMix/label-smoothed
+targets; the EMA of the weights and BatchNorm statistics evaluated beside the raw weights
+after every epoch (top-1, top-5, loss).
 
 The state is one pytree (`TrainState`); `jax.eval_shape` of its initialiser and the rules in
 `sharding.py` give its shardings, and the init, train and eval steps are `jax.jit` with
 explicit in/out shardings, the state donated. Under jit the global batch is one array split over
 the devices, so BatchNorm's batch statistics are those of the whole global batch (PyTorch's
-SyncBatchNorm, which the official run uses).
+SyncBatchNorm, which the official run uses). Checkpoints, resumption and `init_from` weights
+go through `checkpoint.py`; metrics through `metrics_writer.py`.
 """
 
 import functools
@@ -38,11 +35,10 @@ import optax
 from rmt_jax import checkpoint
 from rmt_jax import input_pipeline
 from rmt_jax import metrics_writer
+from rmt_jax import optim
 from rmt_jax import sharding
 from rmt_jax.models import RMT, create_model
 
-# The official lr and EMA decay are stated for a global batch of 512 and scaled with it.
-REFERENCE_BATCH = 512
 HEAD_MODULES = ('head', 'aux_head')
 
 
@@ -72,7 +68,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------
-# The model, optimizer, schedule and EMA from the config.
+# The model from the config.
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -91,100 +87,6 @@ def build_model(config: ml_collections.ConfigDict) -> RMT:
   """The network of `config.model` with the config's classes, drop path, dtype and remat."""
   return create_model(config.model, **model_overrides(config),
                       dtype=jnp.dtype(config.get('dtype', 'float32')))
-
-
-def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """The official linear scaling: base_lr x global_batch / 512."""
-  return config.base_lr * config.global_batch_size / REFERENCE_BATCH
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
-  """timm's `CosineLRScheduler` as the official run configures it, evaluated per step.
-
-  lr(t) = warmup_lr + (peak - warmup_lr) * t / W                 for t < W,
-  lr(t) = min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2    for t >= W,
-
-  with W = warmup_epochs x steps_per_epoch and T = total_steps. As in timm (warmup_prefix
-  False), the cosine runs over the whole run, warmup included, so that lr(T) = min_lr; the
-  official run evaluates this per epoch (t = epoch), we per step (finer, same curve).
-
-  Args:
-    config: base_lr, global_batch_size, warmup_epochs, warmup_lr, min_lr.
-    steps_per_epoch: optimizer steps per epoch.
-    total_steps: optimizer steps of the whole run.
-
-  Returns:
-    step -> learning rate, usable under jit and on the host.
-  """
-  peak = peak_learning_rate(config)
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  total = max(int(total_steps), 1)
-
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    warm = config.warmup_lr + (peak - config.warmup_lr) * t / max(warmup, 1)
-    cosine = config.min_lr + 0.5 * (peak - config.min_lr) * (1 + jnp.cos(jnp.pi * t / total))
-    return jnp.where(t < warmup, warm, cosine)
-
-  return schedule
-
-
-def weight_decay_mask(params: Any, decay_layer_scale: bool = True) -> Any:
-  """True where AdamW's weight decay applies, as timm's `create_optimizer` decides it for the
-  official PyTorch model.
-
-  timm decays every parameter except those with one dimension, those named '*.bias' and the
-  model's `no_weight_decay()` set (the official model names only 'absolute_pos_embed', which
-  it does not have). So, in Flax names:
-
-  - Dense and Conv `kernel`s, depthwise (`pos`, `lepe`, `dwconv`) kernels included: decayed.
-  - every `bias`, LayerNorm and BatchNorm `scale`: not decayed.
-  - layer-scale `gamma_1`/`gamma_2`: the official tensors are (1, 1, 1, C), four dimensions,
-    so timm DOES decay them (in RMT-B and RMT-L, the only variants with layer scale), although
-    layer-scale parameters are commonly exempted. Ours are stored as (C,);
-    `decay_layer_scale=True` (the default) reproduces the official run, False exempts them.
-
-  Args:
-    params: the parameter pytree (arrays or ShapeDtypeStructs).
-    decay_layer_scale: see above.
-
-  Returns:
-    A pytree of bools with the structure of `params`.
-  """
-  def decays(path, _):
-    name = path[-1]
-    if name.startswith('gamma_'):
-      return decay_layer_scale
-    return name == 'kernel'
-
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return traverse_util.unflatten_dict({k: decays(k, v) for k, v in flat.items()})
-
-
-def ema_decay(config: ml_collections.ConfigDict) -> float:
-  """The official per-step EMA decay: 0.99996 ** (global_batch / 512).
-
-  The official script builds timm's `ModelEma` with `model_ema_decay ** (batch_size *
-  world_size / 512)` and updates it after every optimizer step, so the EMA's horizon in
-  *images* stays that of 0.99996 at batch 512 whatever the batch. At batch 2048 this is
-  0.99996^4 = 0.99984, a horizon of ~6250 steps (10 epochs of 1.28M images).
-  """
-  if not config.ema_decay:
-    return 0.0
-  return float(config.ema_decay) ** (config.global_batch_size / REFERENCE_BATCH)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with the official hyper-parameters, the weight-decay mask, optional clipping."""
-  tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                   weight_decay=config.weight_decay,
-                   mask=functools.partial(weight_decay_mask,
-                                          decay_layer_scale=config.decay_layer_scale))
-  if config.get('grad_clip_norm'):
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,8 +394,8 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
   if config.global_batch_size % (accum * mesh.size):
     raise ValueError(f'global_batch_size {config.global_batch_size} must be a multiple of '
                      f'grad_accum_steps {accum} x {mesh.size} devices.')
-  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = create_optimizer(config, schedule)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config, schedule)
 
   rng = jax.random.PRNGKey(config.seed)
   init_fn = functools.partial(init_state, rng, model, tx, config.data.image_size)
@@ -503,7 +405,7 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
                           abstract, state_sh)
   batch_shardings = {'image': batch_sh, 'label': batch_sh}
   p_train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, ema=ema_decay(config),
+      functools.partial(train_step, model=model, tx=tx, ema=optim.ema_decay(config),
                         accum_steps=accum, micro_sharding=batch_sh),
       in_shardings=(state_sh, batch_shardings),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

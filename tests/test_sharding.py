@@ -61,13 +61,13 @@ _PARITY = textwrap.dedent('''
     import ml_collections
     import numpy as np
     from configs import tiny_test
-    from rmt_jax import sharding, train
+    from rmt_jax import optim, sharding, train
 
     config = tiny_test.get_config()
     config.global_batch_size = 16
     model = train.build_model(config)
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=2, total_steps=10)
-    tx = train.create_optimizer(config, schedule)
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=2, total_steps=10)
+    tx = optim.create_optimizer(config, schedule)
     rng = np.random.default_rng(0)
     steps = 3
     images = rng.normal(size=(steps, 16, 16, 16, 3)).astype(np.float32)
