@@ -7,7 +7,6 @@ finds the other hosts itself. Elsewhere pass --coordinator_address, --num_proces
 """
 
 import logging as std_logging
-import os
 import sys
 
 from absl import app
@@ -39,12 +38,16 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def _initialize_distributed() -> None:
-  """Joins the other processes: explicit flags, or Cloud TPU's own discovery."""
+  """Joins the other processes: from the flags, or as JAX's cluster detection finds them
+  (Cloud TPU VMs, SLURM, Open MPI); a lone machine stays one process."""
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
-    jax.distributed.initialize()  # Every host of a TPU VM slice; arguments auto-detected.
+    return
+  try:
+    jax.distributed.initialize()
+  except ValueError:
+    pass  # No cluster detected (it then asks for a coordinator address): one process.
 
 
 def main(argv):
