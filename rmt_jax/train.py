@@ -371,6 +371,7 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
   step = int(metadata.get('step', 0))
   event = writer.write(step, 'eval_only', {'loss': results['loss'], 'top1': results['top1'],
                                            'top5': results['top5'],
+                                           'num_images': results['count'],
                                            'images_per_sec': results['count'] /
                                            max(time.time() - start, 1e-9)})
   logging.info('Eval-only %s (%s): top-1 %.4f  top-5 %.4f  loss %.4f over %d images.',

@@ -110,13 +110,16 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, env, digit
   assert any(not np.array_equal(a, b) for a, b in
              zip(first, jax.tree.leaves(checkpoint.load_train_state(straight, 2)[0]['params'])))
 
-  # Eval-only on the finished run: the whole held-out split (360 digits) is counted once.
+  # Eval-only on the finished run: the whole held-out split (360 digits), each counted once,
+  # with an eval batch of 112 that leaves the last batch padded.
   evaluation = tmp_path / 'eval'
   proc = _run(_main_args(evaluation, digits_dir, '--config.eval_only=True',
+                         '--config.eval_batch_size=112',
                          f'--config.init_from={straight}'), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   events = [json.loads(l) for l in (evaluation / 'metrics.jsonl').read_text().splitlines()]
   assert [e['split'] for e in events] == ['eval_only'] and events[0]['step'] == 4
+  assert events[0]['num_images'] == 360  # 4 batches of 112 = 448 rows, 88 of them padding.
   assert 0 <= events[0]['top1'] <= events[0]['top5'] <= 1
   # The train run's own final EMA evaluation saw the same weights and images.
   train_events = [json.loads(l) for l in (straight / 'metrics.jsonl').read_text().splitlines()]
