@@ -29,6 +29,7 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.dtype = 'bfloat16'  # Compute dtype; parameters, norms and softmax stay float32.
   c.remat = (False, False, False, False)  # Rematerialise each stage's blocks (saves memory).
   c.prng_impl = ''  # '' = JAX's default; 'rbg' compiles faster on CPU.
+  c.compilation_cache_dir = ''  # E.g. gs://BUCKET/jax_cache: restarts skip compilation.
 
   c.data = input_pipeline.default_config()
   # One number of classes for the head and the targets.

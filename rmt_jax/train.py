@@ -333,6 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get('prng_impl'):
     # Process-wide: 'rbg' compiles much faster than threefry on XLA:CPU (the demo).
     jax.config.update('jax_default_prng_impl', config.prng_impl)
+  if config.get('compilation_cache_dir'):
+    # A restarted (preempted) run then loads its compiled steps instead of recompiling.
+    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), mesh.size,
                jax.process_count())

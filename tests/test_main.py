@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from rmt_jax import checkpoint
 
@@ -109,6 +110,15 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, env, digit
   first = jax.tree.leaves(want['params'])
   assert any(not np.array_equal(a, b) for a, b in
              zip(first, jax.tree.leaves(checkpoint.load_train_state(straight, 2)[0]['params'])))
+
+  # TensorBoard got the same events, as scalars.
+  tags = set()
+  for path in (straight / 'tensorboard').iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        assert value.metadata.plugin_data.plugin_name == 'scalars'
+        tags.add(value.tag)
+  assert {'train/loss', 'train/learning_rate', 'eval/top1', 'eval_ema/top5'} <= tags
 
   # Eval-only on the finished run: the whole held-out split (360 digits), each counted once,
   # with an eval batch of 112 that leaves the last batch padded.
