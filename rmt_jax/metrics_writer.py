@@ -42,8 +42,8 @@ class MetricsWriter:
     self._summary = None
     if enabled:
       tf.io.gfile.makedirs(workdir)
-      # gfile's append mode works on local disks; object stores get a fresh file per run,
-      # so a resumed run keeps earlier events only on local disks (TensorBoard keeps all).
+      # Appending: a resumed run continues the file (on object stores such as GCS, gfile
+      # rewrites the object at each flush, which is cheap for a file of log lines).
       self._jsonl = tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE), 'a')
       self._summary = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
 
