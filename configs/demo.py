@@ -5,8 +5,9 @@ Run (needs only the installed packages; the digits ship inside scikit-learn):
   python main.py --config configs/demo.py --workdir /tmp/rmt_demo
 
 The 1,797 8x8 digits are written once as 32x32 PNGs (80% train, a fixed stratified 20%
-held out). On 2 CPU cores it reaches >= 90% held-out top-1 in a few minutes; running the
-command again resumes (or, when finished, only reports).
+held out). On 2 CPU cores it reaches 99.2% held-out top-1 (raw and EMA weights) in about
+2.5 minutes, compilation included (30 epochs of 22 steps); >= 90% from epoch 4. Running the
+command again resumes (or, when finished, only evaluates).
 """
 
 import ml_collections
