@@ -83,7 +83,8 @@ def synthetic_variables(model: RMT, images: jax.Array, seed: int = 0) -> Any:
 
 
 def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_RATE,
-                    weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY) -> tuple[Callable[..., Any], Any]:
+                    weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY
+                    ) -> tuple[Callable[..., Any], Any]:
   """The trainer's step (`rmt_jax.train.train_step`) with AdamW and the EMA, and its state.
 
   Args:
