@@ -1,15 +1,18 @@
 """Tests of rmt_jax.train: the train step's EMA, gradient accumulation and loss; eval masking;
-fine-tuning's head rule; the official recipe in the configs."""
+fine-tuning's head rule; the official recipe in the configs; the loop's stop on a non-finite
+loss and its save on preemption (with a fake step: nothing compiled)."""
 
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from rmt_jax import metrics_writer
 from rmt_jax import optim
 from rmt_jax import train
 
@@ -119,3 +122,67 @@ def test_configs_hold_the_official_recipe():
     config.num_classes = 100  # One number for the head and the targets.
     assert config.data.num_classes == 100
 
+
+
+class _FakeCheckpointer:
+  """Records saves; what `train._loop` needs of a `checkpoint.TrainCheckpointer`."""
+  directory = 'fake'
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, data_state, meta):
+    del state, data_state, meta
+    self.saved.append(step)
+
+  def latest_step(self):
+    return self.saved[-1] if self.saved else None
+
+  def wait_until_finished(self):
+    pass
+
+
+class _FakeIterator:
+  def __next__(self):
+    return {}
+
+  def get_state(self):
+    return {}
+
+
+class _Preempted:
+  def __init__(self, at_step):
+    self.at_step = at_step
+
+  def reached(self, step):
+    return step == self.at_step
+
+
+def _run_loop(tmp_path, losses, preempt_at=None):
+  """`train._loop` with a fake step whose losses are given: no model, nothing compiled."""
+  config = ml_collections.ConfigDict(dict(
+      log_every_steps=100, global_batch_size=8, eval_every_epochs=100,
+      checkpoint_every_steps=2, checkpoint_every_epoch=False))
+  fake_step = lambda state, batch: (state + 1, {'loss': jnp.float32(losses[state]),
+                                                'grad_norm': jnp.float32(1.0)})
+  ckpt = _FakeCheckpointer()
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  try:
+    result = train._loop(config, 0, 0, len(losses), 100, _FakeIterator(), [], fake_step, None,
+                         lambda step: 0.1, ckpt, {}, writer, _Preempted(preempt_at))
+  finally:
+    writer.close()
+  return result, ckpt
+
+
+def test_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(train.NonFiniteLossError, match='at step 3;.*last good checkpoint is step 2'):
+    _run_loop(tmp_path, [2.0, 1.5, np.nan, 1.0, 1.0, 1.0])
+  with pytest.raises(train.NonFiniteLossError, match='at step 4;'):
+    _run_loop(tmp_path, [2.0, 1.5, 1.2, np.inf, 1.0, 1.0])
+
+
+def test_loop_saves_and_returns_when_preempted(tmp_path):
+  result, ckpt = _run_loop(tmp_path, [2.0] * 10, preempt_at=3)
+  assert result['preempted'] and result['step'] == 3
+  assert ckpt.saved == [2, 3]
