@@ -1,5 +1,6 @@
 """A two-stage miniature of RMT (one axial and one whole-attention stage with layer scale) on
-the digits at 16x16, a batch of 8: what the tests train for a few steps. Compiles in seconds.
+the digits at 16x16, a batch of 8: what the tests train for a few steps (its train step
+compiles in ~12 s on XLA:CPU with --xla_backend_optimization_level=0, ~30 s without).
 
 Run:
   python main.py --config configs/tiny_test.py --workdir /tmp/rmt_tiny_test
