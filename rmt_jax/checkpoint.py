@@ -144,7 +144,10 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(str(workdir), CHECKPOINTS_DIR)
+    workdir = str(workdir)
+    if '://' not in workdir:  # orbax refuses relative paths; URLs (gs://...) are absolute
+      workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         # The loop decides when to save (interval, epoch end, preemption, end of run).

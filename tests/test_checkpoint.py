@@ -41,6 +41,15 @@ def test_round_trip_keeps_state_and_data_position(tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2', '3']
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  # `main.py --workdir runs/demo` is what users type; orbax itself wants absolute paths.
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoint.TrainCheckpointer('runs/demo', async_save=False)
+  ckpt.save(1, _state(1.0), {'epoch': 0}, {'model': 'rmt_tiny'})
+  ckpt.close()
+  assert (tmp_path / 'runs' / 'demo' / 'checkpoints' / '1').is_dir()
+
+
 def test_resume_order(tmp_path):
   fresh = _state(0.0)
   calls = []
