@@ -62,6 +62,11 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     raise ValueError("metadata must name the variant under 'model'")
   path.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.partial-', dir=path.parent))
+  # mkdtemp makes the directory private (0700); a weights directory is meant to be shared like
+  # any other directory the user creates.
+  umask = os.umask(0)
+  os.umask(umask)
+  staging.chmod(0o777 & ~umask)
   try:
     host = jax.tree.map(np.asarray, dict(variables))
     checkpointer = ocp.StandardCheckpointer()
