@@ -143,10 +143,17 @@ def _shifted_depthwise_bwd(residuals, grad):
   pad = k // 2
   grad_x = _shifted_sum(_pad_spatial(grad, pad), kernel[::-1, ::-1], height, width)
   xp = _pad_spatial(x, pad)
-  grad_kernel = jnp.stack([
-      jnp.sum(xp[:, i:i + height, j:j + width, :] * grad, axis=(0, 1, 2), dtype=jnp.float32)
-      for i in range(k) for j in range(k)]).reshape(kernel.shape)
-  return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+  # One tap per loop iteration, read with a dynamic slice: unrolled, XLA CPU hands each
+  # multiply-and-reduce to a library kernel that first copies its slice out, k*k full-size
+  # copies per conv (1.5x slower for 56x56x192 at batch 16).
+  def tap(t, grad_kernel):
+    window = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), grad.shape)
+    return grad_kernel.at[t].set(
+        jnp.sum(window * grad, axis=(0, 1, 2), dtype=jnp.float32))
+
+  grad_kernel = jax.lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, x.shape[-1]), jnp.float32))
+  return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
