@@ -132,6 +132,10 @@ class _Timed:
     self.args = args
     self.stateful = bool(donate)
     self.seconds: list[float] = []
+    # Per call, for the whole process: CPU seconds in user and kernel mode, minor page faults.
+    self.user_s: list[float] = []
+    self.kernel_s: list[float] = []
+    self.page_faults: list[int] = []
 
   def call(self) -> None:
     out = self.compiled(*self.args)
@@ -140,9 +144,14 @@ class _Timed:
     jax.block_until_ready(out)
 
   def timed_call(self) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     self.call()
     self.seconds.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    self.user_s.append(after.ru_utime - before.ru_utime)
+    self.kernel_s.append(after.ru_stime - before.ru_stime)
+    self.page_faults.append(after.ru_minflt - before.ru_minflt)
 
   def xla_flops(self) -> float:
     cost = self.compiled.cost_analysis()
@@ -160,6 +169,38 @@ class _Timed:
       return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
+
+
+def host_allocator() -> str:
+  """The malloc this process runs on: a preloaded tcmalloc / jemalloc / mimalloc, else 'libc'.
+
+  It matters on CPU: XLA allocates a step's temporaries (GiBs for a train step) afresh on every
+  call, and glibc's malloc hands such blocks back to the kernel when they are freed, so every
+  step faults them in again, page by page (see `CPU_ALLOCATOR_HINT`).
+  """
+  try:
+    with open('/proc/self/maps') as f:
+      maps = f.read()
+  except OSError:  # not Linux
+    return 'libc'
+  for name in ('tcmalloc', 'jemalloc', 'mimalloc'):
+    if f'lib{name}' in maps:
+      return name
+  return 'libc'
+
+
+# Printed when a CPU run on the libc allocator spends a noticeable share of its CPU time in the
+# kernel. On the 2-core machine of issue 7, preloading tcmalloc took an RMT-T train step from
+# ~1.4 CPU-s in the kernel and ~750k page faults to none, and the step from 3.9 to 3.2 s.
+CPU_ALLOCATOR_HINT = (
+    'note: {share:.0%} of the {name} CPU time was spent in the kernel ({faults:,.0f} page faults '
+    'per call): glibc returns large freed blocks to the kernel and XLA allocates them again every '
+    'step. Keep them with tcmalloc (Debian: libtcmalloc-minimal4): LD_PRELOAD='
+    'libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0 python -m rmt_jax.bench ...')
+# The hint needs both: a kernel share of the CPU time above this, and this many kernel seconds
+# per call (rusage counts in clock ticks; a tiny model's calls are too short to judge).
+KERNEL_SHARE_HINT = 0.05
+KERNEL_SECONDS_HINT = 0.05
 
 
 def _device_peak_bytes(device: jax.Device) -> int | None:
@@ -239,7 +280,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
       'remat': remat, 'repeats': repeats,
       'device': f'{device.platform}: {device.device_kind}', 'num_devices': 1,
       'host': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
-      'jax': jax.__version__, 'flax': flax.__version__,
+      'jax': jax.__version__, 'flax': flax.__version__, 'host_allocator': host_allocator(),
       'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
       'ceiling': {'size': ceiling_size, 'seconds': ceiling_s, 'flops_per_s': ceiling_flops,
                   'median_flops_per_s': 2.0 * ceiling_size ** 3 / float(np.median(ceiling.seconds)),
@@ -258,6 +299,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
         'xla_flops': xla_flops, 'xla_flops_per_s': xla_flops / seconds,
         'xla_fraction_of_ceiling': xla_flops / seconds / ceiling_flops,
         'compiled_bytes': t.compiled_bytes(),
+        'cpu_user_s': float(np.median(t.user_s)), 'cpu_kernel_s': float(np.median(t.kernel_s)),
+        'page_faults': float(np.median(t.page_faults)),
     }
   result['host_peak_bytes'] = _host_peak_bytes()
   result['device_peak_bytes'] = _device_peak_bytes(device)
@@ -273,7 +316,7 @@ def format_table(result: dict[str, Any]) -> str:
       f"{result['variant']}  batch {result['batch']}  {result['resolution']}x"
       f"{result['resolution']}  {result['dtype']}{'  remat' if result['remat'] else ''}  on "
       f"{result['device']} ({result['cpus']} cpus), jax {result['jax']}, "
-      f"median of {result['repeats']}"
+      f"median of {result['repeats']}, malloc: {result['host_allocator']}"
       + (f", load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ''),
       f"ceiling: {c['size']}^3 {result['dtype']} matmul {c['flops_per_s'] / 1e9:.1f} GFLOP/s "
       f"({c['seconds'] * 1e3:.1f} ms, fastest of {len(c['all_seconds'])}; median "
@@ -291,12 +334,24 @@ def format_table(result: dict[str, Any]) -> str:
         f"{r['model_flops_per_s'] / 1e9:>15.1f}{r['model_fraction_of_ceiling']:>12.1%}"
         f"{r['xla_flops_per_s'] / 1e9:>13.1f}{r['xla_fraction_of_ceiling']:>12.1%}"
         f"{r['compile_s']:>11.1f}{mem:>14}")
+  for name in ('eval', 'train'):
+    if name in result:
+      r = result[name]
+      lines.append(f"{name} per call, whole process: {r['cpu_user_s']:.2f} CPU-s user, "
+                   f"{r['cpu_kernel_s']:.2f} CPU-s kernel, {r['page_faults']:,.0f} page faults")
   device_peak = result['device_peak_bytes']
   lines.append(f"peak host memory {result['host_peak_bytes'] / gib:.2f} GiB, peak device memory "
                + (f'{device_peak / gib:.2f} GiB' if device_peak is not None
                   else 'n/a (the backend reports none)'))
   lines.append(f"model FLOPs = 2 x MACs ({result['forward_model_flops_per_image'] / 1e9:.2f} "
                'GFLOP per image forward, x3 for a train step); xla = cost_analysis()')
+  for name in ('eval', 'train'):
+    r = result.get(name)
+    if r is None or result['host_allocator'] != 'libc' or not result['device'].startswith('cpu'):
+      continue
+    share = r['cpu_kernel_s'] / max(r['cpu_user_s'] + r['cpu_kernel_s'], 1e-9)
+    if share > KERNEL_SHARE_HINT and r['cpu_kernel_s'] >= KERNEL_SECONDS_HINT:
+      lines.append(CPU_ALLOCATOR_HINT.format(share=share, name=name, faults=r['page_faults']))
   return '\n'.join(lines)
 
 

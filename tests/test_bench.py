@@ -29,9 +29,32 @@ def test_bench_command_prints_table_and_sane_json(tmp_path, capsys):
     for key in ('model_fraction_of_ceiling', 'xla_fraction_of_ceiling'):
       assert 0 < r[key] <= MAX_FRACTION, (mode, key, r[key])
     assert math.isclose(r['images_per_s'] * r['seconds'], 2, rel_tol=1e-9)
+    assert r['cpu_user_s'] >= 0 and r['cpu_kernel_s'] >= 0 and r['page_faults'] >= 0
+    assert f'{mode} per call, whole process:' in table
   # A training step costs more than the forward pass it contains.
   assert result['train']['xla_flops'] > 2 * result['eval']['xla_flops']
   assert result['train']['model_flops'] == 3 * result['eval']['model_flops']
+  assert result['host_allocator'] in ('libc', 'tcmalloc', 'jemalloc', 'mimalloc')
+
+
+def _result_with_kernel_time(allocator, kernel_s, user_s=1.0):
+  row = {'images_per_s': 1.0, 'seconds': 1.0, 'model_flops_per_s': 1e9,
+         'model_fraction_of_ceiling': 0.5, 'xla_flops_per_s': 1e9, 'xla_fraction_of_ceiling': 0.5,
+         'compile_s': 1.0, 'compiled_bytes': None, 'cpu_user_s': user_s,
+         'cpu_kernel_s': kernel_s, 'page_faults': 7e5}
+  return {'variant': 'rmt_t', 'batch': 16, 'resolution': 224, 'dtype': 'float32', 'remat': False,
+          'device': 'cpu: cpu', 'cpus': 2, 'jax': '0', 'repeats': 1, 'load_average': None,
+          'host_allocator': allocator, 'host_peak_bytes': 1, 'device_peak_bytes': None,
+          'forward_model_flops_per_image': 1e9,
+          'ceiling': {'size': 2048, 'flops_per_s': 2e11, 'seconds': 0.1, 'all_seconds': [0.1],
+                      'median_flops_per_s': 2e11},
+          'train': row}
+
+
+def test_allocator_hint_only_for_libc_runs_that_fault():
+  assert 'tcmalloc' in bench.format_table(_result_with_kernel_time('libc', kernel_s=1.4))
+  assert 'note:' not in bench.format_table(_result_with_kernel_time('tcmalloc', kernel_s=1.4))
+  assert 'note:' not in bench.format_table(_result_with_kernel_time('libc', kernel_s=0.01))
 
 
 def test_unknown_variant_is_a_usage_error(capsys):
