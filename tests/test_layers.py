@@ -1,8 +1,8 @@
 """The fast forms in rmt_jax.models.layers against their plain definitions, values and gradients.
 
 The network's parity with the official outputs is tested in test_model.py; these tests cover
-what that cannot: the hand-written backward pass of the shifted depthwise conv, and the
-deferred-normalisation attention under differentiation.
+what that cannot: the hand-written backward passes (the shifted depthwise conv, the joint q/k/v
+projection) and the deferred-normalisation attention under differentiation.
 """
 
 import jax
@@ -59,3 +59,25 @@ def test_decayed_attention_and_its_gradients_equal_softmax_attention():
 def test_gelu_is_the_exact_gelu():
   x = jnp.linspace(-8.0, 8.0, 10001, dtype=jnp.float32)
   np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+
+
+def test_project_and_its_gradients_equal_separate_linear_layers():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), jnp.float32)
+  kernels = tuple(jnp.asarray(rng.normal(size=(6, n)), jnp.float32) for n in (4, 6, 2))
+  biases = tuple(jnp.asarray(rng.normal(size=(n,)), jnp.float32) for n in (4, 6, 2))
+  cotangents = tuple(jnp.asarray(rng.normal(size=(2, 3, 5, n)), jnp.float32) for n in (4, 6, 2))
+
+  def separate(x, kernels, biases):
+    return tuple(jnp.einsum('bhwi,io->bhwo', x, w) + b for w, b in zip(kernels, biases))
+
+  got, got_vjp = jax.vjp(layers.project, x, kernels, biases)
+  want, want_vjp = jax.vjp(separate, x, kernels, biases)
+  for g, w in zip(got, want):
+    assert relative_error(g, w) < 1e-6
+  got_grads = jax.tree.leaves(got_vjp(cotangents))
+  want_grads = jax.tree.leaves(want_vjp(cotangents))
+  assert len(got_grads) == len(want_grads) == 7
+  for g, w in zip(got_grads, want_grads):
+    assert g.shape == w.shape
+    assert relative_error(g, w) < 1e-6

@@ -58,6 +58,62 @@ def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dens
                   name=name)
 
 
+class LinearParams(nn.Module):
+  """A Linear layer's parameters, declared as `nn.Dense` declares them, for a caller that
+  applies several layers in one product. Returns (kernel (in, out), bias (out,))."""
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', dense_kernel_init, (in_features, self.features),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return kernel, bias
+
+
+@jax.custom_vjp
+def project(x: jax.Array, kernels: tuple[jax.Array, ...], biases: tuple[jax.Array, ...]
+            ) -> tuple[jax.Array, ...]:
+  """Several Linear layers on the same input: x @ kernel + bias for each (kernel, bias).
+
+  The forward pass keeps one product per layer; the backward pass concatenates the layers and
+  takes one product for the input gradient and one for all kernel gradients (XLA CPU transposes
+  x for each kernel-gradient product). Measured on XLA CPU, RMT-T at batch 16: separate
+  backward products made the train step 10% slower (3.3 vs 3.0 s), and one concatenated
+  forward product made eval 4% slower.
+
+  Args:
+    x: (..., in).
+    kernels: (in, out_i) each.
+    biases: (out_i,) each.
+
+  Returns:
+    (..., out_i) for each layer.
+  """
+  return tuple(jnp.dot(x, w) + b for w, b in zip(kernels, biases))
+
+
+def _project_fwd(x, kernels, biases):
+  return project(x, kernels, biases), (x, kernels, biases)
+
+
+def _project_bwd(residuals, grads):
+  x, kernels, biases = residuals
+  grad = jnp.concatenate(grads, axis=-1)
+  sizes = np.cumsum([w.shape[1] for w in kernels])[:-1]
+  grad_x = jnp.dot(grad, jnp.concatenate(kernels, axis=1).T)
+  flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+  grad_kernels = jnp.split(jnp.dot(flat_x.T, flat_grad), sizes, axis=1)
+  grad_biases = jnp.split(flat_grad.sum(axis=0), sizes)
+  return (grad_x.astype(x.dtype),
+          tuple(g.astype(w.dtype) for g, w in zip(grad_kernels, kernels)),
+          tuple(g.astype(b.dtype) for g, b in zip(grad_biases, biases)))
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 def default_depthwise_impl() -> str:
   """'shifted' on CPU, 'conv' elsewhere.
 
@@ -235,9 +291,10 @@ class ManhattanSelfAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, dim = x.shape
     heads, key_dim = self.num_heads, dim // self.num_heads
-    q = dense(dim, self.dtype, self.param_dtype, 'q_proj')(x)
-    k = dense(dim, self.dtype, self.param_dtype, 'k_proj')(x)
-    v = dense(dim, self.dtype, self.param_dtype, 'v_proj')(x)
+    kernels, biases = zip(*(LinearParams(dim, self.param_dtype, name=f'{name}_proj')(dim)
+                            for name in 'qkv'))
+    q, k, v = project(x.astype(self.dtype), tuple(w.astype(self.dtype) for w in kernels),
+                      tuple(b.astype(self.dtype) for b in biases))
     lepe = DepthwiseConv(5, self.depthwise_impl, self.dtype, self.param_dtype, name='lepe')(v)
     k = k * key_dim ** -0.5
 
