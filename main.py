@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from rmt_jax import host_allocator
 from rmt_jax import input_pipeline
 from rmt_jax import train
 
@@ -60,6 +61,8 @@ def main(argv):
   _initialize_distributed()
   logging.info('Process %d of %d; local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if jax.default_backend() == 'cpu' and host_allocator.host_allocator() == 'libc':
+    logging.warning(host_allocator.cpu_hint())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except input_pipeline.DataNotFoundError as e:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmt_jax import host_allocator
 from rmt_jax import summary
 from rmt_jax.models import RMT, canonical_name, create_model
 
@@ -171,32 +172,13 @@ class _Timed:
                - m.alias_size_in_bytes)
 
 
-def host_allocator() -> str:
-  """The malloc this process runs on: a preloaded tcmalloc / jemalloc / mimalloc, else 'libc'.
-
-  It matters on CPU: XLA allocates a step's temporaries (GiBs for a train step) afresh on every
-  call, and glibc's malloc hands such blocks back to the kernel when they are freed, so every
-  step faults them in again, page by page (see `CPU_ALLOCATOR_HINT`).
-  """
-  try:
-    with open('/proc/self/maps') as f:
-      maps = f.read()
-  except OSError:  # not Linux
-    return 'libc'
-  for name in ('tcmalloc', 'jemalloc', 'mimalloc'):
-    if f'lib{name}' in maps:
-      return name
-  return 'libc'
-
-
 # Printed when a CPU run on the libc allocator spends a noticeable share of its CPU time in the
-# kernel. On the 2-core machine of issue 7, preloading tcmalloc took an RMT-T train step from
-# ~1.4 CPU-s in the kernel and ~750k page faults to none, and the step from 3.9 to 3.2 s.
+# kernel (see `rmt_jax.host_allocator`).
 CPU_ALLOCATOR_HINT = (
     'note: {share:.0%} of the {name} CPU time was spent in the kernel ({faults:,.0f} page faults '
     'per call): glibc returns large freed blocks to the kernel and XLA allocates them again every '
-    'step. Keep them with tcmalloc (Debian: libtcmalloc-minimal4): LD_PRELOAD='
-    'libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0 python -m rmt_jax.bench ...')
+    'step. Keep them with tcmalloc (Debian: libtcmalloc-minimal4): '
+    f'{host_allocator.TCMALLOC_PRELOAD} python -m rmt_jax.bench ...')
 # The hint needs both: a kernel share of the CPU time above this, and this many kernel seconds
 # per call (rusage counts in clock ticks; a tiny model's calls are too short to judge).
 KERNEL_SHARE_HINT = 0.05
@@ -280,7 +262,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
       'remat': remat, 'repeats': repeats,
       'device': f'{device.platform}: {device.device_kind}', 'num_devices': 1,
       'host': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
-      'jax': jax.__version__, 'flax': flax.__version__, 'host_allocator': host_allocator(),
+      'jax': jax.__version__, 'flax': flax.__version__,
+      'host_allocator': host_allocator.host_allocator(),
       'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
       'ceiling': {'size': ceiling_size, 'seconds': ceiling_s, 'flops_per_s': ceiling_flops,
                   'median_flops_per_s': 2.0 * ceiling_size ** 3 / float(np.median(ceiling.seconds)),
