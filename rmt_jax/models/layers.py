@@ -59,8 +59,11 @@ def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dens
 
 
 class LinearParams(nn.Module):
-  """A Linear layer's parameters, declared as `nn.Dense` declares them, for a caller that
-  applies several layers in one product. Returns (kernel (in, out), bias (out,))."""
+  """A Linear layer's parameters, declared (names, shapes, init) as `nn.Dense` declares them.
+
+  For a caller that applies several layers in one function (`project`); the call returns
+  (kernel (in, out), bias (out,)).
+  """
   features: int
   param_dtype: Dtype = jnp.float32
 
