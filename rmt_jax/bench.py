@@ -19,6 +19,10 @@ matters on a shared machine: a neighbour's load slows the ceiling and the model 
 on a loaded machine the fractions are optimistic and the images/s pessimistic: report the load
 average printed with them.
 
+Each timed call also records the process's CPU seconds in user and kernel mode and its page
+faults: on XLA CPU with glibc's malloc, a train step re-faults its temporaries every time (see
+`rmt_jax.host_allocator`), and the table then says so.
+
 FLOP/s are given two ways. 'model' counts 2 x the multiply-accumulates of the network's dots
 and convolutions (`rmt_jax.summary`, the fvcore / paper convention), and 3x that for a training
 step (forward + the two backward products): the convention of published utilisation figures,
@@ -172,13 +176,10 @@ class _Timed:
                - m.alias_size_in_bytes)
 
 
-# Printed when a CPU run on the libc allocator spends a noticeable share of its CPU time in the
-# kernel (see `rmt_jax.host_allocator`).
-CPU_ALLOCATOR_HINT = (
-    'note: {share:.0%} of the {name} CPU time was spent in the kernel ({faults:,.0f} page faults '
-    'per call): glibc returns large freed blocks to the kernel and XLA allocates them again every '
-    'step. Keep them with tcmalloc (Debian: libtcmalloc-minimal4): '
-    f'{host_allocator.TCMALLOC_PRELOAD} python -m rmt_jax.bench ...')
+# Printed, with `host_allocator.cpu_hint()`, when a CPU run on the libc allocator spends a
+# noticeable share of its CPU time in the kernel.
+CPU_ALLOCATOR_NOTE = ('note: {share:.0%} of the {name} CPU time was spent in the kernel '
+                      '({faults:,.0f} page faults per call). ')
 # The hint needs both: a kernel share of the CPU time above this, and this many kernel seconds
 # per call (rusage counts in clock ticks; a tiny model's calls are too short to judge).
 KERNEL_SHARE_HINT = 0.05
@@ -334,7 +335,8 @@ def format_table(result: dict[str, Any]) -> str:
       continue
     share = r['cpu_kernel_s'] / max(r['cpu_user_s'] + r['cpu_kernel_s'], 1e-9)
     if share > KERNEL_SHARE_HINT and r['cpu_kernel_s'] >= KERNEL_SECONDS_HINT:
-      lines.append(CPU_ALLOCATOR_HINT.format(share=share, name=name, faults=r['page_faults']))
+      lines.append(CPU_ALLOCATOR_NOTE.format(share=share, name=name, faults=r['page_faults'])
+                   + host_allocator.cpu_hint())
   return '\n'.join(lines)
 
 
