@@ -2,6 +2,11 @@
 
 import json
 import math
+import subprocess
+import sys
+
+import jax
+import pytest
 
 from rmt_jax import bench
 
@@ -60,3 +65,39 @@ def test_allocator_hint_only_for_libc_runs_that_fault():
 def test_unknown_variant_is_a_usage_error(capsys):
   assert bench.main(['--variant', 'rmt_xl']) == 2
   assert 'rmt_tiny' in capsys.readouterr().err
+
+
+def test_bench_splits_the_batch_over_two_cpu_devices(tmp_path):
+  # A subprocess: the CPU backend takes its device count once, before it starts.
+  path = tmp_path / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.bench', '--variant', 'rmt_tiny', '--batch', '4',
+       '--resolution', '64', '--repeats', '1', '--warmup', '0', '--ceiling_size', '256',
+       '--devices', '2', '--json', str(path)],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'x 2 devices' in proc.stdout and 'split over the devices' in proc.stdout
+  result = json.loads(path.read_text())
+  assert result['num_devices'] == 2
+  c = result['ceiling']
+  assert c['flops_per_s'] == max(c['one_device_flops_per_s'], c['split_flops_per_s']) > 0
+  for mode in ('eval', 'train'):
+    r = result[mode]
+    assert r['images_per_s'] > 0 and 0 < r['model_fraction_of_ceiling'] <= MAX_FRACTION
+  # cost_analysis() counts one device's share; the report counts the whole batch, which the
+  # network's own multiply-accumulates bound from below.
+  assert 0.9 < result['eval']['xla_flops'] / result['eval']['model_flops'] < 1.5
+
+
+def test_bench_device_errors_are_one_line(capsys):
+  local = len(jax.local_devices())
+  with pytest.raises(ValueError, match='local devices'):
+    bench.check_devices(local + 1, 16)
+  # This process's backend has started: its CPU device count can no longer change.
+  assert bench.main(['--variant', 'rmt_tiny', '--devices', str(local + 1)]) == 2
+  assert capsys.readouterr().err.startswith('error: --devices')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.bench', '--variant', 'rmt_tiny', '--batch', '3',
+       '--devices', '2'], capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == 'error: batch 3 does not split over 2 devices'
