@@ -21,16 +21,13 @@ def _grouped_conv(x, kernel):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
 
 
-# The kernel gradient has two forms by map size: the first two shapes take the tap loop, the
-# last the chunked loop, in two chunks (KERNEL_GRAD_CHUNK positions per chunk).
+# Odd and even sizes, k = 3 and 5, maps narrower than the kernel's reach and wider ones.
 @pytest.mark.parametrize('k,shape', [(3, (2, 7, 9, 5)), (5, (3, 6, 4, 8)), (3, (4, 48, 40, 3))])
 def test_shifted_depthwise_conv_and_its_gradients_equal_grouped_conv(k, shape):
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1])), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  chunked = shape[1] * shape[2] >= layers.CHUNKED_KERNEL_GRAD_MIN_POSITIONS
-  assert chunked == (shape[0] * shape[1] * shape[2] > layers.KERNEL_GRAD_CHUNK)
   got, got_vjp = jax.vjp(layers.shifted_depthwise_conv, x, kernel)
   want, want_vjp = jax.vjp(_grouped_conv, x, kernel)
   assert relative_error(got, want) < 1e-6
