@@ -20,8 +20,8 @@ training). On accelerators these are the first N local devices. On CPU, N > 1 sp
 into N XLA devices (JAX's `jax_num_cpu_devices`) that run their halves of the batch side by
 side: XLA CPU runs one computation's operations largely one after another, each spread over
 the cores, and the small and element-wise ones leave cores idle; N devices keep them busy
-(measured on a 2-core VM with 2 devices, batch 16: eval 1.17x for RMT-T and 1.11x for RMT-S;
-train 1.06x and 0.95x, as the devices all-reduce gradients and each applies the whole update).
+(measured on a 2-core VM with 2 devices, batch 16: eval 1.13x for RMT-T and 1.15x for RMT-S,
+train 1.11x and 1.05x).
 The ceiling is then the faster of the product on one device and the product split by rows
 over the N devices, so that the whole machine's ceiling is the one the model is held to.
 
