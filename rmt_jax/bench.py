@@ -21,9 +21,9 @@ into N XLA devices (JAX's `jax_num_cpu_devices`) that run their halves of the ba
 side: XLA CPU runs one computation's operations largely one after another, each spread over
 the cores, and the small and element-wise ones leave cores idle; N devices keep them busy
 (measured on a 2-core VM with 2 devices, batch 16: eval 1.13x for RMT-T and 1.15x for RMT-S,
-train 1.11x and 1.05x).
-The ceiling is then the faster of the product on one device and the product split by rows
-over the N devices, so that the whole machine's ceiling is the one the model is held to.
+train 1.11x and 1.05x). The ceiling is then the faster of the product on one device and the
+product split by rows over the N devices: the whole machine's ceiling is the one the model is
+held to.
 
 The three are compiled first (compile seconds reported, never timed), then timed in turns,
 `repeats` rounds of (3 x ceiling, eval, train), each call waited on with `block_until_ready`;

@@ -211,11 +211,11 @@ def _kernel_grad(xp: jax.Array, grad: jax.Array, k: int) -> jax.Array:
   All k*k taps in one variadic reduction along the width axis, which reads each input once and
   keeps per-(b, h, c) partial sums (k*k / w of the map's size); a second, small reduction sums
   them. Channels stay the minor axis, so the first reduction runs along a non-minor axis,
-  element-wise over channels. Measured in isolation at batch 16 (jax 0.10, 2 cores), it matched or beat a loop over taps
-  (one multiply-reduce each, which copies its window out first) and a loop over chunks of images
-  (all taps per chunk, reduced over (image, row)) at every stage's size but 14x14 (8.9 vs
-  7.2 ms for the tap loop); in RMT-T's and RMT-S's train step on 2 CPU devices it was 8-9%
-  faster than the best mix of the two loops, and equal on one.
+  element-wise over channels. Measured in isolation at batch 16 (jax 0.10, 2 cores), it matched
+  or beat a loop over taps (one multiply-reduce each, which copies its window out first) and a
+  loop over chunks of images (all taps per chunk, reduced over (image, row)) at every stage's
+  size but 14x14 (8.9 vs 7.2 ms for the tap loop); in RMT-T's and RMT-S's train step on 2 CPU
+  devices it was 8-9% faster than the best mix of the two loops, and equal on one.
   """
   height, width = grad.shape[1:3]
   grad = grad.astype(jnp.float32)
