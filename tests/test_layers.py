@@ -1,8 +1,9 @@
 """The fast forms in rmt_jax.models.layers against their plain definitions, values and gradients.
 
 The network's parity with the official outputs is tested in test_model.py; these tests cover
-what that cannot: the hand-written backward passes (the shifted depthwise conv, the joint q/k/v
-projection) and the deferred-normalisation attention under differentiation.
+what that cannot: the hand-written backward passes (the shifted depthwise conv, the dense 3x3
+conv's kernel gradient, the joint q/k/v projection) and the deferred-normalisation attention under
+differentiation.
 """
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from rmt_jax.models import decay, layers
+from rmt_jax.models import conv3x3, decay, layers
 
 
 def _grouped_conv(x, kernel):
@@ -82,3 +83,63 @@ def test_project_and_its_gradients_equal_separate_linear_layers():
   for g, w in zip(got_grads, want_grads):
     assert g.shape == w.shape
     assert relative_error(g, w) < 1e-6
+
+
+def _conv3x3_float64(x, kernel, stride):
+  """The 3x3 conv (padding 1) by definition, in float64 NumPy: out[b, y, x] = sum of taps."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  height, width = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  return sum(padded[:, i:i + stride * (height - 1) + 1:stride,
+                    j:j + stride * (width - 1) + 1:stride] @ kernel[i, j]
+             for i in range(3) for j in range(3))
+
+
+# Strides 1 and 2, odd and even maps, a 3-channel input like the stem's first conv.
+@pytest.mark.parametrize('stride,shape,out', [(1, (2, 9, 10, 5), 7), (2, (3, 11, 8, 3), 4),
+                                              (2, (2, 16, 16, 6), 8)])
+def test_conv3x3_and_its_gradients_equal_the_definition(stride, shape, out):
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], out)), jnp.float32)
+  got, got_vjp = jax.vjp(lambda x, w: conv3x3.conv3x3(x, w, stride), x, kernel)
+  cotangent = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+  assert relative_error(got, _conv3x3_float64(x, kernel, stride)) < 1e-6
+  # float64 gradients of the definition: the conv is linear in each argument.
+  grad_x, grad_kernel = got_vjp(cotangent)
+  want_x, want_kernel = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest'), x, kernel)[1](cotangent)
+  g64 = np.asarray(cotangent, np.float64)
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = got.shape[1:3]
+  kernel64 = np.stack([np.stack([np.einsum(
+      'bhwc,bhwo->co', padded[:, i:i + stride * (h - 1) + 1:stride,
+                              j:j + stride * (w - 1) + 1:stride], g64)
+      for j in range(3)]) for i in range(3)])
+  assert grad_kernel.shape == kernel.shape and grad_kernel.dtype == kernel.dtype
+  assert relative_error(grad_kernel, kernel64) < 1e-6
+  assert relative_error(grad_kernel, want_kernel) < 1e-6
+  assert relative_error(grad_x, want_x) < 1e-6
+
+
+def test_conv3x3_layer_declares_the_parameters_of_nn_conv():
+  x = jnp.ones((1, 8, 8, 3))
+  layer = layers.conv3x3(4, 3, 2, jnp.float32, jnp.float32, 'proj_0')
+  plain = layer.clone(conv_general_dilated=None)
+  params = layer.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain.init(jax.random.key(0), x))
+  np.testing.assert_array_equal(layer.apply(params, x), plain.apply(params, x))
+
+
+@pytest.mark.parametrize('kwargs', [dict(kernel=(5, 5)), dict(padding=((0, 0), (0, 0))),
+                                    dict(window_strides=(1, 2)), dict(rhs_dilation=(2, 2)),
+                                    dict(precision='highest')])
+def test_conv3x3_refuses_convs_it_does_not_compute(kwargs):
+  x = jnp.ones((1, 8, 8, 2))
+  kernel = jnp.ones(kwargs.pop('kernel', (3, 3)) + (2, 2))
+  args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)),
+              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match='3x3 NHWC/HWIO convs with padding 1'):
+    conv3x3.conv_general_dilated(x, kernel, **args)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmt_jax.models import conv3x3 as conv3x3_op
 from rmt_jax.models import decay
 
 Dtype = Any
@@ -37,10 +38,15 @@ def _conv_bias_init(fan_in: int) -> Callable[..., jax.Array]:
 
 def conv3x3(features: int, in_features: int, stride: int, dtype: Dtype, param_dtype: Dtype,
             name: str) -> nn.Conv:
-  """A 3x3 conv with bias and PyTorch's symmetric padding 1 (XLA's 'SAME' pads asymmetrically)."""
+  """A 3x3 conv with bias and PyTorch's symmetric padding 1 (XLA's 'SAME' pads asymmetrically).
+
+  The convolution itself is `rmt_jax.models.conv3x3` (its kernel gradient is written out for
+  XLA CPU).
+  """
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                  dtype=dtype, param_dtype=param_dtype, kernel_init=conv_kernel_init,
-                 bias_init=_conv_bias_init(9 * in_features), name=name)
+                 bias_init=_conv_bias_init(9 * in_features),
+                 conv_general_dilated=conv3x3_op.conv_general_dilated, name=name)
 
 
 def batch_norm(name: str, param_dtype: Dtype) -> nn.BatchNorm:
