@@ -144,3 +144,14 @@ def test_conv3x3_refuses_convs_it_does_not_compute(kwargs):
   args.update(kwargs)
   with pytest.raises(ValueError, match='3x3 NHWC/HWIO convs with padding 1'):
     conv3x3.conv_general_dilated(x, kernel, **args)
+
+
+def test_theta_shift_is_the_official_rotation():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 3, 4, 2, 8)).astype(np.float32)
+  sin, cos = (t[:, :, None, :] for t in decay.rotary_tables(3, 4, 8))
+  # The official `rotate_every_two`: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...).
+  rotated = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+  want = x * cos + rotated * sin
+  # Jitted, XLA may fuse each product and sum into one rounding: float32 agreement, not bits.
+  assert relative_error(jax.jit(layers.theta_shift)(x, sin, cos), want) < 1e-6

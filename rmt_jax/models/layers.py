@@ -247,14 +247,19 @@ def gelu(x: jax.Array) -> jax.Array:
 def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotary position shift on interleaved channel pairs: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
 
+  The pairs are swapped by reversing a size-2 axis and the sign goes into the sin table (exact:
+  the same products, negated). Stacking (-x1, x0) instead made XLA CPU write the rotated copy
+  out once per block (it feeds two transposes); a reversal is fused into each of them.
+
   Args:
     x: (..., d) with d even.
     sin: broadcastable to x.
     cos: broadcastable to x.
   """
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  return x * cos + rotated * sin
+  swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+  signed_sin = (sin.reshape(*sin.shape[:-1], -1, 2) * np.array([-1, 1], sin.dtype)
+                ).reshape(sin.shape)
+  return x * cos + swapped * signed_sin
 
 
 def _decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay_bias: np.ndarray,
