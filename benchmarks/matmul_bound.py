@@ -39,6 +39,7 @@ if __package__ in (None, ''):  # `python benchmarks/matmul_bound.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.extend.core  # pylint: disable=g-import-not-at-top
 # JAX's own dead-code elimination of jaxprs (nested ones included); it has no public name.
 from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
