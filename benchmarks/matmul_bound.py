@@ -3,16 +3,16 @@ r"""The model's matrix products and convolutions timed alone: the step's speed i
   python -m benchmarks.matmul_bound --variant rmt_t --mode train
   python -m benchmarks.matmul_bound --variant rmt_s --mode eval --top 25 --json bound.json
 
-`rmt_jax.bench` measures a step against the machine's matmul ceiling. This command says how
-much of the gap the products themselves leave: it traces the same computation (the eval
-forward pass or the trainer's step, `rmt_jax.bench`), collects every `dot_general` and
-`conv_general_dilated` of its jaxpr (for train: the forward products, and the backward ones
-that autodiff and the model's own VJPs write), and times each distinct one (operand shapes,
-dtypes, dimension numbers) alone on the default device: jitted, inputs ready, the median of
-`repeats` calls. Weighted by how often each occurs, their sum is the time the step would take
-if every other operation (norms, softmax, GELU, transposes, drop path, the optimizer) cost
-nothing, and the model's FLOPs over that time, as a fraction of the ceiling, is the most the
-step can reach while the products run as they do:
+`rmt_jax.bench` measures a step against the machine's matmul ceiling. This command says how much
+of the gap the products themselves leave: it traces the same computation (the eval forward pass
+or the trainer's step, `rmt_jax.bench`), collects every `dot_general` and `conv_general_dilated`
+of its jaxpr (for train: the forward products, and the backward ones that autodiff and the
+model's own VJPs write), and times each distinct one (operand shapes, dtypes, dimension numbers)
+alone on the default device (one device, as the step): jitted, inputs ready, the median of
+`repeats` calls. Weighted by how often each occurs, their sum is the time the step would take if
+every other operation (norms, softmax, GELU, transposes, drop path, the optimizer) cost nothing,
+and the model's FLOPs over that time, as a fraction of the ceiling, is the most the step can
+reach while the products run as they do:
 
   bound = model FLOPs / (sum of the products' times alone) / ceiling.
 
