@@ -105,7 +105,7 @@ def test_conv3x3_and_its_gradients_equal_the_definition(stride, shape, out):
   got, got_vjp = jax.vjp(lambda x, w: conv3x3.conv3x3(x, w, stride), x, kernel)
   cotangent = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
   assert relative_error(got, _conv3x3_float64(x, kernel, stride)) < 1e-6
-  # float64 gradients of the definition: the conv is linear in each argument.
+  # The kernel gradient against its definition in float64, both against XLA's own gradients.
   grad_x, grad_kernel = got_vjp(cotangent)
   want_x, want_kernel = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -138,6 +138,7 @@ def test_conv3x3_layer_declares_the_parameters_of_nn_conv():
                                     dict(precision='highest')])
 def test_conv3x3_refuses_convs_it_does_not_compute(kwargs):
   x = jnp.ones((1, 8, 8, 2))
+  kwargs = dict(kwargs)  # pytest's parameter, not ours to change
   kernel = jnp.ones(kwargs.pop('kernel', (3, 3)) + (2, 2))
   args = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)),
               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
