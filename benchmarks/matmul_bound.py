@@ -119,8 +119,8 @@ def collect_products(fn: Callable[..., Any], *args) -> list[dict[str, Any]]:
   counts: collections.Counter = collections.Counter()
   eqns: dict = {}
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  # Dead code out first, as XLA will: a custom VJP computes the input gradient of the first
-  # conv too, which nothing uses.
+  # Dead code out first, as XLA will: a custom VJP (the stem's conv3x3) computes the input
+  # gradient of the first conv too, which nothing uses.
   jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
   _walk(jaxpr, 1, counts, eqns)
   products = []
