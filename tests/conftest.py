@@ -1,4 +1,4 @@
-"""Shared test helpers: the official reference fixtures (../shared/fixtures, see its README)."""
+"""Shared test helpers: the official reference fixtures (tests/fixtures, see its README)."""
 
 import json
 import os
@@ -12,10 +12,9 @@ import pytest
 # 'rbg' generator compiles in a fraction of that. No test depends on which generator runs.
 jax.config.update('jax_default_prng_impl', 'rbg')
 
-# The fixtures live beside the repository (`../shared/fixtures` from its root); CI lays them
-# there too. RMT_FIXTURES overrides the location.
-FIXTURES = pathlib.Path(os.environ.get(
-    'RMT_FIXTURES', pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
+# The fixtures are part of the repository (tests/fixtures, with a README saying how each was
+# made), so a clone tests itself; RMT_FIXTURES points the tests at another copy.
+FIXTURES = pathlib.Path(os.environ.get('RMT_FIXTURES', pathlib.Path(__file__).parent / 'fixtures'))
 CASES = ('a', 'b', 'tokenlabel')
 
 
