@@ -47,6 +47,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from rmt_jax import bench  # pylint: disable=g-import-not-at-top
 from rmt_jax.models import canonical_name, create_model  # pylint: disable=g-import-not-at-top
+from rmt_jax.models import kernels as kernel_forms  # pylint: disable=g-import-not-at-top
 
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 
@@ -159,7 +160,9 @@ def run(variant: str, mode: str, batch: int, resolution: int, dtype: str = 'floa
     raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
   variant = canonical_name(variant)
   step = bench.run(variant, batch, resolution, dtype, mode, repeats=step_repeats)
-  model = create_model(variant, dtype=bench.DTYPES[dtype])
+  # The forms bench.run timed (one device's), so that the jaxpr holds only the products it ran.
+  model = create_model(variant, dtype=bench.DTYPES[dtype],
+                       kernels=kernel_forms.for_devices(jax.local_devices()[:1]))
   images = jnp.zeros((batch, resolution, resolution, 3), jnp.float32)
   variables = bench.synthetic_variables(model, images)
   if mode == 'eval':

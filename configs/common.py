@@ -28,6 +28,9 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.model_overrides = ml_collections.ConfigDict()  # Any other create_model field.
   c.dtype = 'bfloat16'  # Compute dtype; parameters, norms and softmax stay float32.
   c.remat = (False, False, False, False)  # Rematerialise each stage's blocks (saves memory).
+  # Forms of the backend-specific operations: 'auto' = those for the mesh's devices; 'xla' or
+  # 'cpu' force one (rmt_jax/models/kernels.py). The function is the same either way.
+  c.kernels = 'auto'
   c.prng_impl = ''  # '' = JAX's default; 'rbg' compiles faster on CPU.
   c.compilation_cache_dir = ''  # E.g. gs://BUCKET/jax_cache: restarts skip compilation.
 

@@ -68,6 +68,7 @@ from rmt_jax import host_allocator
 from rmt_jax import sharding
 from rmt_jax import summary
 from rmt_jax.models import RMT, canonical_name, create_model
+from rmt_jax.models import kernels as kernel_forms
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # The training recipe's optimizer constants (official RMT: AdamW, weight decay 0.05; EMA as in
@@ -257,7 +258,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   compute_dtype = DTYPES[dtype]
   variant = canonical_name(variant)
   model = create_model(variant, dtype=compute_dtype,
-                       remat=(remat,) * len(create_model(variant).depths))
+                       remat=(remat,) * len(create_model(variant).depths),
+                       kernels=kernel_forms.for_devices(local[:devices]))
   device = local[0]
   mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}),
                               local[:devices])

@@ -41,7 +41,7 @@ def count_macs(model: RMT, resolution: int = 224, batch: int = 1) -> int:
   Returns:
     MACs of all dot and convolution ops of the jitted forward pass.
   """
-  model = model.clone(depthwise_impl='conv')
+  model = model.clone(kernels='xla')
   variables = _abstract_variables(model, resolution)
   images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
   lowered = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images)

@@ -38,6 +38,7 @@ from rmt_jax import metrics_writer
 from rmt_jax import optim
 from rmt_jax import sharding
 from rmt_jax.models import RMT, create_model
+from rmt_jax.models import kernels as kernel_forms
 
 HEAD_MODULES = ('head', 'aux_head')
 
@@ -83,10 +84,18 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
-def build_model(config: ml_collections.ConfigDict) -> RMT:
-  """The network of `config.model` with the config's classes, drop path, dtype and remat."""
+def build_model(config: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh | None = None) -> RMT:
+  """The network of `config.model` with the config's classes, drop path, dtype and remat.
+
+  Its kernel forms are `config.kernels`; 'auto' with a mesh means the forms for the mesh's
+  devices (what the steps are compiled for), so the programs carry one form only.
+  """
+  kernels = config.get('kernels', 'auto')
+  if kernels == 'auto' and mesh is not None:
+    kernels = kernel_forms.for_devices(mesh)
   return create_model(config.model, **model_overrides(config),
-                      dtype=jnp.dtype(config.get('dtype', 'float32')))
+                      dtype=jnp.dtype(config.get('dtype', 'float32')), kernels=kernels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +369,8 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
     raise ValueError('config.eval_only needs config.init_from (converted weights or a run).')
   variables, metadata = checkpoint.load_variables(config.init_from)
   model = create_model(metadata['model'], **metadata.get('model_overrides', {}),
-                       dtype=jnp.dtype(config.get('dtype', 'float32')))
+                       dtype=jnp.dtype(config.get('dtype', 'float32')),
+                       kernels=kernel_forms.for_devices(mesh))
   weights = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   shardings = sharding.state_shardings(weights, mesh, config.fsdp_min_size)
   weights = _place(weights, shardings)
@@ -384,16 +394,50 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
           'count': int(results['count'])}
 
 
-def _train(config, workdir, mesh, writer) -> dict[str, Any]:
-  model = build_model(config)
+@flax.struct.dataclass
+class Programs:
+  """What a run compiles, built from the config and the mesh alone (no data, no weights).
+
+  `train_and_evaluate` runs these; `rmt_jax.tpu_compile` compiles the same ones ahead of time
+  for a TPU slice it does not have.
+
+  Attributes:
+    model: the network, its kernel forms resolved for the mesh's devices.
+    schedule: step -> learning rate.
+    tx: AdamW with that schedule.
+    init_fn: () -> a fresh TrainState.
+    abstract_state: the state's shapes and dtypes, each with its sharding.
+    state_shardings: NamedShardings of the state.
+    batch_sharding: the global batch's sharding (leading axis over every device).
+    train_step: jitted (state, {'image', 'label'}) -> (state, metrics); the state is donated.
+    eval_step: jitted (state, {'image', 'label', 'mask'}) -> sums for the raw and EMA weights.
+  """
+  model: RMT = flax.struct.field(pytree_node=False)
+  schedule: optax.Schedule = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  init_fn: Callable[[], TrainState] = flax.struct.field(pytree_node=False)
+  abstract_state: Any = flax.struct.field(pytree_node=False)
+  state_shardings: Any = flax.struct.field(pytree_node=False)
+  batch_sharding: jax.sharding.NamedSharding = flax.struct.field(pytree_node=False)
+  train_step: Any = flax.struct.field(pytree_node=False)
+  eval_step: Any = flax.struct.field(pytree_node=False)
+
+
+def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   steps_per_epoch: int, total_steps: int) -> Programs:
+  """The model, optimizer, state shardings and jitted steps of a run of `config` on `mesh`.
+
+  Args:
+    config: the run's config.
+    mesh: from `sharding.create_mesh` (real devices, or a TPU topology's for AOT compiles).
+    steps_per_epoch: optimizer steps per epoch (the schedule's unit).
+    total_steps: optimizer steps of the run.
+
+  Raises:
+    ValueError: the global batch does not split into `grad_accum_steps` x devices.
+  """
+  model = build_model(config, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  train_iter = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-      mesh_sharding=batch_sh)
-  eval_data = _eval_iterator(config, mesh)
-  steps_per_epoch = train_iter.steps_per_epoch
-  total_steps = (int(config.total_steps) if config.get('total_steps', -1) > 0
-                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
   accum = int(config.get('grad_accum_steps', 1))
   if config.global_batch_size % (accum * mesh.size):
     raise ValueError(f'global_batch_size {config.global_batch_size} must be a multiple of '
@@ -419,6 +463,24 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
                                              'batch_stats': s.ema_batch_stats}}, b),
       in_shardings=(state_sh, {'image': batch_sh, 'label': batch_sh, 'mask': batch_sh}),
       out_shardings=sharding.replicated(mesh))
+  return Programs(model=model, schedule=schedule, tx=tx, init_fn=init_fn, abstract_state=abstract,
+                  state_shardings=state_sh, batch_sharding=batch_sh, train_step=p_train,
+                  eval_step=p_eval)
+
+
+def _train(config, workdir, mesh, writer) -> dict[str, Any]:
+  batch_sh = sharding.batch_sharding(mesh)
+  train_iter = input_pipeline.create_train_iterator(
+      config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+      mesh_sharding=batch_sh)
+  eval_data = _eval_iterator(config, mesh)
+  steps_per_epoch = train_iter.steps_per_epoch
+  total_steps = (int(config.total_steps) if config.get('total_steps', -1) > 0
+                 else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  programs = build_programs(config, mesh, steps_per_epoch, total_steps)
+  schedule = programs.schedule
+  state_sh, abstract, init_fn = programs.state_shardings, programs.abstract_state, programs.init_fn
+  p_train, p_eval = programs.train_step, programs.eval_step
 
   def load_weights(state, variables, _):
     params = merge_weights(state.params, variables['params'],

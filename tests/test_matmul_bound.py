@@ -18,7 +18,7 @@ def _flops(products):
 def test_products_are_the_forward_macs_and_three_times_them_in_training():
   from benchmarks import matmul_bound  # pylint: disable=g-import-not-at-top
   # Depthwise convs as convolutions, so that every MAC `summary` counts is a product here.
-  model = create_model('rmt_tiny', depthwise_impl='conv')
+  model = create_model('rmt_tiny', kernels='xla')
   images = jnp.zeros((2, 64, 64, 3))
   variables = bench.synthetic_variables(model, images)
   forward = matmul_bound.collect_products(model.apply, variables, images)

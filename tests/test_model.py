@@ -17,16 +17,16 @@ VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
 
 
 @functools.lru_cache(maxsize=None)
-def _converted(case: str, depthwise_impl: str = 'auto', dtype=jnp.float32):
+def _converted(case: str, kernels: str = 'auto', dtype=jnp.float32):
   ref = official_case(case)
-  model = from_official_kwargs(**ref['kwargs'], depthwise_impl=depthwise_impl, dtype=dtype)
+  model = from_official_kwargs(**ref['kwargs'], kernels=kernels, dtype=dtype)
   return ref, model, convert.torch_to_flax(ref['state_dict'], model)
 
 
-@pytest.mark.parametrize('depthwise_impl', ['shifted', 'conv'])
+@pytest.mark.parametrize('kernels', ['xla', 'cpu', 'auto'])
 @pytest.mark.parametrize('case', CASES)
-def test_logits_and_features_match_official(case, depthwise_impl):
-  ref, model, variables = _converted(case, depthwise_impl)
+def test_logits_and_features_match_official(case, kernels):
+  ref, model, variables = _converted(case, kernels)
   logits = jax.jit(model.apply)(variables, ref['images'])
   assert logits.shape == ref['logits'].shape
   assert relative_error(logits, ref['logits']) < 1e-5
@@ -159,9 +159,9 @@ def test_headless_model_returns_pooled_features():
 
 def test_depthwise_forms_agree():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 6))
-  conv = layers.DepthwiseConv(5, 'conv')
+  conv = layers.DepthwiseConv(5, 'xla')
   variables = conv.init(jax.random.PRNGKey(1), x)
-  shifted = jax.jit(layers.DepthwiseConv(5, 'shifted').apply)(variables, x)
+  shifted = jax.jit(layers.DepthwiseConv(5, 'cpu').apply)(variables, x)
   np.testing.assert_allclose(shifted, jax.jit(conv.apply)(variables, x), rtol=1e-5, atol=1e-6)
 
 

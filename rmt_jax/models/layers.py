@@ -4,18 +4,22 @@ patch merging.
 All modules work on NHWC arrays. Parameter names follow the attribute paths of the official
 PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ...), so that
 `rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
-storage dtype; attention softmax and the norms always run in float32.
+storage dtype; attention softmax and the norms always run in float32. Every operation here is in
+its plain form; `kernels` ('auto', 'xla', 'cpu') selects the XLA CPU forms of `cpu_forms.py`
+where they exist (see `kernels.py`).
 """
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax.models import conv3x3 as conv3x3_op
+from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
+from rmt_jax.models import kernels as kernels_lib
 
 Dtype = Any
 
@@ -37,16 +41,50 @@ def _conv_bias_init(fan_in: int) -> Callable[..., jax.Array]:
 
 
 def conv3x3(features: int, in_features: int, stride: int, dtype: Dtype, param_dtype: Dtype,
-            name: str) -> nn.Conv:
+            name: str, kernels: str = 'auto') -> nn.Conv:
   """A 3x3 conv with bias and PyTorch's symmetric padding 1 (XLA's 'SAME' pads asymmetrically).
 
-  The convolution itself is `rmt_jax.models.conv3x3` (its kernel gradient is written out for
-  XLA CPU).
+  Declared, named and initialised as `nn.Conv` declares it; the convolution is
+  `conv3x3_general_dilated` (on XLA CPU with a written kernel gradient).
   """
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                  dtype=dtype, param_dtype=param_dtype, kernel_init=conv_kernel_init,
                  bias_init=_conv_bias_init(9 * in_features),
-                 conv_general_dilated=conv3x3_op.conv_general_dilated, name=name)
+                 conv_general_dilated=functools.partial(conv3x3_general_dilated,
+                                                        kernels=kernels),
+                 name=name)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv3x3_general_dilated(x: jax.Array, kernel: jax.Array, window_strides: Sequence[int],
+                            padding: Any, lhs_dilation: Any = None, rhs_dilation: Any = None,
+                            dimension_numbers: Any = None, feature_group_count: int = 1,
+                            precision: Any = None, *, kernels: str = 'auto') -> jax.Array:
+  """`lax.conv_general_dilated`'s signature, for `nn.Conv`, restricted to RMT's 3x3 convs.
+
+  `nn.Conv` calls this with the module's settings; anything but a 3x3, padding-1, undilated,
+  ungrouped NHWC conv with equal strides and default precision is an error rather than a silent
+  fallback. `kernels` selects XLA's convolution or `cpu_forms.conv3x3`.
+  """
+  undilated = all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+  nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
+  if (kernel.shape[:2] != (3, 3) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
+      or not undilated or feature_group_count != 1 or len(set(window_strides)) != 1
+      or precision is not None
+      or jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) != nhwc):
+    raise ValueError('conv3x3_general_dilated takes 3x3 NHWC/HWIO convs with padding 1, '
+                     'equal strides, no dilation, no groups and the default precision; got '
+                     f'kernel {kernel.shape}, strides {window_strides}, padding {padding}')
+  stride = int(window_strides[0])
+
+  def plain(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=_NHWC)
+
+  return kernels_lib.select(kernels, x, kernel, xla=plain,
+                            cpu=lambda x, kernel: cpu_forms.conv3x3(x, kernel, stride))
 
 
 def batch_norm(name: str, param_dtype: Dtype) -> nn.BatchNorm:
@@ -81,71 +119,36 @@ class LinearParams(nn.Module):
     return kernel, bias
 
 
-@jax.custom_vjp
-def project(x: jax.Array, kernels: tuple[jax.Array, ...], biases: tuple[jax.Array, ...]
-            ) -> tuple[jax.Array, ...]:
+def project(x: jax.Array, kernels: tuple[jax.Array, ...], biases: tuple[jax.Array, ...],
+            kernel_forms: str) -> tuple[jax.Array, ...]:
   """Several Linear layers on the same input: x @ kernel + bias for each (kernel, bias).
-
-  The forward pass keeps one product per layer; the backward pass concatenates the layers and
-  takes one product for the input gradient and one for all kernel gradients (XLA CPU transposes
-  x for each kernel-gradient product). Measured on XLA CPU, RMT-T at batch 16: separate
-  backward products made the train step 10% slower (3.3 vs 3.0 s), and one concatenated
-  forward product made eval 4% slower.
 
   Args:
     x: (..., in).
     kernels: (in, out_i) each.
     biases: (out_i,) each.
+    kernel_forms: the model's `kernels` field (`cpu_forms.project` on XLA CPU).
 
   Returns:
     (..., out_i) for each layer.
   """
-  return tuple(jnp.dot(x, w) + b for w, b in zip(kernels, biases))
-
-
-def _project_fwd(x, kernels, biases):
-  return project(x, kernels, biases), (x, kernels, biases)
-
-
-def _project_bwd(residuals, grads):
-  x, kernels, biases = residuals
-  grad = jnp.concatenate(grads, axis=-1)
-  sizes = np.cumsum([w.shape[1] for w in kernels])[:-1]
-  grad_x = jnp.dot(grad, jnp.concatenate(kernels, axis=1).T)
-  flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-  grad_kernels = jnp.split(jnp.dot(flat_x.T, flat_grad), sizes, axis=1)
-  grad_biases = jnp.split(flat_grad.sum(axis=0), sizes)
-  return (grad_x.astype(x.dtype),
-          tuple(g.astype(w.dtype) for g, w in zip(grad_kernels, kernels)),
-          tuple(g.astype(b.dtype) for g, b in zip(grad_biases, biases)))
-
-
-project.defvjp(_project_fwd, _project_bwd)
-
-
-def default_depthwise_impl() -> str:
-  """'shifted' on CPU, 'conv' elsewhere.
-
-  XLA's CPU backend runs grouped convolutions with one group per channel 20-70x slower than the
-  same conv written as a sum of shifted slices (measured with jax 0.10 on AVX-512: 56x56x64, 3x3,
-  83 ms vs 1.9 ms at batch 16); cuDNN and the TPU compiler have native depthwise kernels.
-  """
-  return 'shifted' if jax.default_backend() == 'cpu' else 'conv'
+  plain = lambda x, kernels, biases: tuple(jnp.dot(x, w) + b for w, b in zip(kernels, biases))
+  return kernels_lib.select(kernel_forms, x, kernels, biases, xla=plain, cpu=cpu_forms.project)
 
 
 class DepthwiseConv(nn.Module):
   """Depthwise k x k conv, stride 1, symmetric zero padding k // 2, with bias.
 
   The kernel is stored as (k, k, 1, C), the layout of `nn.Conv(..., feature_group_count=C)`.
+  The plain form is XLA's grouped convolution; `kernels='cpu'` takes
+  `cpu_forms.shifted_depthwise_conv`.
 
   Attributes:
     kernel_size: k (odd).
-    impl: 'shifted' (sum of k*k shifted slices times per-channel weights), 'conv'
-      (`lax.conv_general_dilated` with one group per channel) or 'auto'
-      (see `default_depthwise_impl`). Both compute the same function.
+    kernels: 'auto', 'xla' or 'cpu' (see `rmt_jax.models.kernels`).
   """
   kernel_size: int
-  impl: str = 'auto'
+  kernels: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -155,84 +158,17 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', conv_kernel_init, (k, k, 1, channels), self.param_dtype)
     bias = self.param('bias', _conv_bias_init(k * k), (channels,), self.param_dtype)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    impl = default_depthwise_impl() if self.impl == 'auto' else self.impl
     pad = k // 2
-    if impl == 'conv':
-      y = jax.lax.conv_general_dilated(
+
+    def plain(x, kernel):
+      return jax.lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
-    elif impl == 'shifted':
-      y = shifted_depthwise_conv(x, kernel[:, :, 0, :])
-    else:
-      raise ValueError(f"DepthwiseConv.impl must be 'auto', 'shifted' or 'conv', got {impl!r}")
+          dimension_numbers=_NHWC, feature_group_count=channels)
+
+    y = kernels_lib.select(self.kernels, x, kernel, xla=plain,
+                           cpu=lambda x, kernel: cpu_forms.shifted_depthwise_conv(
+                               x, kernel[:, :, 0, :]))
     return y + bias
-
-
-def _shifted_sum(padded: jax.Array, kernel: jax.Array, height: int, width: int) -> jax.Array:
-  k = kernel.shape[0]
-  return sum(padded[:, i:i + height, j:j + width, :] * kernel[i, j]
-             for i in range(k) for j in range(k))
-
-
-def _pad_spatial(x: jax.Array, pad: int) -> jax.Array:
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
-@jax.custom_vjp
-def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Depthwise k x k conv, stride 1, zero padding k // 2, as a sum of k*k shifted slices.
-
-  The backward pass is written out: autodiff of the slices pads the output gradient once per
-  tap and sums k*k full-size arrays, which took more than half of RMT-T's training step on XLA
-  CPU (jax 0.10). The input gradient is the same shifted sum over the padded output gradient
-  with the kernel flipped; the kernel gradient is one variadic reduction (`_kernel_grad`).
-
-  Args:
-    x: (batch, height, width, channels).
-    kernel: (k, k, channels), k odd.
-
-  Returns:
-    (batch, height, width, channels).
-  """
-  pad = kernel.shape[0] // 2
-  return _shifted_sum(_pad_spatial(x, pad), kernel, *x.shape[1:3])
-
-
-def _shifted_depthwise_fwd(x, kernel):
-  return shifted_depthwise_conv(x, kernel), (x, kernel)
-
-
-def _shifted_depthwise_bwd(residuals, grad):
-  x, kernel = residuals
-  k, (height, width) = kernel.shape[0], x.shape[1:3]
-  pad = k // 2
-  grad_x = _shifted_sum(_pad_spatial(grad, pad), kernel[::-1, ::-1], height, width)
-  grad_kernel = _kernel_grad(_pad_spatial(x, pad), grad, k)
-  return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-def _kernel_grad(xp: jax.Array, grad: jax.Array, k: int) -> jax.Array:
-  """(k*k, c): sum over (b, h, w) of xp[b, h + i, w + j, c] * grad[b, h, w, c], tap t = i*k + j.
-
-  All k*k taps in one variadic reduction along the width axis, which reads each input once and
-  keeps per-(b, h, c) partial sums (k*k / w of the map's size); a second, small reduction sums
-  them. Channels stay the minor axis, so the first reduction runs along a non-minor axis,
-  element-wise over channels. Measured in isolation at batch 16 (jax 0.10, 2 cores), it matched
-  or beat a loop over taps (one multiply-reduce each, which copies its window out first) and a
-  loop over chunks of images (all taps per chunk, reduced over (image, row)) at every stage's
-  size but 14x14 (8.9 vs 7.2 ms for the tap loop); in RMT-T's and RMT-S's train step on 2 CPU
-  devices it was 8-9% faster than the best mix of the two loops, and equal on one.
-  """
-  height, width = grad.shape[1:3]
-  grad = grad.astype(jnp.float32)
-  products = tuple(xp[:, i:i + height, j:j + width, :] * grad for i in range(k) for j in range(k))
-  zeros = tuple(jnp.zeros((), jnp.float32) for _ in products)
-  partial_sums = jax.lax.reduce(products, zeros,
-                                lambda a, b: tuple(u + v for u, v in zip(a, b)), (2,))
-  return jnp.stack(partial_sums).sum(axis=(1, 2))
-
-
-shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -305,6 +241,7 @@ class ManhattanSelfAttention(nn.Module):
     initial_value: the stage's `init_values` (slowest decay exponent).
     heads_range: the stage's `heads_ranges` (spread of decay rates over heads).
     axial: decomposed (True) or whole-image (False) attention.
+    kernels: 'auto', 'xla' or 'cpu' (see `rmt_jax.models.kernels`).
   """
   num_heads: int
   initial_value: float
@@ -312,7 +249,7 @@ class ManhattanSelfAttention(nn.Module):
   axial: bool
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  depthwise_impl: str = 'auto'
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -321,11 +258,11 @@ class ManhattanSelfAttention(nn.Module):
     kernels, biases = zip(*(LinearParams(dim, self.param_dtype, name=f'{name}_proj')(dim)
                             for name in 'qkv'))
     q, k, v = project(x.astype(self.dtype), tuple(w.astype(self.dtype) for w in kernels),
-                      tuple(b.astype(self.dtype) for b in biases))
-    lepe = DepthwiseConv(5, self.depthwise_impl, self.dtype, self.param_dtype, name='lepe')(v)
+                      tuple(b.astype(self.dtype) for b in biases), self.kernels)
+    lepe = DepthwiseConv(5, self.kernels, self.dtype, self.param_dtype, name='lepe')(v)
     k = k * key_dim ** -0.5
 
-    sin, cos = (jnp.asarray(t, self.dtype)[:, :, None, :]
+    sin, cos = (t.astype(self.dtype)[:, :, None, :]
                 for t in decay.rotary_tables(height, width, key_dim))
     q = theta_shift(q.reshape(batch, height, width, heads, key_dim), sin, cos)
     k = theta_shift(k.reshape(batch, height, width, heads, key_dim), sin, cos)
@@ -362,14 +299,14 @@ class FeedForward(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  depthwise_impl: str = 'auto'
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     x = dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1')(x)
     x = gelu(x)
-    x = x + DepthwiseConv(3, self.depthwise_impl, self.dtype, self.param_dtype, name='dwconv')(x)
+    x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='dwconv')(x)
     return dense(dim, self.dtype, self.param_dtype, 'fc2')(x)
 
 
@@ -390,15 +327,15 @@ class RetBlock(nn.Module):
   layer_init_values: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  depthwise_impl: str = 'auto'
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  depthwise_impl=self.depthwise_impl)
+                  kernels=self.kernels)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
-    x = x + DepthwiseConv(3, self.depthwise_impl, self.dtype, self.param_dtype, name='pos')(x)
+    x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='pos')(x)
 
     y = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range, self.axial,
                                name='retention', **common)(
@@ -426,13 +363,15 @@ class Stem(nn.Module):
   embed_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     half = self.embed_dim // 2
     plan = [(half, 2), (half, 1), (self.embed_dim, 2), (self.embed_dim, 1)]
     for i, (features, stride) in enumerate(plan):
-      x = conv3x3(features, x.shape[-1], stride, self.dtype, self.param_dtype, f'proj_{3 * i}')(x)
+      x = conv3x3(features, x.shape[-1], stride, self.dtype, self.param_dtype, f'proj_{3 * i}',
+                  self.kernels)(x)
       x = batch_norm(f'proj_{3 * i + 1}', self.param_dtype)(x, use_running_average=not train)
       if i < len(plan) - 1:
         x = gelu(x)
@@ -444,8 +383,10 @@ class PatchMerging(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = conv3x3(self.out_dim, x.shape[-1], 2, self.dtype, self.param_dtype, 'reduction')(x)
+    x = conv3x3(self.out_dim, x.shape[-1], 2, self.dtype, self.param_dtype, 'reduction',
+                self.kernels)(x)
     return batch_norm('norm', self.param_dtype)(x, use_running_average=not train)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import layers
 
 Dtype = Any
@@ -36,7 +37,7 @@ class Stage(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  depthwise_impl: str = 'auto'
+  kernels: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
@@ -45,10 +46,10 @@ class Stage(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.initial_value, self.heads_range, self.axial,
                     self.mlp_ratio, self.drop_path[i], self.layerscale, self.layer_init_values,
-                    self.dtype, self.param_dtype, self.depthwise_impl, name=f'blocks_{i}')(x, train)
+                    self.dtype, self.param_dtype, self.kernels, name=f'blocks_{i}')(x, train)
     if self.out_dim is None:
       return x, None
-    merged = layers.PatchMerging(self.out_dim, self.dtype, self.param_dtype,
+    merged = layers.PatchMerging(self.out_dim, self.dtype, self.param_dtype, self.kernels,
                                  name='downsample')(x, train)
     return x, merged
 
@@ -58,7 +59,9 @@ class RMT(nn.Module):
 
   Attributes follow the official `VisRetNet` arguments, except `axial` (official
   `chunkwise_recurrents`: True selects the decomposed W-then-H attention) and `remat` (official
-  `use_checkpoints`: rematerialise the stage's blocks in the backward pass).
+  `use_checkpoints`: rematerialise the stage's blocks in the backward pass) and `kernels` (which
+  form of the backend-specific operations to compile: 'auto', 'xla' or 'cpu', see
+  `rmt_jax.models.kernels`; every form computes the same function).
 
   `num_classes=0` drops the head: `__call__` then returns the pooled features (batch, projection).
   `token_label=True` adds the token-labeling `aux_head` (a Linear on the last stage's tokens);
@@ -81,9 +84,10 @@ class RMT(nn.Module):
   token_label: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  depthwise_impl: str = 'auto'
+  kernels: str = 'auto'
 
   def setup(self):
+    kernels_lib.check(self.kernels)
     n = len(self.depths)
     for field in ('embed_dims', 'num_heads', 'init_values', 'heads_ranges', 'mlp_ratios',
                   'axial', 'layerscales', 'remat'):
@@ -97,7 +101,7 @@ class RMT(nn.Module):
     # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
     starts = np.cumsum([0, *self.depths]).tolist()
-    self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype)
+    self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
     self.layers = [
         Stage(depth=self.depths[i], num_heads=self.num_heads[i],
               initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
@@ -105,7 +109,7 @@ class RMT(nn.Module):
               drop_path=tuple(rates[starts[i]:starts[i + 1]]), layerscale=self.layerscales[i],
               layer_init_values=self.layer_init_values,
               out_dim=self.embed_dims[i + 1] if i < n - 1 else None, remat=self.remat[i],
-              dtype=self.dtype, param_dtype=self.param_dtype, depthwise_impl=self.depthwise_impl)
+              dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
         for i in range(n)]
     self.proj = layers.dense(self.projection, self.dtype, self.param_dtype, 'proj')
     self.norm = layers.batch_norm('norm', self.param_dtype)

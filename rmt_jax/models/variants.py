@@ -88,7 +88,7 @@ def from_official_kwargs(**kw: Any) -> RMT:
   """The network that the official `VisRetNet(**kw)` builds (its argument names and defaults).
 
   Besides the constructor's own arguments, `token_label` (from the token-labeling release) is
-  accepted. `dtype`, `param_dtype` and `depthwise_impl` may be passed too.
+  accepted. `dtype`, `param_dtype` and `kernels` may be passed too.
 
   Raises:
     ValueError: an argument that the official constructor does not have, or an ignored argument
@@ -102,7 +102,7 @@ def from_official_kwargs(**kw: Any) -> RMT:
       mlp_ratios=(3, 3, 3, 3), drop_path_rate=0.1, projection=1024,
       axial=(True, True, False, False), layerscales=(False, False, False, False),
       layer_init_values=1e-6, remat=(False, False, False, False), token_label=False)
-  allowed = set(args) | set(_OFFICIAL_RENAMES) | {'dtype', 'param_dtype', 'depthwise_impl'}
+  allowed = set(args) | set(_OFFICIAL_RENAMES) | {'dtype', 'param_dtype', 'kernels'}
   for key, value in kw.items():
     if key in _OFFICIAL_IGNORED:
       if key == 'patch_norm' and not value:

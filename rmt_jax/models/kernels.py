@@ -1,0 +1,73 @@
+"""Which form of RMT's backend-specific operations a model runs: the `kernels` field.
+
+The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
+have a form written for one compiler (`cpu_forms.py`, for XLA CPU); every form computes the same
+function. Every module of the network carries one field, `kernels`, that says which to use:
+
+- `'xla'`: the plain forms, for compilers that do well with them (TPU, GPU).
+- `'cpu'`: the XLA CPU forms.
+- `'auto'` (the default): both are staged out with `jax.lax.platform_dependent` and the one for
+  the platform the computation is *lowered for* is compiled (the compiler never sees the other).
+  A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.
+
+Code that knows its target devices (the trainer, the benchmarks, `rmt_jax.tpu_compile`) resolves
+the field up front with `for_devices`, so that its programs carry one form only; `'auto'` serves
+users who call `model.apply` directly.
+"""
+
+from typing import Any, Callable, Iterable
+
+import jax
+
+KERNELS = ('auto', 'xla', 'cpu')
+
+
+def for_platform(platform: str) -> str:
+  """The kernel forms for a JAX platform name ('cpu', 'tpu', 'cuda', 'rocm', 'gpu')."""
+  return 'cpu' if platform == 'cpu' else 'xla'
+
+
+def for_devices(devices: Iterable[jax.Device] | Any) -> str:
+  """The kernel forms for the devices a computation is compiled for (e.g. a mesh's devices).
+
+  Args:
+    devices: jax devices (a list, an ndarray of devices, a `jax.sharding.Mesh`); also the
+      abstract devices of `jax.experimental.topologies`.
+
+  Raises:
+    ValueError: the devices are of more than one platform.
+  """
+  if isinstance(devices, jax.sharding.Mesh):
+    devices = devices.devices.flat
+  elif hasattr(devices, 'flat'):
+    devices = devices.flat
+  platforms = {d.platform for d in devices}
+  if len(platforms) != 1:
+    raise ValueError(f'devices of one platform expected, got {sorted(platforms)}')
+  return for_platform(platforms.pop())
+
+
+def check(kernels: str) -> str:
+  """`kernels` itself, or a ValueError naming the choices."""
+  if kernels not in KERNELS:
+    raise ValueError(f'kernels must be one of {", ".join(map(repr, KERNELS))}; got {kernels!r}')
+  return kernels
+
+
+def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[..., Any]) -> Any:
+  """`xla(*args)` or `cpu(*args)` as `kernels` says; for 'auto', chosen at lowering.
+
+  Args:
+    kernels: 'auto', 'xla' or 'cpu'.
+    *args: arrays (pytrees of arrays) passed to the chosen form; static settings go in the
+      callables (e.g. `functools.partial`).
+    xla: the plain form.
+    cpu: the XLA CPU form.
+  """
+  if kernels == 'xla':
+    return xla(*args)
+  if kernels == 'cpu':
+    return cpu(*args)
+  if kernels == 'auto':
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=xla)
+  check(kernels)

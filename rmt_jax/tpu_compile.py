@@ -1,0 +1,258 @@
+"""`python -m rmt_jax.tpu_compile`: compile a run's steps for a TPU slice from any machine.
+
+Builds exactly what `main.py` builds for the config on that slice (mesh, shardings, model,
+optimizer, train step, eval step: `train.build_programs`), compiles it ahead of time with
+libtpu for the slice's abstract devices (`jax.experimental.topologies`), and reports, per chip:
+memory against the chip's HBM ("fits" or by how much it does not), XLA's FLOPs against the
+model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TPU compiler's
+cost model: an estimate, not a measurement), the images/s and utilisation of the chip's bf16
+peak that it implies, and the compile time.
+
+  pip install 'libtpu==0.0.42.*'     # the libtpu jax 0.10.2 pins; or pip install '.[tpu-compile]'
+  python -m rmt_jax.tpu_compile --config configs/rmt_s.py --topology v5p:2x2x1 \
+      --batch_per_chip 64 [--mode train|eval|both] [--json FILE] [--config.FIELD=VALUE ...]
+
+Topology names are libtpu's: `v4:2x2x1`, `v5e:2x2`, `v5p:2x2x1`, `v6e:4x4`, ... A v4 chip is two
+devices (one per TensorCore) in libtpu's v4 topologies; v5p, v5e and v6e chips are one each.
+Compiling a full RMT-S train step takes minutes on a small CPU host. libtpu is never needed
+otherwise: nothing else in rmt_jax imports it.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# Read when libtpu loads (at the first topology query): on a host without a TPU they stop libtpu
+# probing for TPU metadata. A TPU VM's own values are kept.
+os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
+os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from rmt_jax import sharding
+from rmt_jax import summary
+from rmt_jax import train
+
+INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2 "
+                "pins; or pip install '.[tpu-compile]'); it is only needed to compile for TPUs")
+# ImageNet-1k's training split: the schedule's steps per epoch (shapes do not depend on it).
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip figures (cloud.google.com/tpu/docs): HBM and dense bf16 peak."""
+  name: str
+  hbm_bytes: int
+  bf16_flops: float
+  hbm_bytes_per_second: float
+
+
+# By `device_kind` as libtpu names it.
+CHIPS = {
+    'TPU v4': Chip('v4', 32 * 2**30, 275e12, 1.2e12),
+    'TPU v5 lite': Chip('v5e', 16 * 2**30, 197e12, 0.819e12),
+    'TPU v5': Chip('v5p', 95 * 2**30, 459e12, 2.765e12),
+    'TPU v6 lite': Chip('v6e', 32 * 2**30, 918e12, 1.64e12),
+}
+
+
+def topology_devices(topology: str) -> list[Any]:
+  """The abstract TPU devices of a slice, e.g. 'v5p:2x2x1'.
+
+  Raises:
+    RuntimeError: libtpu is missing (the message says how to install it).
+    ValueError: libtpu does not know the topology name.
+  """
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError(INSTALL_HINT)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu raises XlaRuntimeError)
+    raise ValueError(f'libtpu could not describe the topology {topology!r}: {e} (names look '
+                     "like 'v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1', 'v6e:4x4')") from e
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  out = {'arguments': int(m.argument_size_in_bytes), 'outputs': int(m.output_size_in_bytes),
+         'aliased': int(m.alias_size_in_bytes), 'temporaries': int(m.temp_size_in_bytes),
+         'code': int(m.generated_code_size_in_bytes)}
+  # Donated arguments alias outputs: count those bytes once.
+  out['total'] = (out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+                  + out['code'])
+  return out
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0]
+  return {'flops': float(cost.get('flops', 0.0)),
+          'bytes_accessed': float(cost.get('bytes accessed', 0.0)),
+          'optimal_seconds': float(cost.get('optimal_seconds', 0.0))}
+
+
+def compile_for_topology(config: Any, topology: str, mode: str = 'both',
+                         log: Any = print) -> dict[str, Any]:
+  """Compiles the config's train and/or eval step for a TPU slice; see the module docstring.
+
+  Args:
+    config: a run config (as `main.py` takes it); `global_batch_size` is the slice's batch.
+    topology: libtpu topology name.
+    mode: 'train', 'eval' or 'both'.
+    log: progress lines go here.
+
+  Returns:
+    A JSON-ready dict: the setup, the chip, and per step its memory, FLOPs, estimate, compile
+    seconds.
+  """
+  if mode not in ('train', 'eval', 'both'):
+    raise ValueError(f"mode must be 'train', 'eval' or 'both', got {mode!r}")
+  devices = topology_devices(topology)
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise ValueError(f'no chip figures for {kind!r}; known: {", ".join(CHIPS)}')
+  chip = CHIPS[kind]
+  chips = len({tuple(d.coords) for d in devices})
+  per_chip_devices = len(devices) // chips
+  mesh = sharding.create_mesh(config.mesh, devices)
+  batch, size = int(config.global_batch_size), int(config.data.image_size)
+  steps_per_epoch = max(IMAGENET_TRAIN_IMAGES // batch, 1)
+  programs = train.build_programs(config, mesh, steps_per_epoch,
+                                  int(math.ceil(config.num_epochs * steps_per_epoch)))
+  model = programs.model
+  macs = summary.count_macs(model.clone(dtype=jnp.float32), size, batch=1)
+  result = {
+      'topology': topology, 'chip': chip.name, 'device_kind': kind, 'chips': chips,
+      'devices': len(devices), 'devices_per_chip': per_chip_devices,
+      'mesh': dict(mesh.shape), 'model': config.model, 'dtype': str(config.get('dtype')),
+      'kernels': model.kernels, 'global_batch': batch, 'images_per_chip': batch / chips,
+      'image_size': size, 'macs_per_image': macs,
+      'hbm_per_chip': chip.hbm_bytes, 'peak_bf16_flops_per_chip': chip.bf16_flops}
+
+  batch_sh = programs.batch_sharding
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=batch_sh)
+  classes = int(config.num_classes)
+  steps = {}
+  if mode in ('train', 'both'):
+    labels = jax.ShapeDtypeStruct((batch, classes), jnp.float32, sharding=batch_sh)
+    # Forward, input gradient and kernel gradient: 3 x the forward's 2 x MACs.
+    steps['train'] = (programs.train_step, {'image': images, 'label': labels}, 6 * macs * batch)
+  if mode in ('eval', 'both'):
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh)
+    mask = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sh)
+    # The eval step runs the raw and the EMA weights: two forward passes.
+    steps['eval'] = (programs.eval_step, {'image': images, 'label': labels, 'mask': mask},
+                     2 * 2 * macs * batch)
+
+  for name, (fn, batch_spec, model_flops) in steps.items():
+    log(f'{name}: compiling {config.model} for {topology} ({len(devices)} devices, global '
+        f'batch {batch}) ...')
+    start = time.perf_counter()
+    compiled = fn.lower(programs.abstract_state, batch_spec).compile()
+    seconds = time.perf_counter() - start
+    memory, cost = _memory(compiled), _cost(compiled)
+    per_chip_memory = memory['total'] * per_chip_devices
+    step_s = cost['optimal_seconds']
+    entry = {
+        'compile_seconds': seconds, 'memory_per_device': memory,
+        'memory_per_chip': per_chip_memory,
+        'fits': per_chip_memory <= chip.hbm_bytes,
+        'headroom_bytes': chip.hbm_bytes - per_chip_memory,
+        'xla_flops_per_chip': cost['flops'] * per_chip_devices,
+        'model_flops_per_chip': model_flops / chips,
+        'bytes_accessed_per_chip': cost['bytes_accessed'] * per_chip_devices,
+        'estimated_step_seconds': step_s,
+        'estimated_images_per_second': batch / step_s if step_s else None,
+        'estimated_utilisation': (model_flops / chips / (step_s * chip.bf16_flops)
+                                  if step_s else None)}
+    steps[name] = entry
+    log(f'{name}: compiled in {seconds:.0f} s')
+  result.update({k: v for k, v in steps.items()})
+  return result
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.2f}'
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The result as a Markdown table (one row per step)."""
+  lines = [
+      f"{result['model']} on {result['topology']} ({result['chips']} x {result['chip']}, "
+      f"{result['devices']} devices, mesh {result['mesh']}), {result['dtype']}, global batch "
+      f"{result['global_batch']} ({result['images_per_chip']:g} per chip) at "
+      f"{result['image_size']}px, kernels {result['kernels']!r}. XLA's TPU cost model: an "
+      'estimate, not a measurement.', '',
+      '| step | memory per chip, GiB (args + out + temp - aliased) | HBM GiB | fits | '
+      'XLA GFLOP per chip | model GFLOP per chip | est. step ms | est. img/s | est. '
+      'utilisation | compile s |',
+      '| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for name in ('train', 'eval'):
+    if name not in result:
+      continue
+    e = result[name]
+    m = e['memory_per_device']
+    n = result['devices_per_chip']
+    fits = 'yes' if e['fits'] else f"no, by {_gib(-e['headroom_bytes'])} GiB"
+    images = e['estimated_images_per_second']
+    util = e['estimated_utilisation']
+    lines.append(
+        f"| {name} | {_gib(e['memory_per_chip'])} ({_gib(n * m['arguments'])} + "
+        f"{_gib(n * m['outputs'])} + {_gib(n * m['temporaries'])} - {_gib(n * m['aliased'])}) "
+        f"| {_gib(result['hbm_per_chip'])} | {fits} | {e['xla_flops_per_chip'] / 1e9:.1f} | "
+        f"{e['model_flops_per_chip'] / 1e9:.1f} | {1e3 * e['estimated_step_seconds']:.2f} | "
+        f"{images:.0f} | {100 * util:.1f}% | {e['compile_seconds']:.0f} |"
+        if images else f'| {name} | ... | no estimate |')
+  return '\n'.join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A run config, as main.py takes.',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', None, "libtpu topology name, e.g. 'v5p:2x2x1'.")
+_BATCH_PER_CHIP = flags.DEFINE_integer(
+    'batch_per_chip', 0, 'Images per chip (sets the global batch); 0 keeps the config\'s '
+    'global_batch_size.')
+_MODE = flags.DEFINE_enum('mode', 'both', ['train', 'eval', 'both'], 'Which steps to compile.')
+_JSON = flags.DEFINE_string('json', '', 'Also write the result as JSON here.')
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # The compile targets the topology's abstract devices; the process itself runs on the CPU
+  # backend, so it never opens a TPU (a TPU VM's chips stay free for a run beside it).
+  jax.config.update('jax_platforms', 'cpu')
+  config = _CONFIG.value
+  try:
+    devices = topology_devices(_TOPOLOGY.value)
+  except (RuntimeError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if _BATCH_PER_CHIP.value:
+    chips = len({tuple(d.coords) for d in devices})
+    with config.unlocked():
+      config.global_batch_size = _BATCH_PER_CHIP.value * chips
+  log = lambda line: print(line, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
+  result = compile_for_topology(config, _TOPOLOGY.value, _MODE.value, log)
+  print(format_table(result))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'topology'])
+  app.run(lambda argv: sys.exit(main(argv)))
