@@ -1,5 +1,6 @@
 """Shared test helpers: the official reference fixtures (tests/fixtures, see its README)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -54,3 +55,28 @@ def official_manifest() -> dict:
 def relative_error(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+# libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs
+# it: the README's test command installs it into `.venv/libtpu` (requirements-tpu.txt), a folder
+# that ordinary runs never put on their path; `RMT_LIBTPU_DIR` points elsewhere, and a libtpu
+# importable from the environment is used too.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LIBTPU_DIR = pathlib.Path(os.environ.get('RMT_LIBTPU_DIR', REPO / '.venv' / 'libtpu'))
+
+
+def libtpu_env(with_libtpu: bool) -> dict[str, str]:
+  """The environment of a subprocess that imports rmt_jax, with libtpu on its path or not."""
+  env = dict(os.environ)
+  paths = [str(REPO)] + ([str(LIBTPU_DIR)] if with_libtpu else [])
+  env['PYTHONPATH'] = os.pathsep.join(paths + [env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+  return env
+
+
+def has_libtpu() -> bool:
+  return (LIBTPU_DIR / 'libtpu').is_dir() or importlib.util.find_spec('libtpu') is not None
+
+
+needs_libtpu = pytest.mark.skipif(
+    not has_libtpu(), reason=f'libtpu not installed (pip install --target {LIBTPU_DIR} '
+    "'libtpu==0.0.42.*', as the README's test command does)")

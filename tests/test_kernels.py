@@ -22,17 +22,27 @@ def test_auto_takes_the_form_of_the_platform_lowered_for():
   text = f.trace(jnp.float32(1.0)).lower(lowering_platforms=('cuda',)).as_text()
   assert 'constant(2.0' in text.replace(' ', '') or '2.000000e+00' in text
   assert '3.000000e+00' not in text
+  # The TPU form, for a TPU.
+  g = jax.jit(lambda x: kernels.select('auto', x, xla=lambda x: 2 * x, cpu=lambda x: 3 * x,
+                                       tpu=lambda x: 5 * x))
+  text = g.trace(jnp.float32(1.0)).lower(lowering_platforms=('tpu',)).as_text()
+  assert '5.000000e+00' in text and '3.000000e+00' not in text
 
 
 def test_explicit_forms_and_resolution():
   assert kernels.select('xla', 1.0, xla=lambda x: 'plain', cpu=lambda x: 'cpu') == 'plain'
   assert kernels.select('cpu', 1.0, xla=lambda x: 'plain', cpu=lambda x: 'cpu') == 'cpu'
+  assert kernels.select('tpu', 1.0, xla=lambda x: 'plain', cpu=lambda x: 'cpu',
+                        tpu=lambda x: 'tpu') == 'tpu'
+  # An operation without a TPU form takes the plain one.
+  assert kernels.select('tpu', 1.0, xla=lambda x: 'plain', cpu=lambda x: 'cpu') == 'plain'
   assert kernels.for_platform('cpu') == 'cpu'
-  assert kernels.for_platform('tpu') == kernels.for_platform('cuda') == 'xla'
+  assert kernels.for_platform('tpu') == 'tpu'
+  assert kernels.for_platform('cuda') == kernels.for_platform('rocm') == 'xla'
   assert kernels.for_devices(jax.devices()) == 'cpu'
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   assert kernels.for_devices(mesh) == 'cpu'
-  with pytest.raises(ValueError, match="kernels must be one of 'auto', 'xla', 'cpu'; got 'gpu'"):
+  with pytest.raises(ValueError, match="kernels must be one of 'auto', 'xla', 'cpu', 'tpu'; got 'gpu'"):
     kernels.select('gpu', 1.0, xla=lambda x: x, cpu=lambda x: x)
   with pytest.raises(ValueError, match='kernels must be one of'):
     create_model('rmt_tiny', kernels='fast').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -23,7 +23,7 @@ def _converted(case: str, kernels: str = 'auto', dtype=jnp.float32):
   return ref, model, convert.torch_to_flax(ref['state_dict'], model)
 
 
-@pytest.mark.parametrize('kernels', ['xla', 'cpu', 'auto'])
+@pytest.mark.parametrize('kernels', ['xla', 'cpu', 'tpu', 'auto'])
 @pytest.mark.parametrize('case', CASES)
 def test_logits_and_features_match_official(case, kernels):
   ref, model, variables = _converted(case, kernels)

@@ -8,31 +8,12 @@ Without one, the tests that compile are skipped with that reason.
 
 import importlib.util
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-LIBTPU_DIR = pathlib.Path(os.environ.get('RMT_LIBTPU_DIR', REPO / '.venv' / 'libtpu'))
-
-
-def _env(with_libtpu: bool) -> dict[str, str]:
-  env = dict(os.environ)
-  paths = [str(REPO)] + ([str(LIBTPU_DIR)] if with_libtpu else [])
-  env['PYTHONPATH'] = os.pathsep.join(paths + [env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
-  return env
-
-
-def _has_libtpu() -> bool:
-  return (LIBTPU_DIR / 'libtpu').is_dir() or importlib.util.find_spec('libtpu') is not None
-
-
-needs_libtpu = pytest.mark.skipif(
-    not _has_libtpu(), reason=f'libtpu not installed (pip install --target {LIBTPU_DIR} '
-    "'libtpu==0.0.42.*', as the README's test command does)")
+from conftest import REPO, libtpu_env, needs_libtpu
 
 
 @needs_libtpu
@@ -41,13 +22,13 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
        '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out)],
-      cwd=REPO, env=_env(True), capture_output=True, text=True, timeout=600, check=False)
+      cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert (result['chip'], result['chips'], result['devices']) == ('v5p', 4, 4)
   assert result['global_batch'] == 16 and result['mesh'] == {'data': 4, 'fsdp': 1}
   # 'auto' kernels resolve to the TPU's forms although this host is a CPU.
-  assert result['kernels'] == 'xla'
+  assert result['kernels'] == 'tpu'
   for step, passes in (('train', 6), ('eval', 4)):
     entry = result[step]
     assert entry['fits'] and 0 < entry['memory_per_chip'] < result['hbm_per_chip']
@@ -63,7 +44,7 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
 def test_libtpu_on_the_path_leaves_cpu_runs_alone():
   # libtpu probes for a TPU when jax starts: on a CPU host that must fail fast and fall back.
   code = 'import jax; print(jax.default_backend(), len(jax.devices()))'
-  proc = subprocess.run([sys.executable, '-c', code], env=_env(True), capture_output=True,
+  proc = subprocess.run([sys.executable, '-c', code], env=libtpu_env(True), capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split()[0] == 'cpu'
@@ -74,7 +55,7 @@ def test_without_libtpu_the_command_says_how_to_install_it():
     pytest.skip('libtpu is importable from this environment')
   proc = subprocess.run(
       [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
-       '--topology', 'v5p:2x2x1'], cwd=REPO, env=_env(False), capture_output=True, text=True,
+       '--topology', 'v5p:2x2x1'], cwd=REPO, env=libtpu_env(False), capture_output=True, text=True,
       timeout=300, check=False)
   assert proc.returncode == 1
   assert "error: libtpu is not installed: pip install 'libtpu==0.0.42.*'" in proc.stderr

@@ -1,12 +1,14 @@
 """Which form of RMT's backend-specific operations a model runs: the `kernels` field.
 
 The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
-have a form written for one compiler (`cpu_forms.py`, for XLA CPU); every form computes the same
-function. Every module of the network carries one field, `kernels`, that says which to use:
+have a form written for one compiler (`cpu_forms.py` for XLA CPU, `tpu_forms.py` Pallas kernels for
+TPUs); every form computes the same function. Every module of the network carries one field,
+`kernels`, that says which to use:
 
-- `'xla'`: the plain forms, for compilers that do well with them (TPU, GPU).
+- `'xla'`: the plain forms, for compilers that do well with them (GPU).
 - `'cpu'`: the XLA CPU forms.
-- `'auto'` (the default): both are staged out with `jax.lax.platform_dependent` and the one for
+- `'tpu'`: the TPU forms where an operation has one (the decayed attention), else the plain ones.
+- `'auto'` (the default): all are staged out with `jax.lax.platform_dependent` and the one for
   the platform the computation is *lowered for* is compiled (the compiler never sees the other).
   A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.
 
@@ -19,12 +21,12 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-KERNELS = ('auto', 'xla', 'cpu')
+KERNELS = ('auto', 'xla', 'cpu', 'tpu')
 
 
 def for_platform(platform: str) -> str:
   """The kernel forms for a JAX platform name ('cpu', 'tpu', 'cuda', 'rocm', 'gpu')."""
-  return 'cpu' if platform == 'cpu' else 'xla'
+  return platform if platform in ('cpu', 'tpu') else 'xla'
 
 
 def for_devices(devices: Iterable[jax.Device] | Any) -> str:
@@ -54,20 +56,25 @@ def check(kernels: str) -> str:
   return kernels
 
 
-def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[..., Any]) -> Any:
-  """`xla(*args)` or `cpu(*args)` as `kernels` says; for 'auto', chosen at lowering.
+def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[..., Any],
+           tpu: Callable[..., Any] | None = None) -> Any:
+  """`xla(*args)`, `cpu(*args)` or `tpu(*args)` as `kernels` says; for 'auto', chosen at lowering.
 
   Args:
-    kernels: 'auto', 'xla' or 'cpu'.
+    kernels: 'auto', 'xla', 'cpu' or 'tpu'.
     *args: arrays (pytrees of arrays) passed to the chosen form; static settings go in the
       callables (e.g. `functools.partial`).
     xla: the plain form.
     cpu: the XLA CPU form.
+    tpu: the TPU form; None (an operation without one) takes the plain form.
   """
+  tpu = xla if tpu is None else tpu
   if kernels == 'xla':
     return xla(*args)
   if kernels == 'cpu':
     return cpu(*args)
+  if kernels == 'tpu':
+    return tpu(*args)
   if kernels == 'auto':
-    return jax.lax.platform_dependent(*args, cpu=cpu, default=xla)
+    return jax.lax.platform_dependent(*args, cpu=cpu, tpu=tpu, default=xla)
   check(kernels)

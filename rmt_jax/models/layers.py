@@ -5,8 +5,8 @@ All modules work on NHWC arrays. Parameter names follow the attribute paths of t
 PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ...), so that
 `rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
-its plain form; `kernels` ('auto', 'xla', 'cpu') selects the XLA CPU forms of `cpu_forms.py`
-where they exist (see `kernels.py`).
+its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms of
+`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` where they exist (see `kernels.py`).
 """
 
 import functools
@@ -20,6 +20,7 @@ import numpy as np
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
+from rmt_jax.models import tpu_forms
 
 Dtype = Any
 
@@ -228,6 +229,70 @@ def _decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay_bias: np.
   return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
+def _axial_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int, float, float],
+                     dtype: Dtype) -> jax.Array:
+  """Attention along each row (1-d decay), then along each column on the result: plain form.
+
+  Args:
+    q, k, v: (b, h, w, heads, d), q and k rotated, k scaled.
+    rates: (num_heads, initial_value, heads_range) of `decay.axial_decay`.
+    dtype: compute dtype.
+
+  Returns:
+    (b, h, w, heads, d) in `dtype`.
+  """
+  height, width = q.shape[1:3]
+  # Heads and the untouched spatial axis go next to the batch axis before each contraction:
+  # the einsums become plain batched matmuls (2.4x faster on XLA CPU than letting the
+  # einsum permute internally).
+  q_w, k_w, v_w = (t.transpose(0, 1, 3, 2, 4) for t in (q, k, v))  # (b, h, n, w, d)
+  out = _decayed_attention(q_w, k_w, v_w, decay.axial_decay(width, *rates),
+                           dtype)  # (b, h, n, w, d)
+
+  q_h, k_h = (t.transpose(0, 2, 3, 1, 4) for t in (q, k))  # (b, w, n, h, d)
+  v_h = out.transpose(0, 3, 2, 1, 4)  # (b, w, n, h, d)
+  out = _decayed_attention(q_h, k_h, v_h, decay.axial_decay(height, *rates),
+                           dtype)  # (b, w, n, h, d)
+  return out.transpose(0, 3, 1, 2, 4)  # (b, h, w, n, d)
+
+
+def _whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int, float, float],
+                     dtype: Dtype) -> jax.Array:
+  """Attention over all positions with the 2-d Manhattan decay: plain form.
+
+  Args and Returns as `_axial_attention`.
+  """
+  batch, height, width, heads, key_dim = q.shape
+  length = height * width
+  q_l, k_l, v_l = (t.reshape(batch, length, heads, key_dim).transpose(0, 2, 1, 3)
+                   for t in (q, k, v))  # (b, n, l, d)
+  out = _decayed_attention(q_l, k_l, v_l, decay.manhattan_decay(height, width, *rates),
+                           dtype)  # (b, n, l, d)
+  return out.transpose(0, 2, 1, 3).reshape(q.shape)
+
+
+def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, axial: bool,
+                   rates: tuple[int, float, float]) -> jax.Array:
+  """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
+
+  The Pallas kernel takes (problems, tokens, heads * d) with heads on the lane axis, the
+  layout the projections give: the row pass and the whole attention need no transpose, the
+  column pass the (b, w, h) order of q, k and the row pass' output (as in the plain form).
+  """
+  batch, height, width, heads, key_dim = q.shape
+  log_gamma = decay.log_gamma(*rates)
+  channels = heads * key_dim
+  if not axial:
+    flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
+    return tpu_forms.decayed_attention(*flat, log_gamma, width=width).reshape(q.shape)
+  rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
+  out = tpu_forms.decayed_attention(*rows, log_gamma).reshape(batch, height, width, channels)
+  columns = [t.reshape(batch, height, width, channels).transpose(0, 2, 1, 3).reshape(
+      batch * width, height, channels) for t in (q, k, out)]
+  out = tpu_forms.decayed_attention(*columns, log_gamma)
+  return out.reshape(batch, width, height, heads, key_dim).transpose(0, 2, 1, 3, 4)
+
+
 class ManhattanSelfAttention(nn.Module):
   """MaSA: softmax attention whose logits carry the Manhattan decay, with rotary q/k and LePE.
 
@@ -268,28 +333,10 @@ class ManhattanSelfAttention(nn.Module):
     k = theta_shift(k.reshape(batch, height, width, heads, key_dim), sin, cos)
     v = v.reshape(batch, height, width, heads, key_dim)
     rates = (self.num_heads, self.initial_value, self.heads_range)
-
-    if self.axial:
-      # Heads and the untouched spatial axis go next to the batch axis before each contraction:
-      # the einsums become plain batched matmuls (2.4x faster on XLA CPU than letting the
-      # einsum permute internally).
-      q_w, k_w, v_w = (t.transpose(0, 1, 3, 2, 4) for t in (q, k, v))  # (b, h, n, w, d)
-      out = _decayed_attention(q_w, k_w, v_w, decay.axial_decay(width, *rates),
-                               self.dtype)  # (b, h, n, w, d)
-
-      q_h, k_h = (t.transpose(0, 2, 3, 1, 4) for t in (q, k))  # (b, w, n, h, d)
-      v_h = out.transpose(0, 3, 2, 1, 4)  # (b, w, n, h, d)
-      out = _decayed_attention(q_h, k_h, v_h, decay.axial_decay(height, *rates),
-                               self.dtype)  # (b, w, n, h, d)
-      out = out.transpose(0, 3, 1, 2, 4)  # (b, h, w, n, d)
-    else:
-      length = height * width
-      q_l, k_l, v_l = (t.reshape(batch, length, heads, key_dim).transpose(0, 2, 1, 3)
-                       for t in (q, k, v))  # (b, n, l, d)
-      out = _decayed_attention(q_l, k_l, v_l, decay.manhattan_decay(height, width, *rates),
-                               self.dtype)  # (b, n, l, d)
-      out = out.transpose(0, 2, 1, 3)  # (b, l, n, d)
-
+    attend = functools.partial(_axial_attention if self.axial else _whole_attention,
+                               rates=rates, dtype=self.dtype)
+    tpu = functools.partial(_tpu_attention, axial=self.axial, rates=rates)
+    out = kernels_lib.select(self.kernels, q, k, v, xla=attend, cpu=attend, tpu=tpu)
     out = out.reshape(batch, height, width, dim).astype(self.dtype) + lepe
     return dense(dim, self.dtype, self.param_dtype, 'out_proj')(out)
 

@@ -1,0 +1,230 @@
+"""Forms of RMT's operations written for TPUs (`kernels='tpu'`): the decayed attention in Pallas.
+
+`decayed_attention` computes `layers._decayed_attention`'s function, softmax(q k^T + decay) v,
+for many small problems at once. XLA runs the plain form as separate passes that write every
+score to HBM and read it back (logits, bias, max, exp, sum, product): RMT's attention problems
+are tiny (axial: one per image, row and head with 14-56 tokens; whole: 49 or 196 tokens) and
+their scores outnumber q, k and v by L / d, so the plain form is bound by HBM traffic. Here each
+grid step holds a block of whole problems in VMEM and the scores never leave it:
+
+- q, k, v stay in the layout the projections give, (problems, tokens, heads * head_dim): heads
+  and channels share the lane axis, no transpose is needed for the row pass or the whole
+  attention, and the column pass needs the same (b, w, h, c) transposes as the plain form.
+- The decay, log(gamma_h) * distance, is computed inside the kernel from token positions (axial:
+  |i - j|; whole: the Manhattan distance of raster positions), never read from memory: the same
+  float32 products as `decay.axial_decay` / `decay.manhattan_decay`, bit for bit.
+- The softmax runs in float32 and is normalised after the product with v, as in the plain form.
+- The backward pass is a second kernel that recomputes the probabilities from q and k (their
+  max and sum included: saving the log-sum-exp would cost an HBM array whose minor axis of
+  `heads` entries the TPU pads to 128 lanes, more traffic than the reductions it saves) and
+  gives dq, dk and dv. The decay has no gradient: it is not a parameter.
+
+Both kernels declare their true cost (`pl.CostEstimate`): the matrix products' flops, one exp
+per score, and every HBM byte the grid reads and writes (each block exactly once). XLA's TPU
+cost model uses these numbers for the custom calls; `cost_estimates` gives them from the shapes.
+"""
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
+# grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
+# seven double-buffered blocks (lanes padded to 128) fit the default scoped VMEM (16 MiB).
+_BLOCK_BYTES = 256 * 1024
+
+_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """The static description of a batch of decayed-attention problems.
+
+  Attributes:
+    problems: independent sequences (images x rows, images x columns, or images).
+    length: tokens per sequence.
+    heads: heads; head h has decay rate log_gamma[h] and channels [h*d, (h+1)*d).
+    head_dim: channels per head, d.
+    width: None for a 1-d axis (distance |i - j|); else the raster width W of a
+      (length // W) x W map (Manhattan distance).
+    itemsize: bytes per element of q, k, v (and of the outputs and their gradients).
+  """
+  problems: int
+  length: int
+  heads: int
+  head_dim: int
+  width: int | None
+  itemsize: int
+
+  @property
+  def block(self) -> int:
+    """Problems per grid step: the largest divisor of `problems` within `_BLOCK_BYTES`."""
+    per_problem = self.length * self.heads * self.head_dim * self.itemsize
+    limit = max(1, _BLOCK_BYTES // per_problem)
+    return max(p for p in range(1, min(limit, self.problems) + 1) if self.problems % p == 0)
+
+
+def cost_estimates(problem: Problem) -> tuple[pl.CostEstimate, pl.CostEstimate]:
+  """The forward and backward kernels' costs, from the shapes alone.
+
+  Flops are the matrix products' (2 L^2 d per product per problem and head: two forward,
+  five backward: scores, dP, dV, dQ, dK); transcendentals one exp per score (both passes
+  recompute the scores); bytes every array's block read or written once per grid step, which
+  covers each array exactly once (forward: q, k, v in, out; backward: q, k, v, dout in, dq, dk,
+  dv out).
+  """
+  pairs = problem.problems * problem.heads * problem.length ** 2
+  array_bytes = problem.problems * problem.length * problem.heads * problem.head_dim * (
+      problem.itemsize)
+  product = 2 * pairs * problem.head_dim
+  forward = pl.CostEstimate(flops=2 * product, transcendentals=pairs,
+                            bytes_accessed=4 * array_bytes)
+  backward = pl.CostEstimate(flops=5 * product, transcendentals=pairs,
+                             bytes_accessed=7 * array_bytes)
+  return forward, backward
+
+
+def _log_decay(length: int, width: int | None, rate: float) -> jax.Array:
+  """log(gamma) * distance for all token pairs, float32 (length, length), from iotas.
+
+  Row and column of a raster index come from a float floor (Mosaic has no vector integer
+  division): (i + 0.5) / W is at least 0.5 / W away from an integer, far beyond float32's
+  rounding at these sizes, so the floor is exact.
+  """
+  i = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0).astype(jnp.float32)
+  j = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1).astype(jnp.float32)
+  if width is None:
+    distance = jnp.abs(i - j)
+  else:
+    row_i = jnp.floor((i + 0.5) * np.float32(1.0 / width))
+    row_j = jnp.floor((j + 0.5) * np.float32(1.0 / width))
+    col_i, col_j = i - row_i * width, j - row_j * width
+    distance = jnp.abs(row_i - row_j) + jnp.abs(col_i - col_j)
+  return distance * np.float32(rate)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, log_gamma, head_dim, width):
+  length = q_ref.shape[1]
+  decays = [_log_decay(length, width, rate) for rate in log_gamma]
+
+  def problem(p, carry):
+    for h, decay in enumerate(decays):
+      channels = pl.ds(h * head_dim, head_dim)
+      q, k, v = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref))
+      logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+      weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+      out = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+      o_ref[p, :, channels] = (out / weights.sum(axis=1, keepdims=True)).astype(o_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, log_gamma,
+                     head_dim, width):
+  length = q_ref.shape[1]
+  decays = [_log_decay(length, width, rate) for rate in log_gamma]
+
+  def problem(p, carry):
+    for h, decay in enumerate(decays):
+      channels = pl.ds(h * head_dim, head_dim)
+      q, k, v, do = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref, do_ref))
+      logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+      weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+      probs = weights * (1.0 / weights.sum(axis=1, keepdims=True))
+      dprobs = jax.lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+      dv = jnp.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+      dlogits = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True))
+      dq = jnp.dot(dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32)
+      dk = jnp.dot(dlogits.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+      dq_ref[p, :, channels] = dq.astype(dq_ref.dtype)
+      dk_ref[p, :, channels] = dk.astype(dk_ref.dtype)
+      dv_ref[p, :, channels] = dv.astype(dv_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
+
+
+def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], out_dtypes, cost, interpret):
+  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
+    return jax.lax.platform_dependent(
+        *inputs, tpu=lambda *x: _call(kernel, problem, x, out_dtypes, cost, False),
+        default=lambda *x: _call(kernel, problem, x, out_dtypes, cost, True))
+  block = pl.BlockSpec((problem.block, problem.length, problem.heads * problem.head_dim),
+                       lambda i: (i, 0, 0))
+  shape = inputs[0].shape
+  return pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes],
+      grid=(problem.problems // problem.block,),
+      in_specs=[block] * len(inputs),
+      out_specs=[block] * len(out_dtypes),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
+      cost_estimate=cost,
+      interpret=interpret,
+  )(*inputs)
+
+
+def _problem(q: jax.Array, heads: int, width: int | None) -> Problem:
+  problems, length, channels = q.shape
+  if channels % heads:
+    raise ValueError(f'{channels} channels do not split into {heads} heads')
+  if width is not None and length % width:
+    raise ValueError(f'{length} tokens are not a raster of width {width}')
+  return Problem(problems, length, heads, channels // heads, width, q.dtype.itemsize)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, log_gamma, width, interpret):
+  problem = _problem(q, len(log_gamma), width)
+  kernel = functools.partial(_forward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
+                             width=width)
+  return _call(kernel, problem, (q, k, v), (v.dtype,), cost_estimates(problem)[0],
+               interpret)[0]
+
+
+def _attention_fwd(q, k, v, log_gamma, width, interpret):
+  return _attention(q, k, v, log_gamma, width, interpret), (q, k, v)
+
+
+def _attention_bwd(log_gamma, width, interpret, residuals, dout):
+  q, k, v = residuals
+  problem = _problem(q, len(log_gamma), width)
+  kernel = functools.partial(_backward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
+                             width=width)
+  return tuple(_call(kernel, problem, (q, k, v, dout.astype(v.dtype)),
+                     (q.dtype, k.dtype, v.dtype), cost_estimates(problem)[1], interpret))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Sequence[float], *,
+                      width: int | None = None, interpret: bool | None = None) -> jax.Array:
+  """softmax(q k^T + log_gamma[h] * distance) v per problem and head, as one Pallas kernel.
+
+  Args:
+    q: (problems, tokens, heads * d), already scaled; head h owns channels [h*d, (h+1)*d).
+    k: like q.
+    v: like q; the output takes its dtype.
+    log_gamma: the per-head log decay rates (`decay.log_gamma`), static numbers.
+    width: None for attention along one axis (distance |i - j|); the raster width W for
+      attention over a whole (tokens // W) x W map (Manhattan distance).
+    interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
+      default) chooses at lowering: Mosaic when lowered for a TPU, else the interpreter, which
+      computes the same function slowly (so that `kernels='tpu'` can be tested on a CPU).
+
+  Returns:
+    (problems, tokens, heads * d) in v's dtype. Differentiable in q, k and v (a second kernel).
+  """
+  if not q.shape == k.shape == v.shape or q.ndim != 3:
+    raise ValueError(f'q, k, v of one shape (problems, tokens, channels) expected, got '
+                     f'{q.shape}, {k.shape}, {v.shape}')
+  rates = tuple(float(r) for r in np.asarray(log_gamma, np.float32))
+  return _attention(q, k, v, rates, width, interpret)
