@@ -171,3 +171,9 @@ def test_kernels_compile_for_a_v5p():
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Forward and backward kernel, for the axial and the whole layout.
   assert proc.stdout.split('\n')[:2] == ['(112, 56, 64) 2', '(8, 49, 256) 2']
+
+
+def test_pairs_swapped_by_lane_rotation_as_by_reversal():
+  # The TPU forms' rotary shift swaps channel pairs by rotating the lane axis.
+  x = jnp.arange(2 * 3 * 24, dtype=jnp.float32).reshape(2, 3, 24)
+  np.testing.assert_array_equal(layers._rotate_pairs(x), layers._reverse_pairs(x))

@@ -181,24 +181,44 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
-def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+def _reverse_pairs(x: jax.Array) -> jax.Array:
+  """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...): a reversal of a size-2 axis."""
+  return x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+
+
+def _rotate_pairs(x: jax.Array) -> jax.Array:
+  """`_reverse_pairs` as two rotations of the last axis and a select by parity.
+
+  On TPU the last axis is the 128-wide lane axis: a size-2 axis there made XLA re-lay-out q and
+  k (copies with the pair axis moved to the front, and the rotary tables broadcast to q's full
+  shape in memory); lane rotations fuse into the elementwise shift.
+  """
+  even = jax.lax.broadcasted_iota(jnp.int32, x.shape[-1:], 0) % 2 == 0
+  no_pad = [(0, 0)] * (x.ndim - 1)
+  next_ = jnp.pad(x[..., 1:], no_pad + [(0, 1)])  # x[i + 1]
+  previous = jnp.pad(x[..., :-1], no_pad + [(1, 0)])  # x[i - 1]
+  return jnp.where(even, next_, previous)
+
+
+def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array,
+                swap_pairs: Callable[[jax.Array], jax.Array] = _reverse_pairs) -> jax.Array:
   """Rotary position shift on interleaved channel pairs: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
 
-  The pairs are swapped by reversing a size-2 axis and the sign goes into the sin table (exact:
-  the same products, negated). Stacking (-x1, x0) instead made XLA CPU write the rotated copy
-  out once per block (it feeds two transposes); a reversal is fused into each of them. Measured
-  in turns on a 2-core VM (jax 0.10.2, batch 16): RMT-T eval 5% and train 6% faster, RMT-S
-  train 2% faster.
+  The pairs are swapped by reversing a size-2 axis (or, for the TPU forms, `_rotate_pairs`) and
+  the sign goes into the sin table (exact: the same products, negated). Stacking (-x1, x0)
+  instead made XLA CPU write the rotated copy out once per block (it feeds two transposes); a
+  reversal is fused into each of them. Measured in turns on a 2-core VM (jax 0.10.2, batch 16):
+  RMT-T eval 5% and train 6% faster, RMT-S train 2% faster.
 
   Args:
     x: (..., d) with d even.
     sin: broadcastable to x.
     cos: broadcastable to x.
+    swap_pairs: (x0, x1, ...) -> (x1, x0, ...) on the last axis.
   """
-  swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
   signed_sin = (sin.reshape(*sin.shape[:-1], -1, 2) * np.array([-1, 1], sin.dtype)
                 ).reshape(sin.shape)
-  return x * cos + swapped * signed_sin
+  return x * cos + swap_pairs(x) * signed_sin
 
 
 def _decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay_bias: np.ndarray,
@@ -271,26 +291,34 @@ def _whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int,
   return out.transpose(0, 2, 1, 3).reshape(q.shape)
 
 
-def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, axial: bool,
+def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: bool,
                    rates: tuple[int, float, float]) -> jax.Array:
   """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
 
   The Pallas kernel takes (problems, tokens, heads * d) with heads on the lane axis, the
   layout the projections give: the row pass and the whole attention need no transpose, the
   column pass the (b, w, h) order of q, k and the row pass' output (as in the plain form).
+
+  Args:
+    q, k, v: (b, h, w, heads * d), q and k rotated, k scaled.
+    heads: number of heads.
+    axial: row then column attention (True) or whole-map attention (False).
+    rates: (num_heads, initial_value, heads_range) of `decay.log_gamma`.
+
+  Returns:
+    (b, h, w, heads * d) in v's dtype.
   """
-  batch, height, width, heads, key_dim = q.shape
+  batch, height, width, channels = q.shape
   log_gamma = decay.log_gamma(*rates)
-  channels = heads * key_dim
   if not axial:
     flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
     return tpu_forms.decayed_attention(*flat, log_gamma, width=width).reshape(q.shape)
   rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
-  out = tpu_forms.decayed_attention(*rows, log_gamma).reshape(batch, height, width, channels)
-  columns = [t.reshape(batch, height, width, channels).transpose(0, 2, 1, 3).reshape(
-      batch * width, height, channels) for t in (q, k, out)]
+  out = tpu_forms.decayed_attention(*rows, log_gamma).reshape(q.shape)
+  columns = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
+             for t in (q, k, out)]
   out = tpu_forms.decayed_attention(*columns, log_gamma)
-  return out.reshape(batch, width, height, heads, key_dim).transpose(0, 2, 1, 3, 4)
+  return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -327,17 +355,26 @@ class ManhattanSelfAttention(nn.Module):
     lepe = DepthwiseConv(5, self.kernels, self.dtype, self.param_dtype, name='lepe')(v)
     k = k * key_dim ** -0.5
 
-    sin, cos = (t.astype(self.dtype)[:, :, None, :]
-                for t in decay.rotary_tables(height, width, key_dim))
-    q = theta_shift(q.reshape(batch, height, width, heads, key_dim), sin, cos)
-    k = theta_shift(k.reshape(batch, height, width, heads, key_dim), sin, cos)
-    v = v.reshape(batch, height, width, heads, key_dim)
     rates = (self.num_heads, self.initial_value, self.heads_range)
-    attend = functools.partial(_axial_attention if self.axial else _whole_attention,
-                               rates=rates, dtype=self.dtype)
-    tpu = functools.partial(_tpu_attention, axial=self.axial, rates=rates)
-    out = kernels_lib.select(self.kernels, q, k, v, xla=attend, cpu=attend, tpu=tpu)
-    out = out.reshape(batch, height, width, dim).astype(self.dtype) + lepe
+
+    def plain(q, k, v):
+      sin, cos = (t.astype(self.dtype)[:, :, None, :]
+                  for t in decay.rotary_tables(height, width, key_dim))
+      q = theta_shift(q.reshape(batch, height, width, heads, key_dim), sin, cos)
+      k = theta_shift(k.reshape(batch, height, width, heads, key_dim), sin, cos)
+      v = v.reshape(batch, height, width, heads, key_dim)
+      attend = _axial_attention if self.axial else _whole_attention
+      return attend(q, k, v, rates, self.dtype).reshape(batch, height, width, dim)
+
+    def tpu(q, k, v):
+      # Heads stay on the lane axis with their channels: (b, h, w, heads * d) throughout.
+      sin, cos = (jnp.tile(t.astype(self.dtype), heads)
+                  for t in decay.rotary_tables(height, width, key_dim))
+      q, k = (theta_shift(t, sin, cos, _rotate_pairs) for t in (q, k))
+      return _tpu_attention(q, k, v, heads, self.axial, rates)
+
+    out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
+    out = out.astype(self.dtype) + lepe
     return dense(dim, self.dtype, self.param_dtype, 'out_proj')(out)
 
 
