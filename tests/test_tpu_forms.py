@@ -161,6 +161,18 @@ _COMPILE = textwrap.dedent('''
       args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=replicated)] * 3
       text = jax.jit(step).lower(*args).compile().as_text()
       print(shape, text.count('custom_call_target="tpu_custom_call"'))
+    # Under a mesh of four chips (the context mesh, as the trainer sets it while tracing), each
+    # runs the kernels on its share of the problems: no gathering.
+    mesh = Mesh(np.array(topologies.get_topology_desc(
+        platform='tpu', topology_name='v5p:2x2x1').devices), ('data',))
+    def traced(q, k, v):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return step(q, k, v)
+    args = [jax.ShapeDtypeStruct((112, 56, 64), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, PartitionSpec('data')))] * 3
+    text = jax.jit(traced).lower(*args).compile().as_text()
+    print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather' in text,
+          '<28x56x64>' in text or 'bf16[28,56,64]' in text)
 ''')
 
 
@@ -170,7 +182,8 @@ def test_kernels_compile_for_a_v5p():
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Forward and backward kernel, for the axial and the whole layout.
-  assert proc.stdout.split('\n')[:2] == ['(112, 56, 64) 2', '(8, 49, 256) 2']
+  assert proc.stdout.split('\n')[:3] == ['(112, 56, 64) 2', '(8, 49, 256) 2',
+                                         'sharded 2 False True']
 
 
 def test_pairs_swapped_by_lane_rotation_as_by_reversal():

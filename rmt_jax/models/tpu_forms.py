@@ -26,13 +26,14 @@ cost model uses these numbers for the custom calls; `cost_estimates` gives them 
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
 
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
@@ -180,13 +181,44 @@ def _problem(q: jax.Array, heads: int, width: int | None) -> Problem:
   return Problem(problems, length, heads, channels // heads, width, q.dtype.itemsize)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, log_gamma, width, interpret):
+def _forward(q, k, v, log_gamma, width, interpret):
   problem = _problem(q, len(log_gamma), width)
   kernel = functools.partial(_forward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
                              width=width)
   return _call(kernel, problem, (q, k, v), (v.dtype,), cost_estimates(problem)[0],
                interpret)[0]
+
+
+def _backward(q, k, v, dout, log_gamma, width, interpret):
+  problem = _problem(q, len(log_gamma), width)
+  kernel = functools.partial(_backward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
+                             width=width)
+  return tuple(_call(kernel, problem, (q, k, v, dout), (q.dtype, k.dtype, v.dtype),
+                     cost_estimates(problem)[1], interpret))
+
+
+def _per_device(function: Callable, arrays: Sequence[jax.Array], *static) -> Any:
+  """`function(*arrays, *static)`, on each device's share of the problems under a mesh.
+
+  XLA does not partition Mosaic kernels: under a mesh of several devices (the context mesh,
+  `jax.set_mesh`, which the trainer sets while tracing its steps) the call is a `shard_map`
+  that splits the problems axis over every device; tokens and channels stay whole, so the
+  kernel sees the same problems, fewer of them.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return function(*arrays, *static)
+  spec = PartitionSpec(tuple(mesh.axis_names))
+  if arrays[0].shape[0] % mesh.size:
+    raise ValueError(f'{arrays[0].shape[0]} attention problems do not split over '
+                     f'{mesh.size} devices')
+  return jax.shard_map(lambda *a: function(*a, *static), mesh=mesh,
+                       in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, log_gamma, width, interpret):
+  return _per_device(_forward, (q, k, v), log_gamma, width, interpret)
 
 
 def _attention_fwd(q, k, v, log_gamma, width, interpret):
@@ -195,11 +227,7 @@ def _attention_fwd(q, k, v, log_gamma, width, interpret):
 
 def _attention_bwd(log_gamma, width, interpret, residuals, dout):
   q, k, v = residuals
-  problem = _problem(q, len(log_gamma), width)
-  kernel = functools.partial(_backward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
-                             width=width)
-  return tuple(_call(kernel, problem, (q, k, v, dout.astype(v.dtype)),
-                     (q.dtype, k.dtype, v.dtype), cost_estimates(problem)[1], interpret))
+  return _per_device(_backward, (q, k, v, dout.astype(v.dtype)), log_gamma, width, interpret)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
