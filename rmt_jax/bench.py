@@ -280,11 +280,12 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
                            (jax.device_put(a, on_batch), jax.device_put(a, replicated))))
   timed = list(ceilings)
   if mode in ('eval', 'both'):
-    timed.append(_Timed('eval', model.apply, (variables, images)))
+    timed.append(_Timed('eval', sharding.traced_on(mesh, model.apply), (variables, images)))
   if mode in ('train', 'both'):
     step, state = make_train_step(model, variables)
     state = jax.device_put(state, replicated)
-    timed.append(_Timed('train', step, (state, images, targets), donate=(0,)))
+    timed.append(_Timed('train', sharding.traced_on(mesh, step), (state, images, targets),
+                        donate=(0,)))
 
   for _ in range(warmup):
     for t in timed:

@@ -17,8 +17,9 @@ shapes, is placed like the parameters without naming its structure. XLA inserts 
 all-gathers and reduce-scatters that the shardings imply.
 """
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -120,3 +121,18 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int = 2**14)
   return jax.tree.map(
       lambda x: NamedSharding(mesh, partition_spec(tuple(x.shape), fsdp_size, fsdp_min_size)),
       abstract_state)
+
+
+def traced_on(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn`, traced with `mesh` as the context mesh (for `jax.jit`).
+
+  The TPU forms' Pallas kernels, which XLA cannot partition, read it to run on each device's
+  share of the batch (`rmt_jax.models.tpu_forms`); nothing else depends on it.
+  """
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced

@@ -375,7 +375,7 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
   shardings = sharding.state_shardings(weights, mesh, config.fsdp_min_size)
   weights = _place(weights, shardings)
   batch_sh = sharding.batch_sharding(mesh)
-  eval_fn = jax.jit(lambda w, b: eval_step(model, {'raw': w}, b),
+  eval_fn = jax.jit(sharding.traced_on(mesh, lambda w, b: eval_step(model, {'raw': w}, b)),
                     in_shardings=(shardings, {'image': batch_sh, 'label': batch_sh,
                                               'mask': batch_sh}),
                     out_shardings=sharding.replicated(mesh))
@@ -423,21 +423,6 @@ class Programs:
   eval_step: Any = flax.struct.field(pytree_node=False)
 
 
-def _traced_on(mesh: jax.sharding.Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`fn`, traced with `mesh` as the context mesh.
-
-  The TPU forms' Pallas kernels, which XLA cannot partition, read it to run on each device's
-  share of the batch (`rmt_jax.models.tpu_forms`).
-  """
-
-  @functools.wraps(fn)
-  def traced(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args, **kwargs)
-
-  return traced
-
-
 def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                    steps_per_epoch: int, total_steps: int) -> Programs:
   """The model, optimizer, state shardings and jitted steps of a run of `config` on `mesh`.
@@ -468,13 +453,13 @@ def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                           abstract, state_sh)
   batch_shardings = {'image': batch_sh, 'label': batch_sh}
   p_train = jax.jit(
-      _traced_on(mesh, functools.partial(train_step, model=model, tx=tx,
+      sharding.traced_on(mesh, functools.partial(train_step, model=model, tx=tx,
                                          ema=optim.ema_decay(config), accum_steps=accum,
                                          micro_sharding=batch_sh)),
       in_shardings=(state_sh, batch_shardings),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   p_eval = jax.jit(
-      _traced_on(mesh, lambda s, b: eval_step(
+      sharding.traced_on(mesh, lambda s, b: eval_step(
           model, {'raw': {'params': s.params, 'batch_stats': s.batch_stats},
                   'ema': {'params': s.ema_params, 'batch_stats': s.ema_batch_stats}}, b)),
       in_shardings=(state_sh, {'image': batch_sh, 'label': batch_sh, 'mask': batch_sh}),
