@@ -22,6 +22,13 @@ grid step holds a block of whole problems in VMEM and the scores never leave it:
 Both kernels declare their true cost (`pl.CostEstimate`): the matrix products' flops, one exp
 per score, and every HBM byte the grid reads and writes (each block exactly once). XLA's TPU
 cost model uses these numbers for the custom calls; `cost_estimates` gives them from the shapes.
+Bytes are counted at the arrays' logical size, as XLA counts its own operations; in HBM the TPU
+tiles the last two axes to multiples of (16, 128) for bfloat16, so stage 1's 64 channels occupy
+128 lanes and the traffic there is up to twice the declared one.
+
+XLA does not partition Mosaic kernels: under a context mesh of several devices
+(`jax.set_mesh`, or `rmt_jax.sharding.traced_on` in the trainer) the calls run in a `shard_map`
+that gives each device its share of the problems.
 """
 
 import dataclasses
