@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmt_jax.models import conv3x3 as conv3x3_op
+from rmt_jax.models.batch_norm import BatchNorm
 from rmt_jax.models import decay
 
 Dtype = Any
@@ -49,10 +50,10 @@ def conv3x3(features: int, in_features: int, stride: int, dtype: Dtype, param_dt
                  conv_general_dilated=conv3x3_op.conv_general_dilated, name=name)
 
 
-def batch_norm(name: str, param_dtype: Dtype) -> nn.BatchNorm:
-  """PyTorch BatchNorm2d over the last axis: eps 1e-5, momentum 0.1 (flax counts 1 - 0.1)."""
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-                      name=name)
+def batch_norm(name: str, param_dtype: Dtype) -> BatchNorm:
+  """PyTorch BatchNorm2d over the last axis: eps 1e-5, momentum 0.1, unbiased running variance."""
+  return BatchNorm(momentum=0.1, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+                   name=name)
 
 
 def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
