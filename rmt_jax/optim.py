@@ -49,7 +49,7 @@ def timm_cosine_lr(t: Any, *, peak: float, warmup_lr: float, min_lr: float, warm
   t = jnp.asarray(t, jnp.float32)
   warm = warmup_lr + (peak - warmup_lr) * t / max(warmup_t, 1)
   # (1 + cos(pi t / T)) / 2 = sin(pi (T - t) / 2T)^2: the same value, but float32 keeps its
-  # relative precision near the cycle's end (1 + cos -> 0 there: 1e-5 relative error otherwise).
+  # relative precision near the cycle's end (1 + cos -> 0 there: errors of 4e-6 otherwise).
   cosine = min_lr + (peak - min_lr) * jnp.square(
       jnp.sin(jnp.pi * (t_initial - t) / (2 * t_initial)))
   return jnp.where(t < warmup_t, warm, jnp.where(t < t_initial, cosine, min_lr))

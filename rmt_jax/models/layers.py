@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmt_jax.models import conv3x3 as conv3x3_op
-from rmt_jax.models.batch_norm import BatchNorm
 from rmt_jax.models import decay
+from rmt_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
 
