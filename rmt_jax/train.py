@@ -2,10 +2,10 @@
 
 `train_and_evaluate(config, workdir)` runs the official RMT recipe (DeiT's, as in
 qhfan/RMT `classfication_release/main.py`) on any number of devices and hosts: AdamW with
-timm's weight-decay rule, warmup + per-step cosine lr and the batch-scaled EMA decay
-(`optim.py`); soft-target cross-entropy on the input pipeline's Mixup/CutMix/label-smoothed
-targets; the EMA of the weights and BatchNorm statistics evaluated beside the raw weights
-after every epoch (top-1, top-5, loss).
+timm's weight-decay rule, warmup + cosine lr (per step, or per epoch as the official loop) and
+the batch-scaled EMA decay (`optim.py`); soft-target cross-entropy on the input pipeline's
+Mixup/CutMix/label-smoothed targets; the EMA of the weights and BatchNorm statistics evaluated
+beside the raw weights after every epoch (top-1, top-5, loss).
 
 The state is one pytree (`TrainState`); `jax.eval_shape` of its initialiser and the rules in
 `sharding.py` give its shardings, and the init, train and eval steps are `jax.jit` with
