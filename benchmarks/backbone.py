@@ -68,8 +68,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def run(variant: str, size: tuple[int, int], mode: str, batch: int = 1, repeats: int = 2,
-        dtype: str = 'float32', remat: tuple[int, ...] = (), lower_only: bool = False
-        ) -> dict[str, Any]:
+        dtype: str = 'float32', remat: tuple[int, ...] = (), lower_only: bool = False,
+        memory_limit_gib: float | None = None) -> dict[str, Any]:
   """Measures one configuration; returns the figures that `main` prints.
 
   Args:
@@ -81,6 +81,8 @@ def run(variant: str, size: tuple[int, int], mode: str, batch: int = 1, repeats:
     dtype: compute dtype.
     remat: stages whose blocks are rematerialised in the backward pass.
     lower_only: stop after lowering (program size and constants only).
+    memory_limit_gib: do not run when XLA's estimate of the computation exceeds this (on a
+      shared host, rather than push neighbours out of memory).
   """
   probe = create_backbone(variant)
   backbone = create_backbone(variant, dtype=jnp.dtype(dtype),
@@ -106,6 +108,9 @@ def run(variant: str, size: tuple[int, int], mode: str, batch: int = 1, repeats:
   if memory is not None:
     result['xla_bytes'] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                               + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    if memory_limit_gib is not None and result['xla_bytes'] > memory_limit_gib * 2**30:
+      result['skipped'] = f'XLA estimates {result["xla_bytes"] / 2**30:.1f} GiB, over the limit'
+      return result
   inputs = jnp.asarray(jax.random.normal(jax.random.PRNGKey(1), images.shape), jnp.float32)
   start = time.perf_counter()
   jax.block_until_ready(compiled(variables, inputs))
@@ -133,7 +138,9 @@ def format_result(r: dict[str, Any]) -> str:
   lines.append(f"program: {r['program_bytes'] / _MB:.1f} MB of StableHLO text "
                f"(lowered in {r['lower_s']:.1f} s); {len(constants)} dense constants, "
                f'{sum(n for n, _ in constants) / _MB:.1f} MB, largest: {largest or "none"}')
-  if 'compile_s' in r:
+  if 'skipped' in r:
+    lines.append(f"compile: {r['compile_s']:.1f} s; not run: {r['skipped']}")
+  elif 'compile_s' in r:
     median = statistics.median(r['seconds']) if r['seconds'] else r['first_call_s']
     lines.append(f"compile: {r['compile_s']:.1f} s; time: {median:.2f} s per call (median of "
                  f"{len(r['seconds'])}; first call {r['first_call_s']:.2f} s)")
@@ -155,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--remat', default='',
                       help='comma-separated stages whose blocks are rematerialised, e.g. 0,1,2')
+  parser.add_argument('--memory-limit-gib', type=float, default=None,
+                      help="compile, but do not run if XLA's memory estimate exceeds this")
   parser.add_argument('--lower-only', action='store_true',
                       help='only lower: the program size and its constants')
   args = parser.parse_args(argv)
   remat = tuple(int(s) for s in args.remat.split(',') if s)
   result = run(args.variant, _parse_size(args.size), args.mode, args.batch, args.repeats,
-               args.dtype, remat, args.lower_only)
+               args.dtype, remat, args.lower_only, args.memory_limit_gib)
   print(format_result(result))
   return 0
 

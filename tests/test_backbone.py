@@ -19,9 +19,9 @@ NEEDS_TORCH = 'reading and writing .pth files needs torch (pip install -r requir
 
 
 @functools.lru_cache(maxsize=None)
-def _converted(**overrides):
+def _converted():
   ref = official_det_case()
-  backbone = backbone_from_official_kwargs(**ref['kwargs'], **overrides)
+  backbone = backbone_from_official_kwargs(**ref['kwargs'])
   return ref, backbone, convert.torch_to_flax(ref['state_dict'], backbone)
 
 
@@ -56,7 +56,8 @@ def test_out_indices_select_maps_and_keep_every_official_key():
   assert len(outs) == 2
   for out, want in zip(outs, (ref['outputs'][1], ref['outputs'][3])):
     assert relative_error(out, want) < 1e-5
-  # The official class builds all four extra norms whatever out_indices says: so does init.
+  # The official class builds all four extra norms whatever out_indices says: so does init
+  # (flax_to_torch checks the variables against the tree that `backbone.init` makes).
   fresh = convert.flax_to_torch(
       jax.tree.map(np.zeros_like, _model_variables(variables)), backbone)
   assert sorted(fresh) == sorted(ref['state_dict'])
