@@ -9,11 +9,13 @@ The backbone's variables carry the official names (`patch_embed.*`, `layers.N.*`
 what sits around a detection run: `backbone_state_dict` takes the backbone's keys out of
 whatever file starts one,
 
-| file | what is converted | what is not |
-| --- | --- | --- |
-| mmdetection / mmsegmentation checkpoint (`state_dict`, keys `backbone.*` beside `neck.*`, `*_head.*`; `meta` ignored) | `backbone.*`, prefix removed | every other key, listed by module |
-| a bare state_dict of the official backbone class | everything | nothing |
-| a classification checkpoint (the usual start of a detection run) | the stem and stages | `proj.*`, `norm.*`, `head.*`, `aux_head.*`; `extra_norms` initialised fresh (weight 1, bias 0, the official init) |
+- an mmdetection / mmsegmentation checkpoint (`state_dict` with `backbone.*` keys beside
+  `neck.*` and `*_head.*`; `meta`, `optimizer` ignored): `backbone.*`, prefix removed; every
+  other key is listed, by module, as not converted;
+- a bare state_dict of the official backbone class: everything;
+- a classification checkpoint (the usual start of a detection run): the stem and the stages;
+  the head (`proj.*`, `norm.*`, `head.*`, `aux_head.*`) is dropped and the extra norms start
+  fresh (weight 1, bias 0, the official init);
 
 and the command line's `--backbone` mode, which writes back `{'state_dict': {'backbone.' + key:
 ...}}`, the layout of an mmdetection checkpoint, that the official backbone loads strictly
