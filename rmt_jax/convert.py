@@ -3,6 +3,9 @@
     python -m rmt_jax.convert torch2flax --model rmt_s --src RMT-S.pth --dst rmt_s_vars [--ema]
     python -m rmt_jax.convert flax2torch --model rmt_s --src rmt_s_vars --dst rmt_s.pth
 
+With `--backbone`, both commands convert the detection / segmentation backbone instead
+(mmdetection / mmsegmentation checkpoints, `rmt_jax.convert_backbone`).
+
 `torch2flax` reads a bare state_dict or a training checkpoint (`model` / `state_dict`, or with
 `--ema` `model_ema` / `state_dict_ema`; a DDP `module.` prefix is removed; optimizer, args, epoch
 ... are ignored) with `torch.load(weights_only=True)`, unpickling fully only with
@@ -397,8 +400,12 @@ def describe_source(source: Mapping[str, Any]) -> str:
   return text
 
 
-def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Writes `{'model': state_dict}` as torch tensors to a new file, atomically.
+def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
+                           entry: str = 'model') -> None:
+  """Writes `{entry: state_dict}` as torch tensors to a new file, atomically.
+
+  `entry` is 'model' for the official classification code, 'state_dict' for mmdetection /
+  mmsegmentation (`rmt_jax.convert_backbone`).
 
   Floating arrays are written as float32 and `num_batches_tracked` as int64, the official
   dtypes. The file is assembled beside `path` and renamed into place when complete.
@@ -421,7 +428,7 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
   staging = path.parent / f'.{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
   try:
     with open(staging, 'xb') as f:
-      torch.save({'model': tensors}, f)
+      torch.save({entry: tensors}, f)
     os.replace(staging, path)
   except BaseException:
     staging.unlink(missing_ok=True)
@@ -491,6 +498,8 @@ def _torch2flax(args: argparse.Namespace) -> str:
   except ConversionError as e:
     guesses = [g for g in guess_variants(state_dict) if g != name]
     hint = f' (its shapes are those of --model {" or ".join(guesses)})' if guesses else ''
+    if any(k.startswith(('backbone.', 'extra_norms.')) for k in state_dict):
+      hint = ' (it holds a detection / segmentation backbone: pass --backbone)'
     raise ConversionError(f'{entry} of {args.src} does not fit {_describe(name, overrides)}'
                           f'{hint}: {str(e).removeprefix("checkpoint does not fit the model: ")}') \
         from None
@@ -522,6 +531,9 @@ def _flax2torch(args: argparse.Namespace) -> str:
   if canonical_name(metadata['model']) != name:
     raise ConversionError(f"{args.src} holds {metadata['model']} variables (per its metadata), "
                           f'not {name}')
+  if metadata.get('backbone'):
+    raise ConversionError(f'{args.src} holds backbone variables (per its metadata): pass '
+                          '--backbone')
   overrides = dict(metadata.get('model_overrides', {}))
   try:
     model = create_model(name, **overrides)
@@ -567,6 +579,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="default: the rows of the file's head.weight (0 if it has no head)")
   to_flax.add_argument('--token-label', action=argparse.BooleanOptionalAction, default=None,
                        help='token-labeling aux_head; default: whether the file has aux_head.*')
+  for command in (to_flax, to_torch):
+    command.add_argument('--backbone', action='store_true',
+                         help='the detection / segmentation backbone (rmt_jax.models.RMTBackbone):'
+                              ' torch2flax reads mmdet/mmseg checkpoints (backbone.*), backbone '
+                              'and classification state_dicts; flax2torch writes '
+                              "{'state_dict': {'backbone.' + key: ...}}")
   to_flax.add_argument('--allow-pickle', action='store_true',
                        help='unpickle the file fully if torch.load(weights_only=True) refuses it '
                             '(runs code from the file: trusted files only)')
@@ -577,7 +595,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status (errors: one line on stderr, status 1)."""
   args = _parser().parse_args(argv)
   try:
-    summary = (_torch2flax if args.command == 'torch2flax' else _flax2torch)(args)
+    if args.backbone:
+      # Imported here: convert_backbone builds on this module.
+      from rmt_jax import convert_backbone  # pylint: disable=g-import-not-at-top
+      run = convert_backbone.torch2flax if args.command == 'torch2flax' else \
+          convert_backbone.flax2torch
+    else:
+      run = _torch2flax if args.command == 'torch2flax' else _flax2torch
+    summary = run(args)
   except (ValueError, OSError, checkpoint.CheckpointNotFoundError) as e:
     # ConversionError, CheckpointFileError, unknown variants, existing or unreadable paths.
     print(f'error: {e}', file=sys.stderr)

@@ -54,3 +54,24 @@ def official_manifest() -> dict:
 def relative_error(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def official_det_case() -> dict:
+  """The detection backbone's reference (`official_tiny_det.npz`, the official mmdet `RMT`).
+
+  Returns:
+    {'kwargs': the official class's kwargs, 'state_dict': {key: array}, 'images': NHWC float32
+     (2, 96, 160, 3), 'outputs': the four returned maps, transposed to NHWC}.
+  """
+  _require_fixtures()
+  configs = json.loads((FIXTURES / 'official_tiny_configs.json').read_text())
+  with np.load(FIXTURES / 'official_tiny_det.npz') as f:
+    arrays = {k: f[k] for k in f.files}
+  outputs = sorted((int(k.split('.')[1]), v) for k, v in arrays.items() if k.startswith('out.'))
+  return {
+      'kwargs': configs['official_tiny_det'],
+      'state_dict': {k: v for k, v in arrays.items()
+                     if k != 'input' and not k.startswith('out.')},
+      'images': arrays['input'].transpose(0, 2, 3, 1),
+      'outputs': tuple(v.transpose(0, 2, 3, 1) for _, v in outputs),
+  }
