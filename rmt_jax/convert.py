@@ -336,9 +336,9 @@ def read_torch_checkpoint(path: str | os.PathLike, ema: bool = False,
   """The official state_dict in a `.pth` file, as NumPy arrays.
 
   Args:
-    path: (local or gs://...) a bare state_dict, or a training checkpoint dict holding it under 'model' or
+    path: a bare state_dict, or a training checkpoint dict holding it under 'model' or
       'state_dict' (EMA weights under 'model_ema' or 'state_dict_ema'); a `module.` prefix
-      (DistributedDataParallel) on every key is removed.
+      (DistributedDataParallel) on every key is removed. Local or gs://...
     ema: take the EMA weights of a training checkpoint.
     allow_pickle: if the restricted unpickler (`weights_only=True`) refuses the file, unpickle
       it fully. Only for files from a trusted source: unpickling can run any code.

@@ -176,9 +176,9 @@ class FolderSource:
     if not root or not tf.io.gfile.isdir(train_dir):
       raise DataNotFoundError(
           f'image folder split not found: {train_dir!r} does not exist; set '
-          'config.data.folder_root to a directory holding train/<class>/<image>.JPEG and '
-          'val/<class>/<image>.JPEG (the torchvision ImageFolder layout; ImageNet val images '
-          'sorted into class folders)')
+          'config.data.folder_root to a directory holding train/<class name>/<image>.JPEG '
+          'and val/<class name>/<image>.JPEG (the torchvision ImageFolder layout; ImageNet val '
+          'images sorted into class folders)')
     self.classes = sorted(_subdirs(train_dir))
     if not self.classes:
       raise DataNotFoundError(f'{train_dir} holds no class folders; put each class\'s images '
