@@ -94,8 +94,10 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from rmt_jax import checkpoint, class_names, input_pipeline, loading  # pylint: disable=g-import-not-at-top
-  from rmt_jax.models import canonical_name  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from rmt_jax import checkpoint, class_names, input_pipeline, loading
+  from rmt_jax.models import canonical_name
+  # pylint: enable=g-import-not-at-top
 
   # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
   tf.config.set_visible_devices([], 'GPU')
