@@ -121,7 +121,8 @@ def class_names(config_data: ml_collections.ConfigDict) -> list[str] | None:
   """The classes' names in label order, stored with checkpoints so that `predict` prints them:
   the class folders of an image folder (and of the digits), ImageNet's readable names for
   TFDS `imagenet2012`, the label names of other TFDS datasets; None where there are none.
-  Padded with label indices up to `num_classes` (a folder may hold fewer classes).
+  One per output: cut or padded with label indices to `num_classes` (a folder may hold fewer
+  classes than the head has outputs).
 
   Raises:
     DataNotFoundError: the dataset is not where the config says.
@@ -132,12 +133,12 @@ def class_names(config_data: ml_collections.ConfigDict) -> list[str] | None:
   elif config_data.dataset == 'imagenet2012':
     names = class_names_lib.imagenet_class_names()
   else:
-    label = source.builder.info.features['label'] if 'label' in source.builder.info.features \
-        else None
-    names = list(getattr(label, 'names', None) or [])
+    features = source.builder.info.features
+    names = list(getattr(features['label'], 'names', None) or []) if 'label' in features else []
     if not names:
       return None
-  return names + [str(i) for i in range(len(names), int(config_data.num_classes))]
+  num_classes = int(config_data.num_classes)
+  return names[:num_classes] + [str(i) for i in range(len(names), num_classes)]
 
 
 def num_examples(config_data: ml_collections.ConfigDict, split: str) -> int:
