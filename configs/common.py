@@ -6,9 +6,10 @@ Every field can be overridden on the command line, e.g.
 
 The recipe (qhfan/RMT `classfication_release/main.py`, DeiT's training script) is 300 epochs at
 global batch 2048 with AdamW (lr 5e-4 x batch / 512, weight decay 0.05), 5 warmup epochs from
-1e-6, cosine to 1e-5, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 /
-CutMix 1.0, label smoothing 0.1, repeated augmentation (3), EMA 0.99996 (per batch 512),
-SyncBatchNorm. `config.data` is documented in `rmt_jax/input_pipeline.py`.
+1e-6, cosine to 1e-5 (per step here; per epoch, as the official loop, with
+`--config.lr_schedule_per_epoch=True`), RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
+Mixup 0.8 / CutMix 1.0, label smoothing 0.1, repeated augmentation (3), EMA 0.99996 (per batch
+512), SyncBatchNorm. `config.data` is documented in `rmt_jax/input_pipeline.py`.
 """
 
 import ml_collections
@@ -51,6 +52,9 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.warmup_epochs = 5
   c.warmup_lr = 1e-6
   c.min_lr = 1e-5
+  # False: the warmup + cosine curve per step. True: per epoch, lagging one epoch, exactly as the
+  # official loop steps timm's scheduler (see rmt_jax.optim.learning_rate_schedule).
+  c.lr_schedule_per_epoch = False
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8

@@ -11,6 +11,7 @@ from typing import Any
 
 import flax
 from flax import traverse_util
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -23,36 +24,71 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.base_lr * config.global_batch_size / REFERENCE_BATCH
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
-  """timm's `CosineLRScheduler` as the official run configures it, evaluated per step.
+def timm_cosine_lr(t: Any, *, peak: float, warmup_lr: float, min_lr: float, warmup_t: float,
+                   t_initial: float) -> jax.Array:
+  """timm's `CosineLRScheduler._get_lr(t)` as the official run configures it.
 
-  lr(t) = warmup_lr + (peak - warmup_lr) * t / W                 for t < W,
-  lr(t) = min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2    for t >= W,
+  One cycle (`cycle_limit` 1), k-decay 1, no noise, no warmup prefix (timm 0.9.10, which the
+  official `install.sh` pins, with `create_scheduler`'s defaults):
 
-  with W = warmup_epochs x steps_per_epoch and T = total_steps. As in timm (warmup_prefix
-  False), the cosine runs over the whole run, warmup included, so that lr(T) = min_lr; the
-  official run evaluates this per epoch (t = epoch), we per step (finer, same curve).
+  lr(t) = warmup_lr + (peak - warmup_lr) * t / warmup_t              for t < warmup_t,
+  lr(t) = min_lr + (peak - min_lr) * (1 + cos(pi * t / t_initial)) / 2  up to t_initial,
+  lr(t) = min_lr                                                      after it.
+
+  The cosine runs over the whole of `t_initial`, warmup included.
 
   Args:
-    config: base_lr, global_batch_size, warmup_epochs, warmup_lr, min_lr.
+    t: the scheduler's time (steps or epochs; int or float, traced or not).
+    peak: the (batch-scaled) base learning rate.
+    warmup_lr, min_lr: timm's `warmup_lr_init` and `lr_min`.
+    warmup_t, t_initial: warmup length and cycle length, in the unit of `t`.
+
+  Returns:
+    The learning rate, a float32 scalar.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  warm = warmup_lr + (peak - warmup_lr) * t / max(warmup_t, 1)
+  # (1 + cos(pi t / T)) / 2 = sin(pi (T - t) / 2T)^2: the same value, but float32 keeps its
+  # relative precision near the cycle's end (1 + cos -> 0 there: errors of 4e-6 otherwise).
+  cosine = min_lr + (peak - min_lr) * jnp.square(
+      jnp.sin(jnp.pi * (t_initial - t) / (2 * t_initial)))
+  return jnp.where(t < warmup_t, warm, jnp.where(t < t_initial, cosine, min_lr))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """timm's `CosineLRScheduler` as the official run configures it (`timm_cosine_lr`), per step
+  or, with `config.lr_schedule_per_epoch`, per epoch exactly as the official loop steps it.
+
+  Per step (the default): t = step, warmup_t = warmup_epochs x steps_per_epoch, t_initial =
+  total_steps; the official curve sampled finely, so that lr(total_steps) = min_lr.
+
+  Per epoch (the official schedule, step for step): the official `main.py` creates the scheduler
+  with `t_initial = epochs` (timm's `create_scheduler`, on epochs) and calls
+  `lr_scheduler.step(epoch)` after each epoch, so epoch e trains at the value of t = e - 1,
+  and epoch 0 at `warmup_lr` (set by the scheduler's constructor, which is also t = 0): the
+  learning rate is constant within an epoch, warmup_lr for the first two epochs, and the last
+  epoch trains at t = epochs - 2, not at min_lr.
+
+  Args:
+    config: base_lr, global_batch_size, warmup_epochs, warmup_lr, min_lr, and for the per-epoch
+      form lr_schedule_per_epoch and num_epochs.
     steps_per_epoch: optimizer steps per epoch.
     total_steps: optimizer steps of the whole run.
 
   Returns:
     step -> learning rate, usable under jit and on the host.
   """
-  peak = peak_learning_rate(config)
+  curve = functools.partial(timm_cosine_lr, peak=peak_learning_rate(config),
+                            warmup_lr=config.warmup_lr, min_lr=config.min_lr)
+  if config.get('lr_schedule_per_epoch', False):
+    def per_epoch(step):
+      epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
+      return curve(jnp.maximum(epoch - 1, 0), warmup_t=config.warmup_epochs,
+                   t_initial=config.num_epochs)
+    return per_epoch
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  total = max(int(total_steps), 1)
-
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    warm = config.warmup_lr + (peak - config.warmup_lr) * t / max(warmup, 1)
-    cosine = config.min_lr + 0.5 * (peak - config.min_lr) * (1 + jnp.cos(jnp.pi * t / total))
-    return jnp.where(t < warmup, warm, cosine)
-
-  return schedule
+  return functools.partial(curve, warmup_t=warmup, t_initial=max(int(total_steps), 1))
 
 
 def weight_decay_mask(params: Any, decay_layer_scale: bool = True) -> Any:

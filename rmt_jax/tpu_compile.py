@@ -31,6 +31,9 @@ from typing import Any
 # probing for TPU metadata. A TPU VM's own values are kept.
 os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
 os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+# libtpu takes a host-wide lock when it loads; this process opens no chip (below), so it may run
+# beside a training run or another compile that holds it.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -21,6 +21,7 @@ from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import tpu_forms
+from rmt_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
 
@@ -88,10 +89,10 @@ def conv3x3_general_dilated(x: jax.Array, kernel: jax.Array, window_strides: Seq
                             cpu=lambda x, kernel: cpu_forms.conv3x3(x, kernel, stride))
 
 
-def batch_norm(name: str, param_dtype: Dtype) -> nn.BatchNorm:
-  """PyTorch BatchNorm2d over the last axis: eps 1e-5, momentum 0.1 (flax counts 1 - 0.1)."""
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-                      name=name)
+def batch_norm(name: str, param_dtype: Dtype) -> BatchNorm:
+  """PyTorch BatchNorm2d over the last axis: eps 1e-5, momentum 0.1, unbiased running variance."""
+  return BatchNorm(momentum=0.1, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+                   name=name)
 
 
 def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:

@@ -1,9 +1,11 @@
 """The variant table (official hyper-parameters of RMT-T/S/B/L), `create_model`, and
-`from_official_kwargs` for networks described by the official `VisRetNet` arguments.
+`from_official_kwargs` for networks described by the official `VisRetNet` arguments; the same
+for the detection / segmentation backbone (`create_backbone`, `backbone_from_official_kwargs`).
 """
 
-from typing import Any
+from typing import Any, Sequence
 
+from rmt_jax.models.backbone import RMTBackbone
 from rmt_jax.models.rmt import RMT
 
 # Official factories in qhfan/RMT classfication_release/RMT.py. The paper's RMT-B is the code's
@@ -112,6 +114,66 @@ def from_official_kwargs(**kw: Any) -> RMT:
       raise ValueError(f'{key!r} is not an argument of the official VisRetNet')
     args[_OFFICIAL_RENAMES.get(key, key)] = value
   return RMT(**_as_tuples(args))
+
+
+# The official detection and segmentation configs (detect/configs/RMT/*_{t,s,m,l}_*.py,
+# segmentation/configs/RMT/*.py) use each variant's classification layout: axial attention in
+# stages 1-2 for T and 1-3 for S/B/L, drop path 0.1 / 0.15 / 0.4 / 0.5. The table serves both;
+# only the classification head's `projection` has no place in the backbone.
+_CLASSIFIER_ONLY = ('projection',)
+
+
+def create_backbone(name: str, out_indices: Sequence[int] = (0, 1, 2, 3),
+                    **overrides: Any) -> RMTBackbone:
+  """Builds a variant's detection / segmentation backbone, e.g. `create_backbone('rmt_s')`.
+
+  Args:
+    name: as for `create_model` ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l', 'rmt_tiny', 'RMT_S', ...).
+    out_indices: the stages whose (normed) outputs are returned, strides 4, 8, 16, 32.
+    **overrides: any `RMTBackbone` attribute (norm_eval, drop_path_rate, remat, dtype, ...).
+
+  Returns:
+    The flax module, with the official detection configs' layout and drop path by default.
+  """
+  kwargs = {k: v for k, v in variant_kwargs(name).items() if k not in _CLASSIFIER_ONLY}
+  kwargs.update(out_indices=out_indices, **overrides)
+  return RMTBackbone(**_as_tuples(kwargs))
+
+
+def backbone_from_official_kwargs(**kw: Any) -> RMTBackbone:
+  """The backbone that the official detection / segmentation `RMT(**kw)` builds.
+
+  Takes that class's argument names and defaults (`out_indices`, `norm_eval`, `use_checkpoint`,
+  `chunkwise_recurrents`, ...); `dtype`, `param_dtype` and `kernels` may be passed too.
+  `norm_eval` keeps its plain meaning here (see `rmt_jax.models.backbone` on how the official
+  code applies it).
+
+  Raises:
+    ValueError: an argument that the official class does not have, or patch_norm=False.
+  """
+  args: dict[str, Any] = dict(
+      embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+      init_values=(1, 1, 1, 1), heads_ranges=(3, 3, 3, 3), mlp_ratios=(3, 3, 3, 3),
+      drop_path_rate=0.1, axial=(True, True, False, False),
+      layerscales=(False, False, False, False), layer_init_values=1e-6, out_indices=(0, 1, 2, 3),
+      norm_eval=True)
+  use_checkpoint = False
+  allowed = set(args) | {'chunkwise_recurrents', 'use_checkpoint', 'dtype', 'param_dtype',
+                         'kernels'}
+  for key, value in kw.items():
+    if key in ('in_chans', 'norm_layer', 'patch_norm', 'projection'):
+      # `projection` is an argument of the official class that it never uses.
+      if key == 'patch_norm' and not value:
+        raise ValueError('patch_norm=False is not supported (no official model uses it)')
+      continue
+    if key not in allowed or key == 'axial':
+      raise ValueError(f'{key!r} is not an argument of the official detection RMT')
+    if key == 'use_checkpoint':
+      use_checkpoint = bool(value)
+    else:
+      args[_OFFICIAL_RENAMES.get(key, key)] = value
+  args['remat'] = (use_checkpoint,) * len(args['depths'])
+  return RMTBackbone(**_as_tuples(args))
 
 
 def _as_tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
