@@ -9,7 +9,13 @@ finds the other hosts itself. Elsewhere pass --coordinator_address, --num_proces
 import logging as std_logging
 import sys
 
-from absl import app
+# Before TensorFlow and JAX start: their informational start-up notices off
+# (RMT_JAX_VERBOSE_STARTUP=1 brings them back).
+from rmt_jax import console  # pylint: disable=g-bad-import-order
+
+console.quiet_startup()
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags
 from absl import logging
 import jax
@@ -65,9 +71,9 @@ def main(argv):
     logging.warning(host_allocator.cpu_hint())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except input_pipeline.DataNotFoundError as e:
-    # The message says how to prepare the data; a traceback would only hide it.
-    print(f'Data not found.\n{e}', file=sys.stderr)
+  except input_pipeline.DataError as e:
+    # The message names the path and the fix; a traceback would only hide it.
+    print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteLossError as e:
     print(str(e), file=sys.stderr)

@@ -19,8 +19,7 @@ resumes from the latest complete one.
 
 import json
 import os
-import pathlib
-import shutil
+import secrets
 import tempfile
 from typing import Any, Callable, Mapping
 
@@ -38,57 +37,112 @@ class CheckpointNotFoundError(FileNotFoundError):
   """The path holds no rmt_jax checkpoint; the message says what was expected there."""
 
 
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+  """A path the user gave, local or on an object store (gs://, s3://), as an `epath.Path`.
+
+  `pathlib.Path('gs://bucket/w')` is `gs:/bucket/w`, a local path; epath keeps the URL and
+  reaches the bucket through TensorFlow's or fsspec's file systems. Local paths are made
+  absolute (orbax refuses relative ones) with `~` expanded.
+  """
+  text = os.fspath(path)
+  if is_object_store(text):
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def is_object_store(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (gs://bucket/..., s3://...) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+  """Writes a new file whole or not at all.
+
+  Locally the bytes go to a hidden file beside `path` that is renamed into place; an object
+  store has no rename, but it publishes an object only once its upload is complete, so the
+  object is written directly.
+
+  Raises:
+    FileExistsError: `path` exists.
+  """
+  path = resolve_path(path)
+  if path.exists():
+    raise FileExistsError(f'{path} exists; choose a new name or remove it first')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_object_store(path):
+    path.write_bytes(data)
+    return
+  # Created with open(), not mkstemp: the file gets the umask's permissions, not 0600.
+  staging = path.parent / f'.{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
+  try:
+    with open(staging, 'xb') as f:
+      f.write(data)
+    os.replace(staging, path)
+  except BaseException:
+    staging.unlink(missing_ok=True)
+    raise
+
+
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
                    metadata: Mapping[str, Any]) -> None:
   """Writes `variables` and their description to a new directory, atomically.
 
-  The directory is assembled beside `path` and renamed into place only when complete, so an
-  interrupted or failed save leaves nothing at `path`.
+  Locally the directory is assembled beside `path` and renamed into place only when complete.
+  On an object store (no directory renames) it is written in place with `rmt_jax.json` last:
+  readers require that file, so an interrupted save is never read as weights, and a failed
+  one removes what it wrote.
 
   Args:
-    path: the directory to create; must not exist.
+    path: the directory to create (local or gs://...); must not exist.
     variables: {'params', 'batch_stats', ...} of arrays.
     metadata: JSON-serialisable description; must name the variant under 'model' (and any
-      `create_model` overrides under 'model_overrides') so that readers can rebuild the model.
+      `create_model` overrides under 'model_overrides') so that readers can rebuild the model;
+      'class_names' (one per output, in label order) names the classes for `predict`.
 
   Raises:
     FileExistsError: `path` exists.
     ValueError: metadata without 'model'.
   """
-  path = pathlib.Path(path).absolute()
+  path = resolve_path(path)
   if path.exists():
     raise FileExistsError(f'{path} exists; choose a new directory or remove it first')
   if 'model' not in metadata:
     raise ValueError("metadata must name the variant under 'model'")
   path.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.partial-', dir=path.parent))
-  # mkdtemp makes the directory private (0700); a weights directory is meant to be shared like
-  # any other directory the user creates.
-  umask = os.umask(0)
-  os.umask(umask)
-  staging.chmod(0o777 & ~umask)
+  local = not is_object_store(path)
+  if local:
+    staging = epath.Path(tempfile.mkdtemp(prefix=f'.{path.name}.partial-', dir=path.parent))
+    # mkdtemp makes the directory private (0700); a weights directory is meant to be shared
+    # like any other directory the user creates.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+  else:
+    staging = path
   try:
     host = jax.tree.map(np.asarray, dict(variables))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(staging / VARIABLES_DIR, host)
     checkpointer.wait_until_finished()
-    (staging / METADATA_FILE).write_text(
-        json.dumps({'format': FORMAT, 'version': 1, **metadata}, indent=2, sort_keys=True))
-    staging.rename(path)
+    description = json.dumps({'format': FORMAT, 'version': 1, **metadata}, indent=2,
+                             sort_keys=True)
+    write_atomically(staging / METADATA_FILE, description.encode())
+    if local:
+      staging.rename(path)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    staging.rmtree(missing_ok=True)
     raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The JSON description of a variables directory.
+  """The JSON description of a variables directory (local or on an object store).
 
   Raises:
     CheckpointNotFoundError: `path` is not a variables directory.
   """
-  path = pathlib.Path(path)
+  path = resolve_path(path)
   meta_file = path / METADATA_FILE
-  if not meta_file.is_file() or not (path / VARIABLES_DIR).is_dir():
+  if not meta_file.exists() or not (path / VARIABLES_DIR).is_dir():
     raise CheckpointNotFoundError(
         f'{path} is not an rmt_jax variables directory (expected {METADATA_FILE} and '
         f'{VARIABLES_DIR}/ in it, as written by `python -m rmt_jax.convert torch2flax`)')
@@ -99,25 +153,31 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a variables directory.
+  """Reads the weights in a variables directory or a training workdir, and their description.
+
+  Returns a pair, not variables alone: `model.apply(variables, x)` takes the first element.
+  To get the model too, use `rmt_jax.load(path)`, which rebuilds it from the description.
 
   Args:
     path: a directory written by `save_variables` (e.g. by the converter), or a training
       workdir (`main.py --workdir`): its latest checkpoint, EMA weights where the run kept
-      them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step).
+      them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step). Local or on
+      an object store (gs://...).
 
   Returns:
-    (variables as NumPy arrays, metadata). Rebuild the model with
-    `rmt_jax.create_model(metadata['model'], **metadata.get('model_overrides', {}))`.
+    (variables, metadata): variables = {'params', 'batch_stats'[, 'official_buffers']} as
+    NumPy arrays; metadata = the JSON description: 'model' and 'model_overrides' (the
+    `create_model` arguments), 'class_names' where the writer stored them, and whatever else
+    the writer added ('step', 'weights', 'source', ...).
 
   Raises:
     CheckpointNotFoundError: `path` holds no checkpoint that rmt_jax can read.
   """
-  if not (pathlib.Path(path) / METADATA_FILE).is_file():
+  path = resolve_path(path)
+  if not (path / METADATA_FILE).exists():
     run = _latest_training_checkpoint(path)
     if run is not None:
       return _load_training_run(*run)
-  path = pathlib.Path(path).absolute()
   metadata = read_metadata(path)
   restored = ocp.StandardCheckpointer().restore(path / VARIABLES_DIR)
   return jax.tree.map(np.asarray, restored), metadata
@@ -294,4 +354,6 @@ def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[
   metadata = {'format': FORMAT, 'version': 1, 'model': meta['model'],
               'model_overrides': meta.get('model_overrides', {}), 'step': int(step),
               'weights': 'ema' if use_ema else 'raw', 'source': f'{directory}/{step}'}
+  if meta.get('class_names'):
+    metadata['class_names'] = list(meta['class_names'])
   return jax.tree.map(np.asarray, variables), metadata

@@ -15,7 +15,9 @@ variant is never guessed: `--model` is checked strictly against every key and sh
 a variables directory (`rmt_jax.checkpoint.save_variables`: orbax + JSON description).
 `flax2torch` reads such a directory (or what `checkpoint.load_variables` reads) and writes
 `{'model': state_dict}` for the official code's `load_state_dict(..., strict=True)`. Both write
-atomically and fail with one line on stderr and exit status 1. torch is imported only by the
+atomically and fail with one line on stderr and exit status 1. `--src` and `--dst` may be local
+or on an object store (gs://...). A 1000-class model's directory stores ImageNet's class names
+(`rmt_jax.class_names`), which `python -m rmt_jax.predict` prints. torch is imported only by the
 functions that read or write `.pth` files: `import rmt_jax.convert` and the model run without it.
 
 The mapping is a rename plus a transpose, derived from the Flax variable tree itself:
@@ -41,21 +43,23 @@ official -> Flax -> official is bit-exact and a Flax-trained model still loads w
 import argparse
 import functools
 import hashlib
+import io
 import os
-import pathlib
 import re
-import secrets
 import sys
 from typing import Any, Mapping, Sequence
 import warnings
 import zipfile
 
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rmt_jax import checkpoint
+from rmt_jax import class_names
+from rmt_jax import loading
 from rmt_jax.models import RMT, VARIANTS, canonical_name, create_model
 from rmt_jax.models import decay
 
@@ -281,20 +285,23 @@ def _import_torch():
   return torch
 
 
-def _torch_load(path: pathlib.Path, allow_pickle: bool) -> tuple[Any, bool]:
+def _torch_load(path: epath.Path, allow_pickle: bool) -> tuple[Any, bool]:
   """torch.load, restricted unpickler first; returns (object, whether full unpickling ran)."""
   torch = _import_torch()
   try:
     # argparse.Namespace (the `args` entry of the official training checkpoints) holds only
     # data: allowing it keeps those files on the restricted unpickler.
-    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]), \
+        path.open('rb') as f:
       warnings.simplefilter('ignore')
-      return torch.load(path, map_location='cpu', weights_only=True), False
+      return torch.load(f, map_location='cpu', weights_only=True), False
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ != 'UnpicklingError' or 'Weights only load failed' not in str(e):
       raise CheckpointFileError(_unreadable(path, e)) from None
     reason = _weights_only_reason(e)
-    if not allow_pickle and not (zipfile.is_zipfile(path) or 'global' in reason.lower()):
+    with path.open('rb') as f:
+      is_zip = zipfile.is_zipfile(f)
+    if not allow_pickle and not (is_zip or 'global' in reason.lower()):
       # Random bytes read as pickle opcodes fail here too: not a file that needs unpickling.
       raise CheckpointFileError(f'{path} is not a PyTorch checkpoint (torch.load(weights_only='
                                 f'True): {reason})') from None
@@ -304,9 +311,9 @@ def _torch_load(path: pathlib.Path, allow_pickle: bool) -> tuple[Any, bool]:
           'needs full unpickling, which can run arbitrary code from the file. If you trust its '
           'source, rerun with --allow-pickle') from None
   try:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), path.open('rb') as f:
       warnings.simplefilter('ignore')
-      return torch.load(path, map_location='cpu', weights_only=False), True
+      return torch.load(f, map_location='cpu', weights_only=False), True
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointFileError(_unreadable(path, e)) from None
 
@@ -317,10 +324,10 @@ def _weights_only_reason(error: Exception) -> str:
   return (lines[0].split('. Please use')[0] if lines else 'restricted unpickler refused it')
 
 
-def _unreadable(path: pathlib.Path, error: Exception) -> str:
+def _unreadable(path: epath.Path, error: Exception) -> str:
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
   if isinstance(error, EOFError) or (isinstance(error, RuntimeError) and 'zip archive' in text):
-    return (f'{path} is truncated or corrupt ({os.path.getsize(path)} bytes; torch.load: '
+    return (f'{path} is truncated or corrupt ({path.stat().length} bytes; torch.load: '
             f'{text.split(". This is")[0] or "unexpected end of file"}); copy it again')
   return (f'{path} is not a PyTorch checkpoint (torch.load failed: {type(error).__name__}: '
           f'{text[:200]})')
@@ -334,7 +341,7 @@ def read_torch_checkpoint(path: str | os.PathLike, ema: bool = False,
   Args:
     path: a bare state_dict, or a training checkpoint dict holding it under 'model' or
       'state_dict' (EMA weights under 'model_ema' or 'state_dict_ema'); a `module.` prefix
-      (DistributedDataParallel) on every key is removed.
+      (DistributedDataParallel) on every key is removed. Local or gs://...
     ema: take the EMA weights of a training checkpoint.
     allow_pickle: if the restricted unpickler (`weights_only=True`) refuses the file, unpickle
       it fully. Only for files from a trusted source: unpickling can run any code.
@@ -348,8 +355,8 @@ def read_torch_checkpoint(path: str | os.PathLike, ema: bool = False,
     CheckpointFileError: torch is missing; the file is truncated, corrupt or not a checkpoint;
       it needs full unpickling and allow_pickle is False; the asked-for entry is absent.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = checkpoint.resolve_path(path)
+  if not path.exists() or path.is_dir():
     raise CheckpointFileError(f'{path} does not exist' if not path.exists() else
                               f'{path} is not a file (torch2flax reads a .pth file; '
                               'flax2torch reads a variables directory)')
@@ -408,14 +415,15 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
   mmsegmentation (`rmt_jax.convert_backbone`).
 
   Floating arrays are written as float32 and `num_batches_tracked` as int64, the official
-  dtypes. The file is assembled beside `path` and renamed into place when complete.
+  dtypes. The file appears whole or not at all (`checkpoint.write_atomically`); `path` may
+  be local or on an object store (gs://...).
 
   Raises:
     FileExistsError: `path` exists.
     CheckpointFileError: torch is missing.
   """
   torch = _import_torch()
-  path = pathlib.Path(path).absolute()
+  path = checkpoint.resolve_path(path)
   if path.exists():
     raise FileExistsError(f'{path} exists; choose a new file or remove it first')
   tensors = {}
@@ -423,16 +431,9 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
     dtype = np.int64 if key.endswith('num_batches_tracked') else np.float32
     # np.array, not np.ascontiguousarray: that one turns the 0-d num_batches_tracked into (1,).
     tensors[key] = torch.from_numpy(np.array(value, dtype=dtype, order='C'))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Created with open(), not mkstemp: the file gets the umask's permissions, not 0600.
-  staging = path.parent / f'.{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
-  try:
-    with open(staging, 'xb') as f:
-      torch.save({entry: tensors}, f)
-    os.replace(staging, path)
-  except BaseException:
-    staging.unlink(missing_ok=True)
-    raise
+  data = io.BytesIO()
+  torch.save({entry: tensors}, data)
+  checkpoint.write_atomically(path, data.getvalue())
 
 
 def infer_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,7 +480,7 @@ def _describe(name: str, overrides: Mapping[str, Any]) -> str:
 
 def _torch2flax(args: argparse.Namespace) -> str:
   name = canonical_name(args.model)
-  dst = pathlib.Path(args.dst).absolute()
+  dst = checkpoint.resolve_path(args.dst)
   if dst.exists():
     raise FileExistsError(f'{dst} exists; choose a new directory or remove it first')
   print(f'torch2flax: reading {args.src} ...', flush=True)
@@ -506,9 +507,11 @@ def _torch2flax(args: argparse.Namespace) -> str:
   count = parameter_count(variables)
   metadata = {
       'model': name, 'model_overrides': overrides, 'parameter_count': count,
-      'source': {'file': str(pathlib.Path(args.src).absolute()), **source,
+      'source': {'file': str(checkpoint.resolve_path(args.src)), **source,
                  'sha256': _sha256(args.src)},
       'converted_by': 'python -m rmt_jax.convert torch2flax'}
+  if overrides['num_classes'] == class_names.IMAGENET_NUM_CLASSES:
+    metadata['class_names'] = class_names.imagenet_class_names()
   checkpoint.save_variables(dst, variables, metadata)
   return (f'{_describe(name, overrides)}: {count:,} parameters, {len(state_dict)} tensors '
           f'from {entry} of {args.src}\nwrote {dst}')
@@ -516,7 +519,7 @@ def _torch2flax(args: argparse.Namespace) -> str:
 
 def _flax2torch(args: argparse.Namespace) -> str:
   name = canonical_name(args.model)
-  dst = pathlib.Path(args.dst).absolute()
+  dst = checkpoint.resolve_path(args.dst)
   if dst.exists():
     raise FileExistsError(f'{dst} exists; choose a new file or remove it first')
   print(f'flax2torch: reading {args.src} ...', flush=True)
@@ -536,10 +539,9 @@ def _flax2torch(args: argparse.Namespace) -> str:
                           '--backbone')
   overrides = dict(metadata.get('model_overrides', {}))
   try:
-    model = create_model(name, **overrides)
-  except TypeError as e:
-    raise ConversionError(f'{args.src}: model_overrides {overrides} do not build {name}: {e}') \
-        from None
+    model = loading.model_from_metadata(metadata)
+  except ValueError as e:
+    raise ConversionError(f'{args.src}: {e}') from None
   try:
     state_dict = flax_to_torch(variables, model)
   except ConversionError as e:
@@ -553,7 +555,7 @@ def _flax2torch(args: argparse.Namespace) -> str:
 
 def _sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with checkpoint.resolve_path(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()

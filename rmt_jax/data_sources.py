@@ -25,8 +25,21 @@ VAL_TAR = 'ILSVRC2012_img_val.tar'
 PREPARE_COMMAND = 'python -m rmt_jax.prepare_imagenet --data_dir={data_dir} --manual_dir={manual_dir}'
 
 
-class DataNotFoundError(Exception):
+class DataError(Exception):
+  """The data cannot be read as configured; the message names the path and the fix.
+
+  `main.py` prints the message without a traceback.
+  """
+
+
+class DataNotFoundError(DataError):
   """The dataset is not where the config says; the message says how to put it there."""
+
+
+# Marks the assertion that FolderSource's decode makes on each file's first bytes, so that the
+# iterators can turn TensorFlow's error into a `DataError` naming the file.
+UNREADABLE_IMAGE = 'rmt_jax: not a JPEG or PNG image:'
+_IMAGE_SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,19 +175,18 @@ class FolderSource:
     train_dir = os.path.join(self.root, train_split)
     if not root or not tf.io.gfile.isdir(train_dir):
       raise DataNotFoundError(
-          f'Image folder not found: {train_dir!r} does not exist.\n'
-          'Set config.data.folder_root to a directory laid out as\n'
-          '  <folder_root>/train/<class name>/<image>.JPEG   (e.g. train/n01440764/'
-          'n01440764_10026.JPEG)\n'
-          '  <folder_root>/val/<class name>/<image>.JPEG     (same class names as train)\n'
-          'which is the layout torchvision ImageFolder reads (for ImageNet, the val images '
-          'must be sorted into class folders first).')
+          f'image folder split not found: {train_dir!r} does not exist; set '
+          'config.data.folder_root to a directory holding train/<class name>/<image>.JPEG '
+          'and val/<class name>/<image>.JPEG (the torchvision ImageFolder layout; ImageNet val '
+          'images sorted into class folders)')
     self.classes = sorted(_subdirs(train_dir))
     if not self.classes:
-      raise DataNotFoundError(f'{train_dir} holds no class folders (train/<class>/<image>).')
+      raise DataNotFoundError(f'{train_dir} holds no class folders; put each class\'s images '
+                              f'in {train_dir}/<class name>/')
     if num_classes is not None and len(self.classes) > num_classes:
-      raise ValueError(f'{train_dir} has {len(self.classes)} classes but config.data.'
-                       f'num_classes={num_classes}.')
+      raise DataError(f'{train_dir} has {len(self.classes)} class folders but '
+                      f'config.num_classes={num_classes}; set --config.num_classes='
+                      f'{len(self.classes)}')
     self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
   def _list(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -182,20 +194,27 @@ class FolderSource:
       return self._files[split]
     split_dir = os.path.join(self.root, split)
     if not tf.io.gfile.isdir(split_dir):
-      raise DataNotFoundError(f'Image folder split not found: {split_dir!r} does not exist '
-                              f'(expected {split_dir}/<class>/<image>.JPEG).')
+      raise DataNotFoundError(f'image folder split not found: {split_dir!r} does not exist; '
+                              f'put the {split} images in {split_dir}/<class name>/ with the '
+                              'class names of train/')
     class_index = {c: i for i, c in enumerate(self.classes)}
     paths, labels = [], []
     for class_name in sorted(_subdirs(split_dir)):
       class_dir = os.path.join(split_dir, class_name)
       if class_name not in class_index:
-        raise ValueError(f'{class_dir}: class {class_name!r} is not among the train classes.')
-      for name in sorted(tf.io.gfile.listdir(class_dir)):
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(class_dir, name))
-          labels.append(class_index[class_name])
+        raise DataError(f'{class_dir}: class {class_name!r} has no folder in '
+                        f'{os.path.join(self.root, "train")}, so it has no label; add '
+                        f'train/{class_name}/ with its training images or remove {class_dir}')
+      images = [n for n in sorted(tf.io.gfile.listdir(class_dir))
+                if n.lower().endswith(IMAGE_EXTENSIONS)]
+      if not images:
+        raise DataError(f'{class_dir} holds no images (*.JPEG, *.jpg, *.png); add its images '
+                        'or remove the folder')
+      paths.extend(os.path.join(class_dir, n) for n in images)
+      labels.extend([class_index[class_name]] * len(images))
     if not paths:
-      raise DataNotFoundError(f'No images (*.JPEG, *.jpg, *.png) under {split_dir}/<class>/.')
+      raise DataNotFoundError(f'no images (*.JPEG, *.jpg, *.png) under {split_dir}/<class>/; '
+                              'put the images in class folders there')
     # A fixed permutation, so that contiguous per-process slices mix all classes.
     perm = np.random.default_rng(0).permutation(len(paths))
     self._files[split] = (np.asarray(paths)[perm], np.asarray(labels, np.int32)[perm])
@@ -219,10 +238,28 @@ class FolderSource:
 
     def decode(i):
       path = paths_t[i]
-      return {'image': tf.io.read_file(path), 'label': labels_t[i],
-              'example_id': _example_id(path)}
+      image = tf.io.read_file(path)
+      # A file that is no image would fail later, in the decoder, with a message that names
+      # no file; checking the signature here costs nothing and names it.
+      check = tf.debugging.Assert(_is_image(image), [UNREADABLE_IMAGE, path, '<-'])
+      with tf.control_dependencies([check]):
+        image = tf.identity(image)
+      return {'image': image, 'label': labels_t[i], 'example_id': _example_id(path)}
 
     return HostSlice(num_examples=n, items=items, decode=decode)
+
+
+def _is_image(data: tf.Tensor) -> tf.Tensor:
+  """Whether `data` starts as a JPEG or PNG file does (the formats the folder source lists)."""
+  return tf.reduce_any([tf.strings.substr(data, 0, len(s)) == s for s in _IMAGE_SIGNATURES])
+
+
+def unreadable_image_path(error: Exception) -> str | None:
+  """The file that `FolderSource`'s decode refused, if `error` is that refusal; else None."""
+  text = str(error)
+  if UNREADABLE_IMAGE not in text:
+    return None
+  return text.split(UNREADABLE_IMAGE, 1)[1].split('<-', 1)[0].strip().strip('] [')
 
 
 def _subdirs(path: str) -> list[str]:

@@ -26,10 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from rmt_jax import augment
+from rmt_jax import class_names as class_names_lib
 from rmt_jax import data_sources
 from rmt_jax import mixup as mixup_lib
 from rmt_jax import randaugment as randaugment_lib
 
+DataError = data_sources.DataError
 DataNotFoundError = data_sources.DataNotFoundError
 
 _DEFAULT_SPLITS = {'imagenet2012': ('train', 'validation'), 'folder': ('train', 'val'),
@@ -113,6 +115,30 @@ def _split_name(cfg, split: str) -> str:
   if split == 'train':
     return cfg.train_split or train
   return cfg.eval_split or evaluation
+
+
+def class_names(config_data: ml_collections.ConfigDict) -> list[str] | None:
+  """The classes' names in label order, stored with checkpoints so that `predict` prints them:
+  the class folders of an image folder (and of the digits), ImageNet's readable names for
+  TFDS `imagenet2012`, the label names of other TFDS datasets; None where there are none.
+  One per output: cut or padded with label indices to `num_classes` (a folder may hold fewer
+  classes than the head has outputs).
+
+  Raises:
+    DataNotFoundError: the dataset is not where the config says.
+  """
+  source = _source(config_data)
+  if isinstance(source, data_sources.FolderSource):
+    names = list(source.classes)
+  elif config_data.dataset == 'imagenet2012':
+    names = class_names_lib.imagenet_class_names()
+  else:
+    features = source.builder.info.features
+    names = list(getattr(features['label'], 'names', None) or []) if 'label' in features else []
+    if not names:
+      return None
+  num_classes = int(config_data.num_classes)
+  return names[:num_classes] + [str(i) for i in range(len(names), num_classes)]
 
 
 def num_examples(config_data: ml_collections.ConfigDict, split: str) -> int:
@@ -239,6 +265,24 @@ def _train_dataset(cfg, host: data_sources.HostSlice, *, local_batch: int, seed:
   return ds.prefetch(cfg.prefetch_batches).with_options(_options(cfg))
 
 
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """`ds.as_numpy_iterator()`, with an image file that the source refused raised as a
+  `DataError` naming the file (TensorFlow's own error names no file)."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      path = data_sources.unreadable_image_path(e)
+      if path is None:
+        raise
+      raise DataError(f'{path} is not a JPEG or PNG image (unreadable, empty or another '
+                      'format); convert it to JPEG or PNG or remove it') from None
+    yield batch
+
+
 def _prefetch(iterator: Iterator, size: int) -> Iterator:
   """Keeps `size` items (device arrays: transfers in flight) ahead of the consumer."""
   queue = collections.deque(itertools.islice(iterator, max(size, 1)))
@@ -290,7 +334,7 @@ class TrainIterator:
                           steps_per_epoch=self.steps_per_epoch, start_epoch=self._epoch,
                           start_step=self._step)
       batches = (_to_global(b, self._sharding, self._global_batch)
-                 for b in ds.as_numpy_iterator())
+                 for b in _numpy_batches(ds))
       self._batches = _prefetch(batches, max(self._cfg.device_prefetch, 0))
     batch = next(self._batches)
     self._step += 1
@@ -414,5 +458,5 @@ class _EvalIterable:
 
   def __iter__(self) -> Iterator[dict]:
     batches = (_to_global(b, self._sharding, self._global_batch)
-               for b in self._ds.as_numpy_iterator())
+               for b in _numpy_batches(self._ds))
     return _prefetch(batches, max(self._device_prefetch, 0))

@@ -1,120 +1,150 @@
 """Classify image files with RMT weights and print the top classes.
 
-    python -m rmt_jax.predict --model rmt_s --weights DIR cat.jpg dog.png
+    python -m rmt_jax.predict --weights DIR cat.jpg dog.png [--model rmt_s] [--json]
 
-`DIR` is a variables directory (from `python -m rmt_jax.convert torch2flax` or a training run,
-see `rmt_jax.checkpoint.load_variables`). Images get the official evaluation preprocessing of the
-input pipeline (shorter side to size / crop_pct, bicubic; centre crop; ImageNet mean/std). Class
-names for 1000-class models are the TFDS `imagenet2012` labels (WordNet synset ids, e.g.
-n01440764); other models print the names stored with their weights, or class indices.
+`DIR` is a variables directory (from `python -m rmt_jax.convert torch2flax`) or a training
+workdir, local or on an object store (gs://...); the model is rebuilt from the description
+stored with the weights, so `--model` is only a check. Images get the official evaluation
+preprocessing of the input pipeline (shorter side to size / crop_pct, bicubic; centre crop;
+ImageNet mean/std) and go through the model in batches of a fixed size (one compilation
+whatever the number of images). Class names are those stored with the weights (the folder
+names of a model trained on an image folder; ImageNet's for converted and ImageNet models),
+else ImageNet's readable names for 1000-class models, else the class indices.
 """
 
 import argparse
-import os
+import json
 import sys
+from typing import Any
 
-# TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-
-def imagenet_class_names() -> list[str]:
-  """The 1000 labels of TFDS `imagenet2012`, in label order (synset ids); reads no data."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as empty:
-    return list(tfds.builder('imagenet2012', data_dir=empty).info.features['label'].names)
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', required=True, help="variant, e.g. rmt_s or RMT_S")
-  parser.add_argument('--weights', required=True, help='variables directory')
-  parser.add_argument('--top', type=int, default=5, help='classes to print per image')
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='crop size (default: the one stored with the weights, else 224)')
-  parser.add_argument('--crop-pct', type=float, default=0.875,
-                      help='centre crop fraction of the resized image (official: 0.875)')
-  parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, GIF, BMP)')
-  args = parser.parse_args(argv)
-  try:
-    rows = predict(args.model, args.weights, args.images, top=args.top,
-                   image_size=args.image_size, crop_pct=args.crop_pct)
-  except PredictError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  for path, ranked in rows:
-    print(path)
-    for rank, (name, prob) in enumerate(ranked, 1):
-      print(f'  {rank}. {name:<12} {prob:.4f}')
-  return 0
+from rmt_jax import console
 
 
 class PredictError(Exception):
   """Bad input to the predict command; the message says what to fix."""
 
 
-def predict(model_name: str, weights: str, images: list[str], *, top: int = 5,
-            image_size: int | None = None,
-            crop_pct: float = 0.875) -> list[tuple[str, list[tuple[str, float]]]]:
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m rmt_jax.predict',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--weights', required=True,
+                      help='variables directory or training workdir (local or gs://...)')
+  parser.add_argument('--model', default=None,
+                      help='variant, e.g. rmt_s or RMT_S; default: the one the weights name '
+                           '(given, it must agree with them)')
+  parser.add_argument('--top', type=int, default=5, help='classes to print per image')
+  parser.add_argument('--batch-size', type=int, default=16,
+                      help='images per forward pass (the last batch is padded)')
+  parser.add_argument('--image-size', type=int, default=None,
+                      help='crop size (default: the one stored with the weights, else 224)')
+  parser.add_argument('--crop-pct', type=float, default=0.875,
+                      help='centre crop fraction of the resized image (official: 0.875)')
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON list: [{"image", "top": [{"label", "name", '
+                           '"probability"}]}]')
+  parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, GIF, BMP), local or '
+                                                'gs://...')
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command line; returns the exit status (errors: one line on stderr, status 1)."""
+  args = _parser().parse_args(argv)
+  try:
+    rows = predict(args.weights, args.images, model_name=args.model, top=args.top,
+                   batch_size=args.batch_size, image_size=args.image_size,
+                   crop_pct=args.crop_pct)
+  except PredictError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(rows, indent=1))
+    return 0
+  for row in rows:
+    print(row['image'])
+    for rank, entry in enumerate(row['top'], 1):
+      print(f"  {rank}. {entry['name']:<12} {entry['probability']:.4f}")
+  return 0
+
+
+def predict(weights: str, images: list[str], *, model_name: str | None = None, top: int = 5,
+            batch_size: int = 16, image_size: int | None = None,
+            crop_pct: float = 0.875) -> list[dict[str, Any]]:
   """Top classes and probabilities for each image file.
 
   Args:
-    model_name: the variant the weights belong to.
-    weights: a variables directory.
-    images: image file paths.
+    weights: a variables directory or a training workdir.
+    images: image file paths (local or gs://...).
+    model_name: if given, the variant the weights must hold.
     top: how many classes per image.
+    batch_size: images per forward pass; the last batch is padded to it.
     image_size: the crop size; default from the weights' metadata, else 224.
     crop_pct: centre crop fraction.
 
   Returns:
-    [(path, [(class name, probability), ...]), ...] in the order of `images`.
+    [{'image': path, 'top': [{'label': int, 'name': str, 'probability': float}, ...]}, ...]
+    in the order of `images`, each 'top' in decreasing probability.
 
   Raises:
     PredictError: unreadable weights or images, or weights of another variant.
   """
   # Imported here so that `--help` and argument errors answer at once.
+  console.quiet_startup()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from rmt_jax import checkpoint, input_pipeline  # pylint: disable=g-import-not-at-top
-  from rmt_jax.models import canonical_name, create_model  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from rmt_jax import checkpoint, class_names, input_pipeline, loading
+  from rmt_jax.models import canonical_name
+  # pylint: enable=g-import-not-at-top
 
+  # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
   tf.config.set_visible_devices([], 'GPU')
+  if batch_size < 1 or top < 1:
+    raise PredictError('--batch-size and --top must be at least 1')
   try:
-    name = canonical_name(model_name)
-    variables, metadata = checkpoint.load_variables(weights)
+    wanted = canonical_name(model_name) if model_name else None
+    model, variables, metadata = loading.load_with_metadata(weights)
   except (ValueError, checkpoint.CheckpointNotFoundError) as e:
     raise PredictError(str(e)) from None
-  stored = metadata.get('model')
-  if stored and canonical_name(stored) != name:
+  stored = metadata['model']
+  if wanted and canonical_name(stored) != wanted:
     raise PredictError(f'{weights} holds {stored} weights, not {model_name}')
-  model = create_model(name, **metadata.get('model_overrides', {}))
-  missing = [p for p in images if not os.path.isfile(p)]
+  missing = [p for p in images if not tf.io.gfile.exists(p) or tf.io.gfile.isdir(p)]
   if missing:
     raise PredictError(f'no such image file: {", ".join(missing)}')
 
   cfg = input_pipeline.default_config()
   cfg.image_size = image_size or metadata.get('image_size', 224)
   cfg.crop_pct = crop_pct
-  batch = []
+  pixels = []
   for path in images:
     try:
       raw = {'image': tf.io.read_file(path), 'label': tf.constant(0, tf.int64)}
-      batch.append(input_pipeline.eval_preprocess(raw, cfg)['image'].numpy())
+      pixels.append(input_pipeline.eval_preprocess(raw, cfg)['image'].numpy())
     except tf.errors.OpError:
       raise PredictError(f'cannot decode {path}: not a JPEG, PNG, GIF, BMP or WebP image'
                          ) from None
-  logits = jax.jit(model.apply)({k: variables[k] for k in ('params', 'batch_stats')},
-                                np.stack(batch))
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x), axis=-1))
+  probs = []
+  for start in range(0, len(pixels), batch_size):
+    chunk = np.stack(pixels[start:start + batch_size])
+    # Padded to the batch size: every call has the same shape, so it compiles once.
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
+                                             chunk.dtype)])
+    probs.append(np.asarray(forward(variables, padded))[:len(chunk)])
+  probs = np.concatenate(probs)
   num_classes = probs.shape[-1]
-  names = metadata.get('class_names') or (
-      imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)])
+  names = metadata.get('class_names') or class_names.default_class_names(num_classes)
+  if len(names) != num_classes:
+    raise PredictError(f'{weights} stores {len(names)} class names for a model with '
+                       f'{num_classes} outputs')
   rows = []
   for path, p in zip(images, probs):
     order = np.argsort(-p, kind='stable')[:top]
-    rows.append((path, [(names[i], float(p[i])) for i in order]))
+    rows.append({'image': path, 'top': [{'label': int(i), 'name': str(names[i]),
+                                         'probability': float(p[i])} for i in order]})
   return rows
 
 

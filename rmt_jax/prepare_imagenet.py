@@ -12,12 +12,18 @@ DATA_DIR/imagenet2012/<version>/. It takes a few hours and ~150 GB.
 
 import os
 
-from absl import app
-from absl import flags
-import tensorflow as tf
-import tensorflow_datasets as tfds
+# Before TensorFlow starts: its informational start-up notices off
+# (RMT_JAX_VERBOSE_STARTUP=1 brings them back).
+from rmt_jax import console  # pylint: disable=g-bad-import-order
 
-from rmt_jax import data_sources
+console.quiet_startup()
+
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from absl import flags  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+from rmt_jax import data_sources  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', 'TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets if empty).')

@@ -34,6 +34,7 @@ import optax
 
 from rmt_jax import checkpoint
 from rmt_jax import input_pipeline
+from rmt_jax import loading
 from rmt_jax import metrics_writer
 from rmt_jax import optim
 from rmt_jax import sharding
@@ -367,10 +368,9 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
   """Loads `config.init_from` and reports top-1/top-5/loss over the whole eval split."""
   if not config.init_from:
     raise ValueError('config.eval_only needs config.init_from (converted weights or a run).')
-  variables, metadata = checkpoint.load_variables(config.init_from)
-  model = create_model(metadata['model'], **metadata.get('model_overrides', {}),
-                       dtype=jnp.dtype(config.get('dtype', 'float32')),
-                       kernels=kernel_forms.for_devices(mesh))
+  model, variables, metadata = loading.load_with_metadata(
+      config.init_from, dtype=jnp.dtype(config.get('dtype', 'float32')),
+      kernels=kernel_forms.for_devices(mesh))
   weights = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   shardings = sharding.state_shardings(weights, mesh, config.fsdp_min_size)
   weights = _place(weights, shardings)
@@ -497,6 +497,9 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
   ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=config.max_to_keep,
                                       async_save=config.async_checkpoints)
   meta = {'model': config.model, 'model_overrides': model_overrides(config)}
+  names = input_pipeline.class_names(config.data)
+  if names:  # `predict` prints them (a folder's class names, ImageNet's readable names).
+    meta['class_names'] = names
   preemption = _Preemption()
   try:
     state, data_state, source = checkpoint.restore_or_initialize(

@@ -32,14 +32,11 @@ class VisualizeError(Exception):
 
 def load_model(path: str) -> tuple[Any, dict[str, Any]]:
   """(model, {'params', 'batch_stats'}) from a variables directory or a training workdir."""
-  from rmt_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from rmt_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from rmt_jax import checkpoint, loading  # pylint: disable=g-import-not-at-top
   try:
-    variables, metadata = checkpoint.load_variables(path)
+    return loading.load(path)
   except checkpoint.CheckpointNotFoundError as e:
     raise VisualizeError(str(e)) from None
-  model = create_model(metadata['model'], **metadata.get('model_overrides', {}))
-  return model, {k: variables[k] for k in ('params', 'batch_stats')}
 
 
 def load_image(path: str, image_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
-"""End-to-end tests of `main.py` in subprocesses: the missing-data message, exact resumption
-after SIGKILL, saving on SIGTERM, eval-only, and two processes training together.
+"""End-to-end tests of `main.py` in subprocesses: the missing-data message, one-line data errors,
+a console free of start-up notices, exact resumption after SIGKILL, saving on SIGTERM,
+eval-only, and two processes training together.
 
 They train `configs/tiny_test.py` (a two-stage miniature on 16x16 digits) for a few steps. All
 subprocesses share one persistent compilation cache, so a program compiles once per session.
@@ -8,6 +9,7 @@ subprocesses share one persistent compilation cache, so a program compiles once 
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 from rmt_jax import checkpoint
+from conftest import main_env, write_image_folder  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -28,13 +31,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope='session')
 def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(
-      os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-      # ~3x faster XLA:CPU compiles; every run of a comparison is compiled alike.
-      XLA_FLAGS='--xla_backend_optimization_level=0', TF_CPP_MIN_LOG_LEVEL='2')
+  return main_env(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.fixture(scope='session')
@@ -60,6 +57,51 @@ def test_missing_imagenet_prints_instructions_not_a_traceback(tmp_path, env):
   assert 'python -m rmt_jax.prepare_imagenet' in proc.stderr
   assert 'ILSVRC2012_img_train.tar' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def _break_folder(root: pathlib.Path, case: str) -> None:
+  if case == 'val class missing from train':
+    write_image_folder(root / 'extra', {'val': 1})
+    (root / 'extra/val/cat').rename(root / 'val/bird')
+  elif case == 'empty class folder':
+    for image in (root / 'train/dog').iterdir():
+      image.unlink()
+  elif case == 'unreadable image':
+    # Most of the training images, so that the first batch holds one whatever the order.
+    for name in ('cat', 'dog'):
+      for i in range(8):
+        (root / f'train/{name}/{i}.png').unlink()
+        (root / f'train/{name}/broken{i}.jpg').write_text('not an image')
+  elif case == 'missing split':
+    for image in (root / 'val').glob('*/*'):
+      image.unlink()
+    for folder in (root / 'val').iterdir():
+      folder.rmdir()
+    (root / 'val').rmdir()
+
+
+@pytest.mark.parametrize('case,message', [
+    ('val class missing from train', r"val/bird: class 'bird' has no folder in .*/train.*add "
+                                     r'train/bird/'),
+    ('empty class folder', r'/train/dog holds no images .*add its images or remove the folder'),
+    ('unreadable image', r'/train/(cat|dog)/broken\d\.jpg is not a JPEG or PNG image .*remove '
+                         r'it'),
+    ('missing split', r"image folder split not found: '.*/val' does not exist; put the val "
+                      r'images in .*/val/<class name>/'),
+])
+def test_data_errors_are_one_line_naming_the_path(tmp_path, env, case, message):
+  root = tmp_path / 'data'
+  write_image_folder(root, {'train': 8, 'val': 2})
+  _break_folder(root, case)
+  proc = _run([sys.executable, str(REPO / 'main.py'), '--config',
+               str(REPO / 'configs/tiny_test.py'), '--workdir', str(tmp_path / 'run'),
+               '--config.data.dataset=folder', f'--config.data.folder_root={root}',
+               '--config.num_classes=3'], env)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert re.search(message, errors[0]), errors[0]
 
 
 # Runs main.py, but SIGKILLs itself when asked for the 4th batch (steps 1-3 dispatched), once
@@ -90,6 +132,9 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path, env, digit
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   proc = _run(_main_args(straight, digits_dir), env)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The console starts with the run, not with TensorFlow's and XLA's start-up notices.
+  for notice in ('oneDNN', "Unable to initialize backend 'tpu'", 'absl::InitializeLog'):
+    assert notice not in proc.stderr
 
   proc = _run([sys.executable, '-c', _KILL_AFTER_3] + _main_args(killed, digits_dir), env)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

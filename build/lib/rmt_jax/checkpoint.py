@@ -1,0 +1,359 @@
+"""Checkpoints on disk: directories of model variables (orbax) with a JSON description.
+
+A variables directory, as written by `python -m rmt_jax.convert torch2flax` or
+`save_variables`, holds:
+
+    DIR/rmt_jax.json   {"format": "rmt_jax.variables", "version": 1, "model": "rmt_s",
+                        "model_overrides": {...}, ...anything the writer adds}
+    DIR/variables/     an orbax StandardCheckpointer tree: {'params', 'batch_stats',
+                        and optionally 'official_buffers'} (see rmt_jax.convert)
+
+`load_variables` reads it back as host (NumPy) arrays; it also reads a training workdir (the
+latest checkpoint's EMA weights, or raw weights where the run kept no EMA).
+
+Training runs (`TrainCheckpointer`, `restore_or_initialize`) keep an orbax CheckpointManager
+under WORKDIR/checkpoints/<step>/{state, data, meta}: the whole train state, the input
+pipeline's position and the model's description; saves are asynchronous and atomic, and a run
+resumes from the latest complete one.
+"""
+
+import json
+import os
+import secrets
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from etils import epath
+import orbax.checkpoint as ocp
+
+FORMAT = 'rmt_jax.variables'
+METADATA_FILE = 'rmt_jax.json'
+VARIABLES_DIR = 'variables'
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """The path holds no rmt_jax checkpoint; the message says what was expected there."""
+
+
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+  """A path the user gave, local or on an object store (gs://, s3://), as an `epath.Path`.
+
+  `pathlib.Path('gs://bucket/w')` is `gs:/bucket/w`, a local path; epath keeps the URL and
+  reaches the bucket through TensorFlow's or fsspec's file systems. Local paths are made
+  absolute (orbax refuses relative ones) with `~` expanded.
+  """
+  text = os.fspath(path)
+  if is_object_store(text):
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def is_object_store(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (gs://bucket/..., s3://...) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+  """Writes a new file whole or not at all.
+
+  Locally the bytes go to a hidden file beside `path` that is renamed into place; an object
+  store has no rename, but it publishes an object only once its upload is complete, so the
+  object is written directly.
+
+  Raises:
+    FileExistsError: `path` exists.
+  """
+  path = resolve_path(path)
+  if path.exists():
+    raise FileExistsError(f'{path} exists; choose a new name or remove it first')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_object_store(path):
+    path.write_bytes(data)
+    return
+  # Created with open(), not mkstemp: the file gets the umask's permissions, not 0600.
+  staging = path.parent / f'.{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
+  try:
+    with open(staging, 'xb') as f:
+      f.write(data)
+    os.replace(staging, path)
+  except BaseException:
+    staging.unlink(missing_ok=True)
+    raise
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
+                   metadata: Mapping[str, Any]) -> None:
+  """Writes `variables` and their description to a new directory, atomically.
+
+  Locally the directory is assembled beside `path` and renamed into place only when complete.
+  On an object store (no directory renames) it is written in place with `rmt_jax.json` last:
+  readers require that file, so an interrupted save is never read as weights, and a failed
+  one removes what it wrote.
+
+  Args:
+    path: the directory to create (local or gs://...); must not exist.
+    variables: {'params', 'batch_stats', ...} of arrays.
+    metadata: JSON-serialisable description; must name the variant under 'model' (and any
+      `create_model` overrides under 'model_overrides') so that readers can rebuild the model;
+      'class_names' (one per output, in label order) names the classes for `predict`.
+
+  Raises:
+    FileExistsError: `path` exists.
+    ValueError: metadata without 'model'.
+  """
+  path = resolve_path(path)
+  if path.exists():
+    raise FileExistsError(f'{path} exists; choose a new directory or remove it first')
+  if 'model' not in metadata:
+    raise ValueError("metadata must name the variant under 'model'")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  local = not is_object_store(path)
+  if local:
+    staging = epath.Path(tempfile.mkdtemp(prefix=f'.{path.name}.partial-', dir=path.parent))
+    # mkdtemp makes the directory private (0700); a weights directory is meant to be shared
+    # like any other directory the user creates.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+  else:
+    staging = path
+  try:
+    host = jax.tree.map(np.asarray, dict(variables))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staging / VARIABLES_DIR, host)
+    checkpointer.wait_until_finished()
+    description = json.dumps({'format': FORMAT, 'version': 1, **metadata}, indent=2,
+                             sort_keys=True)
+    write_atomically(staging / METADATA_FILE, description.encode())
+    if local:
+      staging.rename(path)
+  except BaseException:
+    staging.rmtree(missing_ok=True)
+    raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """The JSON description of a variables directory (local or on an object store).
+
+  Raises:
+    CheckpointNotFoundError: `path` is not a variables directory.
+  """
+  path = resolve_path(path)
+  meta_file = path / METADATA_FILE
+  if not meta_file.exists() or not (path / VARIABLES_DIR).is_dir():
+    raise CheckpointNotFoundError(
+        f'{path} is not an rmt_jax variables directory (expected {METADATA_FILE} and '
+        f'{VARIABLES_DIR}/ in it, as written by `python -m rmt_jax.convert torch2flax`)')
+  metadata = json.loads(meta_file.read_text())
+  if metadata.get('format') != FORMAT:
+    raise CheckpointNotFoundError(f'{meta_file} is not an rmt_jax variables description')
+  return metadata
+
+
+def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads the weights in a variables directory or a training workdir, and their description.
+
+  Returns a pair, not variables alone: `model.apply(variables, x)` takes the first element.
+  To get the model too, use `rmt_jax.load(path)`, which rebuilds it from the description.
+
+  Args:
+    path: a directory written by `save_variables` (e.g. by the converter), or a training
+      workdir (`main.py --workdir`): its latest checkpoint, EMA weights where the run kept
+      them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step). Local or on
+      an object store (gs://...).
+
+  Returns:
+    (variables, metadata): variables = {'params', 'batch_stats'[, 'official_buffers']} as
+    NumPy arrays; metadata = the JSON description: 'model' and 'model_overrides' (the
+    `create_model` arguments), 'class_names' where the writer stored them, and whatever else
+    the writer added ('step', 'weights', 'source', ...).
+
+  Raises:
+    CheckpointNotFoundError: `path` holds no checkpoint that rmt_jax can read.
+  """
+  path = resolve_path(path)
+  if not (path / METADATA_FILE).exists():
+    run = _latest_training_checkpoint(path)
+    if run is not None:
+      return _load_training_run(*run)
+  metadata = read_metadata(path)
+  restored = ocp.StandardCheckpointer().restore(path / VARIABLES_DIR)
+  return jax.tree.map(np.asarray, restored), metadata
+
+
+# ---------------------------------------------------------------------------------------
+# Training runs: an orbax CheckpointManager over WORKDIR/checkpoints.
+#
+#   WORKDIR/checkpoints/<step>/state/   the train state pytree (each process writes its shards)
+#   WORKDIR/checkpoints/<step>/data/    the input pipeline position (JSON, process 0 writes)
+#   WORKDIR/checkpoints/<step>/meta/    {'model', 'model_overrides', 'step'} (JSON)
+#
+# orbax writes each step into a temporary directory and renames it when every process has
+# finished, so a run killed mid-save leaves the previous step as the latest complete one.
+
+CHECKPOINTS_DIR = 'checkpoints'
+
+
+class TrainCheckpointer:
+  """Periodic, asynchronous checkpoints of a training run.
+
+  Every process must call `save` and `restore` at the same steps (orbax synchronises them).
+
+  Args:
+    workdir: the run's directory (local, gs://, ...).
+    max_to_keep: the newest checkpoints kept; older ones are deleted.
+    async_save: write in a background thread after the arrays are copied to host memory, so
+      that training continues during the write.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    workdir = str(workdir)
+    if '://' not in workdir:  # orbax refuses relative paths; URLs (gs://...) are absolute
+      workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        # The loop decides when to save (interval, epoch end, preemption, end of run).
+        save_interval_steps=1)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_item_handlers())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any],
+           meta: Mapping[str, Any]) -> None:
+    """Starts saving; returns once the arrays are on the host (donating them is then safe)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+        meta=ocp.args.JsonSave({**meta, 'step': int(step)})), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state placed as `abstract_state`'s shardings say, data iterator position)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['data'])
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, then releases the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_or_initialize(
+    checkpointer: TrainCheckpointer, abstract_state: Any, *,
+    initialize: Callable[[], Any], init_from: str = '',
+    load_weights: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], Any] | None = None,
+) -> tuple[Any, dict[str, Any] | None, str]:
+  """The train state to start from, in the resume order of the house style.
+
+  1. The latest complete checkpoint in the workdir (a resumed or preempted run): the whole
+     state and the data position.
+  2. Else `init_from` (converted PyTorch weights, or another run's workdir): a fresh state
+     whose weights `load_weights(state, variables, metadata)` replaces.
+  3. Else the fresh state from `initialize()`.
+
+  Args:
+    checkpointer: the run's checkpoints.
+    abstract_state: shapes, dtypes and shardings of the state (restore target).
+    initialize: builds the fresh, sharded state.
+    init_from: '' or a path `load_variables` accepts.
+    load_weights: needed with `init_from`.
+
+  Returns:
+    (state, data iterator position or None for "from the start", where it came from:
+    'checkpoint <step>', 'init_from <path>' or 'scratch').
+  """
+  step = checkpointer.latest_step()
+  if step is not None:
+    state, data_state = checkpointer.restore(step, abstract_state)
+    return state, data_state, f'checkpoint {step}'
+  state = initialize()
+  if init_from:
+    if load_weights is None:
+      raise ValueError('init_from needs load_weights')
+    variables, metadata = load_variables(init_from)
+    return load_weights(state, variables, metadata), None, f'init_from {init_from}'
+  return state, None, 'scratch'
+
+
+def _item_handlers() -> dict[str, Any]:
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager that knows the items' handlers (so their metadata can be read)."""
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers=_item_handlers())
+
+
+def _latest_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | None:
+  """(checkpoints directory, latest step) if `path` is a training workdir, or its
+  checkpoints/ directory, holding at least one complete checkpoint; else None."""
+  for directory in (os.path.join(str(path), CHECKPOINTS_DIR), str(path)):
+    if not epath.Path(directory).is_dir():
+      continue
+    manager = _reader(directory)
+    step = manager.latest_step()
+    manager.close()
+    if step is not None:
+      return directory, step
+  return None
+
+
+def load_train_state(path: str | os.PathLike,
+                     step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A training checkpoint's whole state as NumPy arrays, on any number of devices.
+
+  Args:
+    path: a training workdir or its checkpoints/ directory.
+    step: which checkpoint; None = the latest complete one.
+
+  Returns:
+    ({'step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'rng'}
+    as nested dicts of arrays, {'model', 'model_overrides', 'step'}).
+
+  Raises:
+    CheckpointNotFoundError: no complete training checkpoint there.
+  """
+  run = _latest_training_checkpoint(path)
+  if run is None:
+    raise CheckpointNotFoundError(f'{path} holds no complete training checkpoint '
+                                  f'(expected {CHECKPOINTS_DIR}/<step>/ written by main.py)')
+  directory, latest = run
+  step = latest if step is None else step
+  manager = _reader(directory)
+  try:
+    tree = manager.item_metadata(step)['state']
+    # A host-memory target restores on any number of devices, whatever the run's mesh was;
+    # np.empty only reserves the memory that the restore then fills.
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(tree))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return restored['state'], dict(restored['meta'])
+
+
+def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The weights of one training checkpoint as NumPy arrays: the EMA weights where the run
+  kept them (they evaluate better, as in the official release), else the raw ones."""
+  state, meta = load_train_state(directory, step)
+  use_ema = bool(state.get('ema_params'))
+  prefix = 'ema_' if use_ema else ''
+  variables = {'params': state[prefix + 'params'],
+               'batch_stats': state.get(prefix + 'batch_stats') or {}}
+  metadata = {'format': FORMAT, 'version': 1, 'model': meta['model'],
+              'model_overrides': meta.get('model_overrides', {}), 'step': int(step),
+              'weights': 'ema' if use_ema else 'raw', 'source': f'{directory}/{step}'}
+  if meta.get('class_names'):
+    metadata['class_names'] = list(meta['class_names'])
+  return jax.tree.map(np.asarray, variables), metadata
