@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmt_jax.models import attention_maps
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
@@ -336,6 +337,8 @@ class ManhattanSelfAttention(nn.Module):
     heads_range: the stage's `heads_ranges` (spread of decay rates over heads).
     axial: decomposed (True) or whole-image (False) attention.
     kernels: 'auto', 'xla' or 'cpu' (see `rmt_jax.models.kernels`).
+    capture_attention: also compute the softmax weights and sow them into 'intermediates'
+      (see `rmt_jax.models.attention_maps`); when False nothing of it is traced.
   """
   num_heads: int
   initial_value: float
@@ -344,6 +347,7 @@ class ManhattanSelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  capture_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -358,11 +362,17 @@ class ManhattanSelfAttention(nn.Module):
 
     rates = (self.num_heads, self.initial_value, self.heads_range)
 
+    def shifted(t):  # (b, h, w, heads, d) with the rotary shift
+      sin, cos = (s.astype(self.dtype)[:, :, None, :]
+                  for s in decay.rotary_tables(height, width, key_dim))
+      return theta_shift(t.reshape(batch, height, width, heads, key_dim), sin, cos)
+
+    if self.capture_attention:
+      # Apart from the attention itself, which may run as a kernel that never forms the weights.
+      attention_maps.sow(self, shifted(q), shifted(k), self.axial, rates)
+
     def plain(q, k, v):
-      sin, cos = (t.astype(self.dtype)[:, :, None, :]
-                  for t in decay.rotary_tables(height, width, key_dim))
-      q = theta_shift(q.reshape(batch, height, width, heads, key_dim), sin, cos)
-      k = theta_shift(k.reshape(batch, height, width, heads, key_dim), sin, cos)
+      q, k = shifted(q), shifted(k)
       v = v.reshape(batch, height, width, heads, key_dim)
       attend = _axial_attention if self.axial else _whole_attention
       return attend(q, k, v, rates, self.dtype).reshape(batch, height, width, dim)
@@ -401,6 +411,7 @@ class RetBlock(nn.Module):
   Attributes:
     drop_path: stochastic depth rate of this block (drawn from the 'dropout' rng stream).
     layerscale: learn per-channel gammas (initialised to `layer_init_values`).
+    capture_attention: sow the attention weights (see `ManhattanSelfAttention`).
   """
   num_heads: int
   initial_value: float
@@ -413,6 +424,7 @@ class RetBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  capture_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -423,7 +435,8 @@ class RetBlock(nn.Module):
     x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='pos')(x)
 
     y = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range, self.axial,
-                               name='retention', **common)(
+                               name='retention', capture_attention=self.capture_attention,
+                               **common)(
                                    layer_norm('retention_layer_norm', self.param_dtype)(x))
     if self.layerscale:
       y = y * self._gamma('gamma_1', dim)

@@ -38,6 +38,7 @@ class Stage(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  capture_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
@@ -46,7 +47,8 @@ class Stage(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.initial_value, self.heads_range, self.axial,
                     self.mlp_ratio, self.drop_path[i], self.layerscale, self.layer_init_values,
-                    self.dtype, self.param_dtype, self.kernels, name=f'blocks_{i}')(x, train)
+                    self.dtype, self.param_dtype, self.kernels,
+                    capture_attention=self.capture_attention, name=f'blocks_{i}')(x, train)
     if self.out_dim is None:
       return x, None
     merged = layers.PatchMerging(self.out_dim, self.dtype, self.param_dtype, self.kernels,
@@ -61,7 +63,9 @@ class RMT(nn.Module):
   `chunkwise_recurrents`: True selects the decomposed W-then-H attention) and `remat` (official
   `use_checkpoints`: rematerialise the stage's blocks in the backward pass) and `kernels` (which
   form of the backend-specific operations to compile: 'auto', 'xla' or 'cpu', see
-  `rmt_jax.models.kernels`; every form computes the same function).
+  `rmt_jax.models.kernels`; every form computes the same function) and `capture_attention` (also
+  sow every block's attention weights into the 'intermediates' collection, see
+  `rmt_jax.models.attention_maps`; off by default, and then not traced at all).
 
   `num_classes=0` drops the head: `__call__` then returns the pooled features (batch, projection).
   `token_label=True` adds the token-labeling `aux_head` (a Linear on the last stage's tokens);
@@ -85,6 +89,7 @@ class RMT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
+  capture_attention: bool = False
 
   def setup(self):
     kernels_lib.check(self.kernels)
@@ -109,7 +114,8 @@ class RMT(nn.Module):
               drop_path=tuple(rates[starts[i]:starts[i + 1]]), layerscale=self.layerscales[i],
               layer_init_values=self.layer_init_values,
               out_dim=self.embed_dims[i + 1] if i < n - 1 else None, remat=self.remat[i],
-              dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
+              dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
+              capture_attention=self.capture_attention)
         for i in range(n)]
     self.proj = layers.dense(self.projection, self.dtype, self.param_dtype, 'proj')
     self.norm = layers.batch_norm('norm', self.param_dtype)

@@ -1,0 +1,249 @@
+"""Draw what RMT attends to: each head's decay prior and attention map around a query point.
+
+    python -m rmt_jax.visualize --weights DIR IMAGE --out attention.png \\
+        [--stage S] [--block B] [--query X,Y] [--image-size N] [--crop-pct F]
+    python -m rmt_jax.visualize --decay-only --model rmt_s --out priors.png [--query X,Y]
+
+The first writes one PNG: the (preprocessed) image with the query token marked, and for each
+head of block B of stage S its decay prior `gamma_h ** manhattan_distance` around the query and
+the attention of the query over the map (for axial blocks the effective 2-d attention of the row
+then column passes), both upsampled onto the image. `DIR` is a variables directory or a training
+workdir; the model comes from its metadata. The second draws the priors of every stage's heads
+for an image of --image-size, without weights. X, Y are pixels of the centre crop (default: its
+centre). Needs matplotlib (in requirements.txt; the model does not).
+"""
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+# TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+_PRIOR_CMAP, _ATTENTION_CMAP, _ALPHA = 'viridis', 'inferno', 0.6
+
+
+class VisualizeError(Exception):
+  """Bad input to the visualize command; the message says what to fix."""
+
+
+def load_model(path: str) -> tuple[Any, dict[str, Any]]:
+  """(model, {'params', 'batch_stats'}) from a variables directory or a training workdir."""
+  from rmt_jax import checkpoint, loading  # pylint: disable=g-import-not-at-top
+  try:
+    return loading.load(path)
+  except checkpoint.CheckpointNotFoundError as e:
+    raise VisualizeError(str(e)) from None
+
+
+def load_image(path: str, image_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:
+  """The evaluation preprocessing of `rmt_jax.predict`: (uint8 crop to draw, normalised input).
+
+  Returns:
+    uint8 (size, size, 3) and float32 (size, size, 3).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from rmt_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  if not os.path.isfile(path):
+    raise VisualizeError(f'no such image file: {path}')
+  cfg = input_pipeline.default_config()
+  try:
+    crop = augment.decode_and_center_crop(tf.io.read_file(path), size=image_size,
+                                          crop_pct=crop_pct, interpolation=cfg.interpolation)
+  except tf.errors.OpError:
+    raise VisualizeError(f'cannot decode {path}: not a JPEG, PNG, GIF, BMP or WebP image'
+                         ) from None
+  return crop.numpy(), augment.normalize(crop).numpy()
+
+
+def query_token(query: tuple[int, int], image_shape: tuple[int, int],
+                map_shape: tuple[int, int]) -> tuple[int, int]:
+  """The (row, column) of the map token that covers pixel `query` = (x, y) of the image."""
+  (x, y), (height, width), (rows, cols) = query, image_shape, map_shape
+  if not (0 <= x < width and 0 <= y < height):
+    raise VisualizeError(f'--query {x},{y} is outside the {width}x{height} image')
+  return min(y * rows // height, rows - 1), min(x * cols // width, cols - 1)
+
+
+def _overlay(ax, image: np.ndarray | None, values: np.ndarray, image_shape: tuple[int, int],
+             token: tuple[int, int], cmap: str, vmax: float, title: str, label: str) -> None:
+  """Draws `values` (a map) stretched over the image's extent, and marks the query token."""
+  height, width = image_shape
+  rows, cols = values.shape
+  extent = (0, width, height, 0)
+  if image is not None:
+    ax.imshow(image, extent=extent)
+  # Nearest: each token stays the block of pixels it stands for.
+  ax.imshow(values, extent=extent, cmap=cmap, vmin=0.0, vmax=vmax, interpolation='nearest',
+            alpha=_ALPHA if image is not None else 1.0)
+  ax.plot((token[1] + 0.5) * width / cols, (token[0] + 0.5) * height / rows, marker='+',
+          color='cyan', markersize=8, markeredgewidth=1.5)
+  ax.set_title(title, fontsize=7)
+  ax.set_label(label)
+  ax.set_axis_off()
+
+
+def attention_figure(image: np.ndarray, priors: np.ndarray, attention: np.ndarray,
+                     token: tuple[int, int], log_gammas: np.ndarray, title: str) -> Any:
+  """The image, then per head its prior (top row) and the query's attention (bottom row).
+
+  Args:
+    image: uint8 (height, width, 3).
+    priors: (heads, rows, cols), from `attention_maps.decay_prior`.
+    attention: (heads, rows, cols), from `attention_maps.query_attention`.
+    token: the query's (row, column) on the map.
+    log_gammas: (heads,) the decay rates, for the titles.
+    title: the figure's title.
+
+  Returns:
+    A matplotlib Figure; its axes are labelled 'image', 'prior/<h>' and 'attention/<h>'.
+  """
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  heads = priors.shape[0]
+  fig = figure.Figure(figsize=(max(1.7 * (heads + 1), 5.0), 4.0), dpi=100, layout='constrained')
+  grid = fig.add_gridspec(2, heads + 1)
+  ax = fig.add_subplot(grid[:, 0])
+  ax.imshow(image)
+  rows, cols = priors.shape[1:]
+  ax.plot((token[1] + 0.5) * image.shape[1] / cols, (token[0] + 0.5) * image.shape[0] / rows,
+          marker='+', color='cyan', markersize=10, markeredgewidth=2)
+  ax.set_title('image, query', fontsize=8)
+  ax.set_label('image')
+  ax.set_axis_off()
+  for h in range(heads):
+    gamma = float(np.exp(log_gammas[h]))
+    _overlay(fig.add_subplot(grid[0, h + 1]), image, priors[h], image.shape[:2], token,
+             _PRIOR_CMAP, 1.0, f'head {h} prior\ngamma {gamma:.4f}', f'prior/{h}')
+    # Each head on its own scale: a sharp head's peak would wash out a diffuse one.
+    _overlay(fig.add_subplot(grid[1, h + 1]), image, attention[h], image.shape[:2], token,
+             _ATTENTION_CMAP, float(attention[h].max()),
+             f'head {h} attention\nmax {float(attention[h].max()):.3f}', f'attention/{h}')
+  fig.suptitle(title, fontsize=9)
+  return fig
+
+
+def prior_figure(model: Any, image_size: int, query: tuple[int, int]) -> Any:
+  """Every stage's heads' decay priors around the pixel `query` of an image_size^2 image.
+
+  Returns:
+    A matplotlib Figure, one row per stage; its axes are labelled 'prior/<stage>/<h>'.
+  """
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from rmt_jax.models import attention_maps, decay  # pylint: disable=g-import-not-at-top
+  stages = len(model.depths)
+  shapes = attention_maps.map_shapes(image_size, image_size, stages)
+  most = max(model.num_heads)
+  fig = figure.Figure(figsize=(max(1.5 * most, 5.0), 1.8 * stages + 0.4), dpi=100,
+                       layout='constrained')
+  grid = fig.add_gridspec(stages, most)
+  for s, shape in enumerate(shapes):
+    rates = (model.num_heads[s], model.init_values[s], model.heads_ranges[s])
+    token = query_token(query, (image_size, image_size), shape)
+    priors = attention_maps.decay_prior(*shape, *token, rates)
+    for h, gamma in enumerate(np.exp(decay.log_gamma(*rates))):
+      _overlay(fig.add_subplot(grid[s, h]), None, priors[h], (image_size, image_size), token,
+               _PRIOR_CMAP, 1.0, f'stage {s} ({shape[0]}x{shape[1]}) head {h}\n'
+               f'gamma {gamma:.4f}', f'prior/{s}/{h}')
+  fig.suptitle(f'decay priors gamma_h ** manhattan distance\n{image_size}x{image_size} input',
+               fontsize=9)
+  return fig
+
+
+def block_attention(model: Any, variables: Any, image: np.ndarray, inputs: np.ndarray,
+                    stage: int, block: int, query: tuple[int, int]) -> Any:
+  """The figure of one block: captures the model's attention on `inputs` and draws it.
+
+  Args:
+    model: an `RMT`.
+    variables: its {'params', 'batch_stats'}.
+    image: uint8 (size, size, 3), what is drawn.
+    inputs: float32 (size, size, 3), what the model sees.
+    stage: which stage.
+    block: which block of it.
+    query: pixel (x, y) of the image.
+
+  Returns:
+    `attention_figure`'s Figure.
+  """
+  from rmt_jax.models import attention_maps, decay  # pylint: disable=g-import-not-at-top
+  if not 0 <= stage < len(model.depths):
+    raise VisualizeError(f'--stage {stage}: the model has stages 0..{len(model.depths) - 1}')
+  if not 0 <= block < model.depths[stage]:
+    raise VisualizeError(f'--block {block}: stage {stage} has blocks '
+                         f'0..{model.depths[stage] - 1}')
+  shape = attention_maps.map_shapes(*image.shape[:2], len(model.depths))[stage]
+  token = query_token(query, image.shape[:2], shape)
+  _, maps = attention_maps.capture(model, variables, inputs[None])
+  attention = np.asarray(attention_maps.query_attention(maps[stage, block], *token, *shape))[0]
+  rates = (model.num_heads[stage], model.init_values[stage], model.heads_ranges[stage])
+  form = 'axial (row then column)' if model.axial[stage] else 'whole'
+  return attention_figure(image, attention_maps.decay_prior(*shape, *token, rates), attention,
+                          token, decay.log_gamma(*rates),
+                          f'stage {stage} block {block}: {form} attention\n'
+                          f'{shape[0]}x{shape[1]} map, query token row {token[0]} col {token[1]}')
+
+
+def _parse_query(text: str | None, image_size: int) -> tuple[int, int]:
+  if text is None:
+    return image_size // 2, image_size // 2
+  try:
+    x, y = (int(v) for v in text.split(','))
+  except ValueError:
+    raise VisualizeError(f'--query takes X,Y in pixels, got {text!r}') from None
+  return x, y
+
+
+def run(args: argparse.Namespace) -> None:
+  """Writes the PNG the parsed command line asks for (see the module docstring)."""
+  if args.decay_only:
+    if not args.model:
+      raise VisualizeError('--decay-only needs --model NAME (e.g. rmt_s)')
+    from rmt_jax.models import create_model  # pylint: disable=g-import-not-at-top
+    try:
+      model = create_model(args.model)
+    except ValueError as e:
+      raise VisualizeError(str(e)) from None
+    size = args.image_size or 224
+    fig = prior_figure(model, size, _parse_query(args.query, size))
+  else:
+    if not args.weights or not args.image:
+      raise VisualizeError('give --weights DIR and an IMAGE (or --decay-only --model NAME)')
+    model, variables = load_model(args.weights)
+    size = args.image_size or 224
+    image, inputs = load_image(args.image, size, args.crop_pct)
+    fig = block_attention(model, variables, image, inputs, args.stage, args.block,
+                          _parse_query(args.query, size))
+  fig.savefig(args.out, format='png')
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('image', nargs='?', help='image file (JPEG, PNG, GIF, BMP)')
+  parser.add_argument('--weights', help='variables directory or training workdir')
+  parser.add_argument('--out', required=True, help='the PNG to write')
+  parser.add_argument('--stage', type=int, default=0, help='stage to draw (default 0)')
+  parser.add_argument('--block', type=int, default=0, help='block of the stage (default 0)')
+  parser.add_argument('--query', help='X,Y: pixel of the crop to look from (default: centre)')
+  parser.add_argument('--image-size', type=int, default=None,
+                      help='crop size, as in training (default 224)')
+  parser.add_argument('--crop-pct', type=float, default=0.875,
+                      help='centre crop fraction of the resized image (official: 0.875)')
+  parser.add_argument('--decay-only', action='store_true',
+                      help="draw every stage's priors of --model, without weights or image")
+  parser.add_argument('--model', help='variant for --decay-only, e.g. rmt_s')
+  args = parser.parse_args(argv)
+  try:
+    run(args)
+  except VisualizeError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
