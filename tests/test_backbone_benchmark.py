@@ -1,15 +1,15 @@
-"""benchmarks.backbone: the constants it reports are the program's, and both modes run."""
+"""benchmarks.backbone: the program embeds no table that grows with the input, and both modes
+run."""
 
-from rmt_jax.models import decay
 
-
-def test_reports_the_embedded_decay_table_and_runs_both_modes():
+def test_program_embeds_no_decay_table_and_both_modes_run():
   from benchmarks import backbone  # pylint: disable=g-import-not-at-top
   # rmt_tiny at 128 x 192: stage 4 attends over 4 x 6 positions with 4 heads.
   lowered = backbone.run('rmt_tiny', (128, 192), 'forward', lower_only=True)
   assert 'compile_s' not in lowered
-  table = decay.manhattan_decay(4, 6, 4, 2, 6)
-  assert (table.nbytes, '4x24x24xf32') in lowered['constants']
+  # The decay and rotary tables are computed in the program from iotas: the whole-attention
+  # decay of stage 4 (4 x 24 x 24 float32, 9216 bytes) was once its largest constant.
+  assert all(size < 1024 for size, _ in lowered['constants']), lowered['constants']
   for mode in ('forward', 'grad'):
     result = backbone.run('rmt_tiny', (64, 96), mode, repeats=1)
     assert len(result['seconds']) == 1 and result['peak_rss_bytes'] > 0
