@@ -12,8 +12,7 @@ size and batch, one mode per run, so that the process's peak memory is that mode
 
 Printed: the compiled program's size and what it embeds (the StableHLO text's length, and the
 dense constants in it: none grows with the input, the decay and rotary tables being computed
-in the program), the
-compile seconds, the seconds per call (median of `--repeats` after one untimed call), and the
+in the program), the compile seconds, the seconds per call (median of `--repeats` after one untimed call), and the
 process's peak resident memory (`getrusage` max RSS, compile included) beside XLA's own
 estimate of the computation's arguments, outputs and temporaries. `--lower-only` stops after the
 program's size (no compile, no run: seconds instead of minutes). Weights are synthetic
