@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from rmt_jax.models import cpu_forms
+from rmt_jax.models import cpu_forms, decay
 
 
 def _grouped_conv(x, kernel):
@@ -93,3 +93,12 @@ def test_conv3x3_and_its_gradients_equal_the_definition(stride, shape, out):
   assert relative_error(grad_kernel, kernel64) < 1e-6
   assert relative_error(grad_kernel, want_kernel) < 1e-6
   assert relative_error(grad_x, want_x) < 1e-6
+
+
+def test_rotary_constants_equal_the_tables_computed_in_the_program():
+  for shape in ((3, 4, 8), (56, 56, 16), (14, 14, 32)):
+    for constant, computed in zip(cpu_forms.rotary_tables(*shape),
+                                  jax.jit(decay.rotary_tables, static_argnums=(0, 1, 2))(*shape)):
+      assert constant.shape == computed.shape == shape and constant.dtype == np.float32
+      # XLA's sin and cos against NumPy's on the same float32 phases: one float32 ulp at most.
+      np.testing.assert_allclose(constant, computed, rtol=0, atol=2.4e-7)

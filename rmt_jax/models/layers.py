@@ -363,8 +363,11 @@ class ManhattanSelfAttention(nn.Module):
     rates = (self.num_heads, self.initial_value, self.heads_range)
 
     def shifted(t):  # (b, h, w, heads, d) with the rotary shift
-      sin, cos = (s.astype(self.dtype)[:, :, None, :]
-                  for s in decay.rotary_tables(height, width, key_dim))
+      # Constants on XLA CPU (see cpu_forms.rotary_tables), computed in the program elsewhere.
+      tables = kernels_lib.select(
+          self.kernels, xla=lambda: decay.rotary_tables(height, width, key_dim),
+          cpu=lambda: tuple(map(jnp.asarray, cpu_forms.rotary_tables(height, width, key_dim))))
+      sin, cos = (s.astype(self.dtype)[:, :, None, :] for s in tables)
       return theta_shift(t.reshape(batch, height, width, heads, key_dim), sin, cos)
 
     if self.capture_attention:
