@@ -1,11 +1,11 @@
 """Flax modules of RMT. Imports nothing else of rmt_jax, so the model can be used alone."""
 
-from rmt_jax.models.backbone import BackboneStage, FeatureInfo, RMTBackbone
+from rmt_jax.models.backbone import FeatureInfo, RMTBackbone
 from rmt_jax.models.rmt import RMT, Stage
 from rmt_jax.models.variants import (ALIASES, VARIANTS, backbone_from_official_kwargs,
                                      canonical_name, create_backbone, create_model,
                                      from_official_kwargs, variant_kwargs)
 
-__all__ = ['RMT', 'Stage', 'RMTBackbone', 'BackboneStage', 'FeatureInfo', 'ALIASES', 'VARIANTS',
+__all__ = ['RMT', 'Stage', 'RMTBackbone', 'FeatureInfo', 'ALIASES', 'VARIANTS',
            'backbone_from_official_kwargs', 'canonical_name', 'create_backbone', 'create_model',
            'from_official_kwargs', 'variant_kwargs']

@@ -24,6 +24,7 @@ import numpy as np
 
 from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import layers
+from rmt_jax.models.rmt import Stage
 
 Dtype = Any
 
@@ -33,46 +34,6 @@ class FeatureInfo(NamedTuple):
   stage: int
   channels: int
   stride: int
-
-
-class BackboneStage(nn.Module):
-  """One stage (the official `BasicLayer`): RetBlocks, then patch merging unless it is the last.
-
-  The variables are named as in `rmt_jax.models.Stage` (`blocks_{i}`, `downsample`), so the
-  classifier's weights fit. It differs in one flag: the blocks' stochastic depth (`train`) and
-  the patch merging's BatchNorm (`batch_norm_train`) are set apart, which `norm_eval` needs.
-
-  Returns the stage's output before downsampling and the downsampled map (None for the last).
-  """
-  depth: int
-  num_heads: int
-  initial_value: float
-  heads_range: float
-  mlp_ratio: float
-  axial: bool
-  drop_path: Sequence[float]
-  layerscale: bool
-  layer_init_values: float
-  out_dim: int | None
-  remat: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernels: str = 'auto'
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, batch_norm_train: bool = False
-               ) -> tuple[jax.Array, jax.Array | None]:
-    # static_argnums counts the module itself: `train` is argument 2 of (self, x, train).
-    block_cls = nn.remat(layers.RetBlock, static_argnums=(2,)) if self.remat else layers.RetBlock
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, self.initial_value, self.heads_range, self.axial,
-                    self.mlp_ratio, self.drop_path[i], self.layerscale, self.layer_init_values,
-                    self.dtype, self.param_dtype, self.kernels, name=f'blocks_{i}')(x, train)
-    if self.out_dim is None:
-      return x, None
-    merged = layers.PatchMerging(self.out_dim, self.dtype, self.param_dtype, self.kernels,
-                                 name='downsample')(x, batch_norm_train)
-    return x, merged
 
 
 class RMTBackbone(nn.Module):
@@ -132,14 +93,14 @@ class RMTBackbone(nn.Module):
     starts = np.cumsum([0, *self.depths]).tolist()
     self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
     self.layers = [
-        BackboneStage(depth=self.depths[i], num_heads=self.num_heads[i],
-                      initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
-                      mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
-                      drop_path=tuple(rates[starts[i]:starts[i + 1]]),
-                      layerscale=self.layerscales[i], layer_init_values=self.layer_init_values,
-                      out_dim=self.embed_dims[i + 1] if i < n - 1 else None,
-                      remat=self.remat[i], dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernels=self.kernels)
+        Stage(depth=self.depths[i], num_heads=self.num_heads[i],
+              initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
+              mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
+              drop_path=tuple(rates[starts[i]:starts[i + 1]]),
+              layerscale=self.layerscales[i], layer_init_values=self.layer_init_values,
+              out_dim=self.embed_dims[i + 1] if i < n - 1 else None,
+              remat=self.remat[i], dtype=self.dtype, param_dtype=self.param_dtype,
+              kernels=self.kernels)
         for i in range(n)]
     # PyTorch's LayerNorm default eps, not the blocks' 1e-6: the official class builds these
     # with `nn.LayerNorm(embed_dims[i])`.

@@ -41,7 +41,12 @@ class Stage(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, x: jax.Array, train: bool = False, batch_norm_train: bool | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """`train`: stochastic depth (and batch statistics); `batch_norm_train`, when given, sets
+    the patch merging's BatchNorm apart (the backbone's `norm_eval` freezes it in training)."""
+    if batch_norm_train is None:
+      batch_norm_train = train
     # static_argnums counts the module itself: `train` is argument 2 of (self, x, train).
     block_cls = nn.remat(layers.RetBlock, static_argnums=(2,)) if self.remat else layers.RetBlock
     for i in range(self.depth):
@@ -52,7 +57,7 @@ class Stage(nn.Module):
     if self.out_dim is None:
       return x, None
     merged = layers.PatchMerging(self.out_dim, self.dtype, self.param_dtype, self.kernels,
-                                 name='downsample')(x, train)
+                                 name='downsample')(x, batch_norm_train)
     return x, merged
 
 
