@@ -167,7 +167,11 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
     seconds = time.perf_counter() - start
     memory, cost = _memory(compiled), _cost(compiled)
     per_chip_memory = memory['total'] * per_chip_devices
-    step_s = cost['optimal_seconds']
+    # libtpu 0.0.42's cost model answers v4 programs with a negative time: no estimate, then.
+    step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
+    if step_s is None:
+      log(f"{name}: XLA's cost model gave no step time ({cost['optimal_seconds']:g} s) for "
+          f'{kind}; memory and FLOPs are still reported')
     entry = {
         'compile_seconds': seconds, 'memory_per_device': memory,
         'memory_per_chip': per_chip_memory,
@@ -177,6 +181,7 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
         'model_flops_per_chip': model_flops / chips,
         'bytes_accessed_per_chip': cost['bytes_accessed'] * per_chip_devices,
         'estimated_step_seconds': step_s,
+        'xla_optimal_seconds': cost['optimal_seconds'],
         'estimated_images_per_second': batch / step_s if step_s else None,
         'estimated_utilisation': (model_flops / chips / (step_s * chip.bf16_flops)
                                   if step_s else None)}
@@ -211,13 +216,13 @@ def format_table(result: dict[str, Any]) -> str:
     fits = 'yes' if e['fits'] else f"no, by {_gib(-e['headroom_bytes'])} GiB"
     images = e['estimated_images_per_second']
     util = e['estimated_utilisation']
+    estimate = (f"{1e3 * e['estimated_step_seconds']:.2f} | {images:.0f} | {100 * util:.1f}%"
+                if images else 'none | - | -')
     lines.append(
         f"| {name} | {_gib(e['memory_per_chip'])} ({_gib(n * m['arguments'])} + "
         f"{_gib(n * m['outputs'])} + {_gib(n * m['temporaries'])} - {_gib(n * m['aliased'])}) "
         f"| {_gib(result['hbm_per_chip'])} | {fits} | {e['xla_flops_per_chip'] / 1e9:.1f} | "
-        f"{e['model_flops_per_chip'] / 1e9:.1f} | {1e3 * e['estimated_step_seconds']:.2f} | "
-        f"{images:.0f} | {100 * util:.1f}% | {e['compile_seconds']:.0f} |"
-        if images else f'| {name} | ... | no estimate |')
+        f"{e['model_flops_per_chip'] / 1e9:.1f} | {estimate} | {e['compile_seconds']:.0f} |")
   return '\n'.join(lines)
 
 
