@@ -20,11 +20,9 @@ from typing import Any, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import layers
-from rmt_jax.models.rmt import Stage
+from rmt_jax.models.rmt import Stage, check_stages, drop_path_rates
 
 Dtype = Any
 
@@ -75,28 +73,17 @@ class RMTBackbone(nn.Module):
                  for i in range(len(self.depths)) if i in self.out_indices)
 
   def setup(self):
-    kernels_lib.check(self.kernels)
+    check_stages(self)
     n = len(self.depths)
-    for field in ('embed_dims', 'num_heads', 'init_values', 'heads_ranges', 'mlp_ratios',
-                  'axial', 'layerscales', 'remat'):
-      if len(getattr(self, field)) != n:
-        raise ValueError(f'RMTBackbone.{field} has {len(getattr(self, field))} entries, '
-                         f'depths has {n}: one per stage is needed')
-    for dim, heads in zip(self.embed_dims, self.num_heads):
-      if dim % heads or (dim // heads) % 2:
-        raise ValueError(f'embed_dim {dim} / num_heads {heads} must be an even integer '
-                         '(the rotary shift rotates channel pairs)')
     if not self.out_indices or any(i not in range(n) for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)} must name stages 0..{n - 1}')
-    # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
-    starts = np.cumsum([0, *self.depths]).tolist()
+    rates = drop_path_rates(self.drop_path_rate, self.depths)
     self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
     self.layers = [
         Stage(depth=self.depths[i], num_heads=self.num_heads[i],
               initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
               mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
-              drop_path=tuple(rates[starts[i]:starts[i + 1]]),
+              drop_path=rates[i],
               layerscale=self.layerscales[i], layer_init_values=self.layer_init_values,
               out_dim=self.embed_dims[i + 1] if i < n - 1 else None,
               remat=self.remat[i], dtype=self.dtype, param_dtype=self.param_dtype,

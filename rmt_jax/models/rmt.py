@@ -61,6 +61,29 @@ class Stage(nn.Module):
     return x, merged
 
 
+def check_stages(network: nn.Module) -> None:
+  """Raises ValueError where an RMT's (or RMTBackbone's) per-stage fields do not fit together."""
+  kernels_lib.check(network.kernels)
+  n = len(network.depths)
+  for field in ('embed_dims', 'num_heads', 'init_values', 'heads_ranges', 'mlp_ratios',
+                'axial', 'layerscales', 'remat'):
+    if len(getattr(network, field)) != n:
+      raise ValueError(f'{type(network).__name__}.{field} has {len(getattr(network, field))} '
+                       f'entries, depths has {n}: one per stage is needed')
+  for dim, heads in zip(network.embed_dims, network.num_heads):
+    if dim % heads or (dim // heads) % 2:
+      raise ValueError(f'embed_dim {dim} / num_heads {heads} must be an even integer '
+                       '(the rotary shift rotates channel pairs)')
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[tuple[float, ...]]:
+  """Each stage's blocks' stochastic depth: rising linearly from 0 at the network's first block
+  to `drop_path_rate` at its last."""
+  rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+  starts = np.cumsum([0, *depths]).tolist()
+  return [tuple(rates[starts[i]:starts[i + 1]]) for i in range(len(depths))]
+
+
 class RMT(nn.Module):
   """RMT backbone and classifier.
 
@@ -97,26 +120,15 @@ class RMT(nn.Module):
   capture_attention: bool = False
 
   def setup(self):
-    kernels_lib.check(self.kernels)
+    check_stages(self)
     n = len(self.depths)
-    for field in ('embed_dims', 'num_heads', 'init_values', 'heads_ranges', 'mlp_ratios',
-                  'axial', 'layerscales', 'remat'):
-      if len(getattr(self, field)) != n:
-        raise ValueError(f'RMT.{field} has {len(getattr(self, field))} entries, '
-                         f'depths has {n}: one per stage is needed')
-    for dim, heads in zip(self.embed_dims, self.num_heads):
-      if dim % heads or (dim // heads) % 2:
-        raise ValueError(f'embed_dim {dim} / num_heads {heads} must be an even integer '
-                         '(the rotary shift rotates channel pairs)')
-    # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last.
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
-    starts = np.cumsum([0, *self.depths]).tolist()
+    rates = drop_path_rates(self.drop_path_rate, self.depths)
     self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
     self.layers = [
         Stage(depth=self.depths[i], num_heads=self.num_heads[i],
               initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
               mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
-              drop_path=tuple(rates[starts[i]:starts[i + 1]]), layerscale=self.layerscales[i],
+              drop_path=rates[i], layerscale=self.layerscales[i],
               layer_init_values=self.layer_init_values,
               out_dim=self.embed_dims[i + 1] if i < n - 1 else None, remat=self.remat[i],
               dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
