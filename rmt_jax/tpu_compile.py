@@ -6,11 +6,14 @@ libtpu for the slice's abstract devices (`jax.experimental.topologies`), and rep
 memory against the chip's HBM ("fits" or by how much it does not), XLA's FLOPs against the
 model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TPU compiler's
 cost model: an estimate, not a measurement), the images/s and utilisation of the chip's bf16
-peak that it implies, and the compile time.
+peak that it implies, and the compile time. With `--traffic`, also where each step's memory
+traffic goes, by layer and by stage (`rmt_jax.tpu_traffic`): RMT's steps are bound by memory
+traffic in that estimate.
 
   pip install 'libtpu==0.0.42.*'     # the libtpu jax 0.10.2 pins; or pip install '.[tpu-compile]'
   python -m rmt_jax.tpu_compile --config configs/rmt_s.py --topology v5p:2x2x1 \
-      --batch_per_chip 64 [--mode train|eval|both] [--json FILE] [--config.FIELD=VALUE ...]
+      --batch_per_chip 64 [--mode train|eval|both] [--json FILE] [--traffic] \
+      [--config.FIELD=VALUE ...]
 
 Topology names are libtpu's: `v4:2x2x1`, `v5e:2x2`, `v5p:2x2x1`, `v6e:4x4`, ... A v4 chip is two
 devices (one per TensorCore) in libtpu's v4 topologies; v5p, v5e and v6e chips are one each.
@@ -43,6 +46,7 @@ from ml_collections import config_flags
 
 from rmt_jax import sharding
 from rmt_jax import summary
+from rmt_jax import tpu_traffic
 from rmt_jax import train
 
 INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2 "
@@ -107,7 +111,7 @@ def _cost(compiled: Any) -> dict[str, float]:
 
 
 def compile_for_topology(config: Any, topology: str, mode: str = 'both',
-                         log: Any = print) -> dict[str, Any]:
+                         log: Any = print, traffic: bool = False) -> dict[str, Any]:
   """Compiles the config's train and/or eval step for a TPU slice; see the module docstring.
 
   Args:
@@ -115,10 +119,11 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
     topology: libtpu topology name.
     mode: 'train', 'eval' or 'both'.
     log: progress lines go here.
+    traffic: also account each step's memory traffic by layer (`tpu_traffic`).
 
   Returns:
     A JSON-ready dict: the setup, the chip, and per step its memory, FLOPs, estimate, compile
-    seconds.
+    seconds (and with `traffic`, the breakdown under 'traffic').
   """
   if mode not in ('train', 'eval', 'both'):
     raise ValueError(f"mode must be 'train', 'eval' or 'both', got {mode!r}")
@@ -185,6 +190,8 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
         'estimated_images_per_second': batch / step_s if step_s else None,
         'estimated_utilisation': (model_flops / chips / (step_s * chip.bf16_flops)
                                   if step_s else None)}
+    if traffic:
+      entry['traffic'] = tpu_traffic.traffic(compiled)
     steps[name] = entry
     log(f'{name}: compiled in {seconds:.0f} s')
   result.update({k: v for k, v in steps.items()})
@@ -234,6 +241,9 @@ _BATCH_PER_CHIP = flags.DEFINE_integer(
     'global_batch_size.')
 _MODE = flags.DEFINE_enum('mode', 'both', ['train', 'eval', 'both'], 'Which steps to compile.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the result as JSON here.')
+_TRAFFIC = flags.DEFINE_bool(
+    'traffic', False, "Also print where each step's memory traffic goes, by layer and stage "
+    '(rmt_jax.tpu_traffic): what bounds the estimate.')
 
 
 def main(argv: list[str]) -> int:
@@ -253,8 +263,13 @@ def main(argv: list[str]) -> int:
     with config.unlocked():
       config.global_batch_size = _BATCH_PER_CHIP.value * chips
   log = lambda line: print(line, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
-  result = compile_for_topology(config, _TOPOLOGY.value, _MODE.value, log)
+  result = compile_for_topology(config, _TOPOLOGY.value, _MODE.value, log, _TRAFFIC.value)
   print(format_table(result))
+  for name in ('train', 'eval'):
+    if _TRAFFIC.value and name in result:
+      print(f'\n{name}: ' + tpu_traffic.format_summary(
+          result[name]['traffic'], result[name]['bytes_accessed_per_chip'] /
+          result['devices_per_chip']))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=1)

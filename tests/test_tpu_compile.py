@@ -21,7 +21,7 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
   out = tmp_path / 'tiny.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
-       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out)],
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out), '--traffic'],
       cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -38,6 +38,21 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
     assert 0 < entry['estimated_utilisation'] < 1
   assert '| train |' in proc.stdout and '| eval |' in proc.stdout
   assert 'estimate, not a measurement' in proc.stdout
+
+  # Where the traffic goes: the real program's operations, attributed to the model's layers.
+  for step in ('train', 'eval'):
+    traffic = result[step]['traffic']
+    layers = {row['layer']: row for row in traffic['by_layer']}
+    assert {'retention (Pallas kernel)', 'retention/lepe', 'ffn/fc1', 'patch_embed'} <= set(layers)
+    assert sum(r['forward_bytes'] + r['backward_bytes'] for r in traffic['by_layer']) == (
+        traffic['bytes'])
+    assert {row['stage'] for row in traffic['by_stage']} == {0, 1, 2}  # two stages
+    # The accounting and XLA's own count of the program's bytes agree to within a factor 2.
+    xla_bytes = result[step]['bytes_accessed_per_chip']
+    assert 0.5 * xla_bytes < traffic['bytes'] < 2 * xla_bytes
+  assert sum(r['backward_bytes'] for r in result['train']['traffic']['by_layer']) > 0
+  assert sum(r['backward_bytes'] for r in result['eval']['traffic']['by_layer']) == 0
+  assert "train: Array traffic of the compiled program" in proc.stdout
 
 
 @needs_libtpu
