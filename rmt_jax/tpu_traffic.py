@@ -103,8 +103,10 @@ def _layer(op_name: str) -> tuple[str, int]:
   if not model:
     return _OUTSIDE, 0
   path = parts[model[0]:-1] if parts[model[0]] != 'head' else ['head']
+  # Not module names: the features scope, nested jits, platform_dependent's branches, kernels.
+  skipped = ('RMT.features', 'jit(', 'cond', 'branch_', 'pallas_call', 'shard_map')
   path = [p[len('RMT.'):] if p == 'RMT.pooled' else p for p in path
-          if not p.startswith(('RMT.features', 'jit(', 'cond', 'branch_', 'pallas_call', 'shard_map'))]
+          if not p.startswith(skipped)]
   stage = 0
   if path and path[0].startswith('layers_'):
     stage = int(path[0].split('_')[1]) + 1

@@ -2,7 +2,8 @@
 
 The Pallas decayed attention and its backward kernel against `layers._decayed_attention` with
 the decay tables of `decay.py` (values and the three input gradients, float32 and bfloat16, the
-axial and the whole-image layouts), MaSA under `kernels='tpu'` against `kernels='xla'`, the
+axial and the whole-image layouts), the rotary shift applied inside the kernels against
+`layers.theta_shift` before them, MaSA under `kernels='tpu'` against `kernels='xla'`, the
 kernels' declared costs against the formula, and, with libtpu, Mosaic's compilation for a v5p.
 """
 
@@ -15,6 +16,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from conftest import REPO, libtpu_env, needs_libtpu, relative_error
 from rmt_jax.models import decay, layers, tpu_forms
@@ -110,34 +112,45 @@ def _pallas_calls(jaxpr):
     yield from _pallas_calls(sub)
 
 
-@pytest.mark.parametrize('problems,length,heads,head_dim,width,dtype', [
-    (3584, 56, 4, 16, None, jnp.bfloat16),  # stage 1's row pass at batch 64
-    (64, 196, 8, 32, 14, jnp.bfloat16),     # stage 3's whole attention at batch 64
-    (6, 7, 2, 8, None, jnp.float32)])
-def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, width, dtype):
+@pytest.mark.parametrize('problems,length,heads,head_dim,width,dtype,tables', [
+    (3584, 56, 4, 16, None, jnp.bfloat16, 56),  # stage 1's row pass at batch 64
+    (64, 196, 8, 32, 14, jnp.bfloat16, 1),      # stage 3's whole attention at batch 64
+    (6, 7, 2, 8, None, jnp.float32, None)])
+def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, width, dtype,
+                                             tables):
   shape = (problems, length, heads * head_dim)
   args = [jax.ShapeDtypeStruct(shape, dtype)] * 3
   log_gamma = decay.log_gamma(heads, *RATES)
+  rotary = None if tables is None else (
+      jnp.zeros((tables, length, heads * head_dim), dtype),) * 2
   attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
-                                                          interpret=False)
+                                                          rotary=rotary, interpret=False)
   jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(attention, q, k, v)[1](v))(*args)
   # The forward kernel has 4 operands (q, k, v -> out), the backward 7 (q, k, v, dout -> dq,
   # dk, dv).
   forward, backward = sorted(_pallas_calls(jaxpr.jaxpr),
                              key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
   array = problems * length * heads * head_dim * jnp.dtype(dtype).itemsize
+  # The two tables (sin with its sign, cos) are one block each, the same at every step.
+  table_bytes = 0 if tables is None else 2 * tables * array // problems
   product = 2 * problems * heads * length * length * head_dim  # one L x L x d product
   scores = problems * heads * length * length
   for eqn, products, arrays in ((forward, 2, 4), (backward, 5, 7)):
     cost = eqn.params['cost_estimate']
     assert (cost.flops, cost.transcendentals, cost.bytes_accessed) == (
-        products * product, scores, arrays * array)
-    # Every block is read or written once: the grid tiles the problems exactly.
+        products * product, scores, arrays * array + table_bytes)
+    # Every block is read or written once: the grid tiles the problems exactly. The tables
+    # follow the inputs (q, k, v[, dout]) and are one block, the same at every step.
     mapping = eqn.params['grid_mapping']
-    assert len(mapping.block_mappings) == arrays and len(mapping.grid) == 1
-    for block_mapping in mapping.block_mappings:
-      block = [getattr(size, 'block_size', size) for size in block_mapping.block_shape]
-      assert mapping.grid[0] * block[0] == problems and tuple(block[1:]) == shape[1:]
+    inputs = 3 if arrays == 4 else 4
+    blocks = [tuple(getattr(size, 'block_size', size) for size in m.block_shape)
+              for m in mapping.block_mappings]
+    table_blocks = [] if tables is None else blocks[inputs:inputs + 2]
+    assert table_blocks == ([] if tables is None else [(tables, *shape[1:])] * 2)
+    tiled = blocks[:inputs] + blocks[inputs + len(table_blocks):]
+    assert len(tiled) == arrays and len(mapping.grid) == 1
+    for block in tiled:
+      assert mapping.grid[0] * block[0] == problems and block[1:] == shape[1:]
 
 
 _COMPILE = textwrap.dedent('''
@@ -152,9 +165,12 @@ _COMPILE = textwrap.dedent('''
     from rmt_jax.models import decay, tpu_forms
     device = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices[0]
     replicated = NamedSharding(Mesh(np.array([device]), ('d',)), PartitionSpec())
-    for shape, heads, width in (((112, 56, 64), 4, None), ((8, 49, 256), 8, 7)):
+    # With rotary tables applied in the kernels: 28 for 112 problems (4 images x 28 rows).
+    for shape, heads, width, tables in (((112, 56, 64), 4, None, 28), ((8, 49, 256), 8, 7, 1)):
       log_gamma = decay.log_gamma(heads, 2.0, 4.0)
-      attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width)
+      rotary = (jnp.ones((tables, *shape[1:]), jnp.bfloat16),) * 2
+      attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
+                                                              rotary=rotary)
       def step(q, k, v):
         out, vjp = jax.vjp(attention, q, k, v)
         return out, vjp(v)
@@ -165,6 +181,8 @@ _COMPILE = textwrap.dedent('''
     # runs the kernels on its share of the problems: no gathering.
     mesh = Mesh(np.array(topologies.get_topology_desc(
         platform='tpu', topology_name='v5p:2x2x1').devices), ('data',))
+    log_gamma, width = decay.log_gamma(4, 2.0, 4.0), None
+    rotary = (jnp.ones((28, 56, 64), jnp.bfloat16),) * 2  # one image of 28 rows per device
     def traced(q, k, v):
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return step(q, k, v)
@@ -186,7 +204,49 @@ def test_kernels_compile_for_a_v5p():
                                          'sharded 2 False True']
 
 
-def test_pairs_swapped_by_lane_rotation_as_by_reversal():
-  # The TPU forms' rotary shift swaps channel pairs by rotating the lane axis.
-  x = jnp.arange(2 * 3 * 24, dtype=jnp.float32).reshape(2, 3, 24)
-  np.testing.assert_array_equal(layers._rotate_pairs(x), layers._reverse_pairs(x))
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_pairs_swapped_in_a_kernel_by_lane_rotation_as_by_reversal(dtype):
+  # The kernels' rotary shift swaps channel pairs by rotating lanes (in Pallas's interpreter).
+  x = jnp.arange(2 * 3 * 24, dtype=dtype).reshape(2, 3, 24)
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = tpu_forms._swap_pairs(x_ref[...])
+
+  got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       interpret=True)(x)
+  np.testing.assert_array_equal(got, layers._reverse_pairs(x))
+
+
+def _rotary_tables(tables, length, channels, seed):
+  rng = np.random.default_rng(seed)
+  angles = rng.uniform(-3, 3, size=(tables, length, channels))
+  return jnp.asarray(np.sin(angles), jnp.float32), jnp.asarray(np.cos(angles), jnp.float32)
+
+
+@pytest.mark.parametrize('problems,length,heads,head_dim,width,tables', [
+    (6, 7, 2, 8, None, 3),  # a row pass: problem p = image * rows + row takes table p % rows
+    (3, 12, 3, 8, 4, 1)])   # a whole map: one table
+def test_rotary_applied_in_the_kernels_equals_theta_shift_before(problems, length, heads,
+                                                                  head_dim, width, tables):
+  shape = (problems, length, heads * head_dim)
+  q, k, v, cotangent = _inputs(shape, jnp.float32, seed=4)
+  sin, cos = _rotary_tables(tables, length, heads * head_dim, seed=5)
+  log_gamma = decay.log_gamma(heads, *RATES)
+  per_problem = lambda t: jnp.tile(t, (problems // tables, 1, 1))  # table p % T for problem p
+
+  got, got_vjp = jax.vjp(lambda q, k, v: tpu_forms.decayed_attention(
+      q, k, v, log_gamma, width=width, rotary=(sin, cos), interpret=True), q, k, v)
+  want, want_vjp = jax.vjp(lambda q, k, v: _plain(
+      layers.theta_shift(q, per_problem(sin), per_problem(cos)),
+      layers.theta_shift(k, per_problem(sin), per_problem(cos)), v, heads, width), q, k, v)
+  assert relative_error(got, want) < 1e-5
+  for name, g, w in zip('qkv', got_vjp(cotangent), want_vjp(cotangent)):
+    assert relative_error(g, w) < 1e-5, name
+
+
+def test_rotary_tables_must_fit_the_problems():
+  q = jnp.zeros((6, 7, 16))
+  sin, cos = _rotary_tables(4, 7, 16, seed=0)  # 4 does not divide 6 problems
+  with pytest.raises(ValueError, match='T dividing 6 problems'):
+    tpu_forms.decayed_attention(q, q, q, decay.log_gamma(2, *RATES), rotary=(sin, cos),
+                                interpret=True)

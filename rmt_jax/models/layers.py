@@ -188,39 +188,24 @@ def _reverse_pairs(x: jax.Array) -> jax.Array:
   return x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
 
 
-def _rotate_pairs(x: jax.Array) -> jax.Array:
-  """`_reverse_pairs` as two rotations of the last axis and a select by parity.
-
-  On TPU the last axis is the 128-wide lane axis: a size-2 axis there made XLA re-lay-out q and
-  k (copies with the pair axis moved to the front, and the rotary tables broadcast to q's full
-  shape in memory); lane rotations fuse into the elementwise shift.
-  """
-  even = jax.lax.broadcasted_iota(jnp.int32, x.shape[-1:], 0) % 2 == 0
-  no_pad = [(0, 0)] * (x.ndim - 1)
-  next_ = jnp.pad(x[..., 1:], no_pad + [(0, 1)])  # x[i + 1]
-  previous = jnp.pad(x[..., :-1], no_pad + [(1, 0)])  # x[i - 1]
-  return jnp.where(even, next_, previous)
-
-
-def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array,
-                swap_pairs: Callable[[jax.Array], jax.Array] = _reverse_pairs) -> jax.Array:
+def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotary position shift on interleaved channel pairs: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
 
-  The pairs are swapped by reversing a size-2 axis (or, for the TPU forms, `_rotate_pairs`) and
-  the sign goes into the sin table (exact: the same products, negated). Stacking (-x1, x0)
-  instead made XLA CPU write the rotated copy out once per block (it feeds two transposes); a
-  reversal is fused into each of them. Measured in turns on a 2-core VM (jax 0.10.2, batch 16):
+  The pairs are swapped by reversing a size-2 axis and the sign goes into the sin table (exact:
+  the same products, negated); the TPU kernels, which apply the shift themselves, swap pairs
+  by rotating lanes (`tpu_forms._swap_pairs`). Stacking (-x1, x0) instead made XLA CPU write
+  the rotated copy out once per block (it feeds two transposes); a reversal is fused into each
+  of them. Measured in turns on a 2-core VM (jax 0.10.2, batch 16):
   RMT-T eval 5% and train 6% faster, RMT-S train 2% faster.
 
   Args:
     x: (..., d) with d even.
     sin: broadcastable to x.
     cos: broadcastable to x.
-    swap_pairs: (x0, x1, ...) -> (x1, x0, ...) on the last axis.
   """
   signed_sin = (sin.reshape(*sin.shape[:-1], -1, 2) * np.array([-1, 1], sin.dtype)
                 ).reshape(sin.shape)
-  return x * cos + swap_pairs(x) * signed_sin
+  return x * cos + _reverse_pairs(x) * signed_sin
 
 
 def _decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay_bias: np.ndarray,
@@ -294,32 +279,43 @@ def _whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int,
 
 
 def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: bool,
-                   rates: tuple[int, float, float]) -> jax.Array:
+                   rates: tuple[int, float, float], dtype: Dtype) -> jax.Array:
   """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
 
   The Pallas kernel takes (problems, tokens, heads * d) with heads on the lane axis, the
   layout the projections give: the row pass and the whole attention need no transpose, the
-  column pass the (b, w, h) order of q, k and the row pass' output (as in the plain form).
+  column pass the (b, w, h) order of q, k and the row pass' output (as in the plain form). The
+  kernels apply the rotary shift to q and k themselves (from the tables of
+  `decay.rotary_tables`, in `dtype`, per row or column), so rotated copies of q and k are
+  never written to memory.
 
   Args:
-    q, k, v: (b, h, w, heads * d), q and k rotated, k scaled.
+    q, k, v: (b, h, w, heads * d), k scaled, neither rotated.
     heads: number of heads.
     axial: row then column attention (True) or whole-map attention (False).
     rates: (num_heads, initial_value, heads_range) of `decay.log_gamma`.
+    dtype: compute dtype (of the rotary tables).
 
   Returns:
     (b, h, w, heads * d) in v's dtype.
   """
   batch, height, width, channels = q.shape
   log_gamma = decay.log_gamma(*rates)
+  # (h, w, heads * d): the same tables for every head.
+  sin, cos = (jnp.tile(t.astype(dtype), heads)
+              for t in decay.rotary_tables(height, width, channels // heads))
   if not axial:
     flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
-    return tpu_forms.decayed_attention(*flat, log_gamma, width=width).reshape(q.shape)
+    tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
+    return tpu_forms.decayed_attention(*flat, log_gamma, width=width, rotary=tables
+                                       ).reshape(q.shape)
+  # Row pass: problem b * h + y takes the tables of row y; column pass: b * w + x, column x.
   rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
-  out = tpu_forms.decayed_attention(*rows, log_gamma).reshape(q.shape)
+  out = tpu_forms.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
   columns = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
              for t in (q, k, out)]
-  out = tpu_forms.decayed_attention(*columns, log_gamma)
+  out = tpu_forms.decayed_attention(*columns, log_gamma,
+                                    rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
   return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
 
 
@@ -381,11 +377,9 @@ class ManhattanSelfAttention(nn.Module):
       return attend(q, k, v, rates, self.dtype).reshape(batch, height, width, dim)
 
     def tpu(q, k, v):
-      # Heads stay on the lane axis with their channels: (b, h, w, heads * d) throughout.
-      sin, cos = (jnp.tile(t.astype(self.dtype), heads)
-                  for t in decay.rotary_tables(height, width, key_dim))
-      q, k = (theta_shift(t, sin, cos, _rotate_pairs) for t in (q, k))
-      return _tpu_attention(q, k, v, heads, self.axial, rates)
+      # Heads stay on the lane axis with their channels: (b, h, w, heads * d) throughout; the
+      # kernels rotate q and k.
+      return _tpu_attention(q, k, v, heads, self.axial, rates, self.dtype)
 
     out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
     out = out.astype(self.dtype) + lepe

@@ -13,6 +13,11 @@ grid step holds a block of whole problems in VMEM and the scores never leave it:
 - The decay, log(gamma_h) * distance, is computed inside the kernel from token positions (axial:
   |i - j|; whole: the Manhattan distance of raster positions), never read from memory: the same
   float32 products as `decay.axial_decay` / `decay.manhattan_decay`, bit for bit.
+- The rotary shift (`layers.theta_shift`) is applied to q and k inside the kernels, from sin
+  and cos tables that stay in VMEM (one per row, column or map; problem p takes table p % T),
+  the channel pairs swapped by lane rotations: rotated copies of q and k never pass through
+  HBM (outside, the shift and its transpose were a fifth of stage 1's traffic). The backward
+  kernel rotates again and applies the shift's transpose to dq and dk.
 - The softmax runs in float32 and is normalised after the product with v, as in the plain form.
 - The backward pass is a second kernel that recomputes the probabilities from q and k (their
   max and sum included: saving the log-sum-exp would cost an HBM array whose minor axis of
@@ -62,6 +67,8 @@ class Problem:
     width: None for a 1-d axis (distance |i - j|); else the raster width W of a
       (length // W) x W map (Manhattan distance).
     itemsize: bytes per element of q, k, v (and of the outputs and their gradients).
+    tables: None, or T, the number of rotary tables (T, tokens, heads * d) that the kernels
+      apply to q and k themselves (problem p takes table p % T; `decayed_attention`).
   """
   problems: int
   length: int
@@ -69,6 +76,7 @@ class Problem:
   head_dim: int
   width: int | None
   itemsize: int
+  tables: int | None = None
 
   @property
   def block(self) -> int:
@@ -85,16 +93,18 @@ def cost_estimates(problem: Problem) -> tuple[pl.CostEstimate, pl.CostEstimate]:
   five backward: scores, dP, dV, dQ, dK); transcendentals one exp per score (both passes
   recompute the scores); bytes every array's block read or written once per grid step, which
   covers each array exactly once (forward: q, k, v in, out; backward: q, k, v, dout in, dq, dk,
-  dv out).
+  dv out), and with rotary tables, the two tables once each (their block is all of them, the
+  same at every step, so it is fetched once).
   """
   pairs = problem.problems * problem.heads * problem.length ** 2
-  array_bytes = problem.problems * problem.length * problem.heads * problem.head_dim * (
-      problem.itemsize)
+  channels = problem.heads * problem.head_dim
+  array_bytes = problem.problems * problem.length * channels * problem.itemsize
+  table_bytes = 2 * (problem.tables or 0) * problem.length * channels * problem.itemsize
   product = 2 * pairs * problem.head_dim
   forward = pl.CostEstimate(flops=2 * product, transcendentals=pairs,
-                            bytes_accessed=4 * array_bytes)
+                            bytes_accessed=4 * array_bytes + table_bytes)
   backward = pl.CostEstimate(flops=5 * product, transcendentals=pairs,
-                             bytes_accessed=7 * array_bytes)
+                             bytes_accessed=7 * array_bytes + table_bytes)
   return forward, backward
 
 
@@ -117,14 +127,48 @@ def _log_decay(length: int, width: int | None, rate: float) -> jax.Array:
   return distance * np.float32(rate)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, log_gamma, head_dim, width):
+def _swap_pairs(x: jax.Array) -> jax.Array:
+  """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) on the lane axis, inside a kernel.
+
+  Two lane rotations, and a select by the lane each element came from (rotated with it), so
+  that the result does not depend on the rotation's direction convention.
+  """
+  axis, lanes = x.ndim - 1, x.shape[-1]
+  lane = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+  partner = lane + 1 - 2 * (lane % 2)
+  by_one = pltpu.roll(x, 1, axis)
+  return jnp.where(pltpu.roll(lane, 1, axis) == partner, by_one, pltpu.roll(x, lanes - 1, axis))
+
+
+def _rotate(x: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """`layers.theta_shift` inside a kernel: x cos + swap_pairs(x) signed_sin, in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * cos.astype(jnp.float32)
+          + _swap_pairs(x32) * signed_sin.astype(jnp.float32)).astype(x.dtype)
+
+
+def _unrotate(dy: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """The transpose of `_rotate` (float32): dy cos + swap_pairs(dy signed_sin)."""
+  return dy * cos.astype(jnp.float32) + _swap_pairs(dy * signed_sin.astype(jnp.float32))
+
+
+def _forward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
+  q_ref, k_ref, v_ref = refs[:3]
+  table_refs = refs[3:5] if rotary else ()
+  o_ref = refs[-1]
   length = q_ref.shape[1]
   decays = [_log_decay(length, width, rate) for rate in log_gamma]
+  first = pl.program_id(0) * block  # this step's first problem (read outside the loop body)
 
   def problem(p, carry):
+    if rotary:
+      table = (first + p) % table_refs[0].shape[0]
     for h, decay in enumerate(decays):
       channels = pl.ds(h * head_dim, head_dim)
       q, k, v = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref))
+      if rotary:
+        sin, cos = (ref[table, :, channels] for ref in table_refs)
+        q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
       logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
       weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
       out = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -134,15 +178,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, log_gamma, head_dim, width):
   jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, log_gamma,
-                     head_dim, width):
+def _backward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
+  q_ref, k_ref, v_ref, do_ref = refs[:4]
+  table_refs = refs[4:6] if rotary else ()
+  dq_ref, dk_ref, dv_ref = refs[-3:]
   length = q_ref.shape[1]
   decays = [_log_decay(length, width, rate) for rate in log_gamma]
+  first = pl.program_id(0) * block  # this step's first problem (read outside the loop body)
 
   def problem(p, carry):
+    if rotary:
+      table = (first + p) % table_refs[0].shape[0]
     for h, decay in enumerate(decays):
       channels = pl.ds(h * head_dim, head_dim)
       q, k, v, do = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref, do_ref))
+      if rotary:
+        sin, cos = (ref[table, :, channels] for ref in table_refs)
+        q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
       logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
       weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
       probs = weights * (1.0 / weights.sum(axis=1, keepdims=True))
@@ -151,6 +203,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, log
       dlogits = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True))
       dq = jnp.dot(dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32)
       dk = jnp.dot(dlogits.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+      if rotary:
+        dq, dk = _unrotate(dq, sin, cos), _unrotate(dk, sin, cos)
       dq_ref[p, :, channels] = dq.astype(dq_ref.dtype)
       dk_ref[p, :, channels] = dk.astype(dk_ref.dtype)
       dv_ref[p, :, channels] = dv.astype(dv_ref.dtype)
@@ -159,89 +213,111 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, log
   jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
 
 
-def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], out_dtypes, cost, interpret):
+def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequence[jax.Array],
+          out_dtypes, cost, interpret):
+  """The kernel over blocks of problems of `inputs`; `tables` whole, at every step."""
   if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    return jax.lax.platform_dependent(
-        *inputs, tpu=lambda *x: _call(kernel, problem, x, out_dtypes, cost, False),
-        default=lambda *x: _call(kernel, problem, x, out_dtypes, cost, True))
+    count = len(inputs)
+    call = lambda flag: lambda *x: _call(kernel, problem, x[:count], x[count:], out_dtypes, cost,
+                                         flag)
+    return jax.lax.platform_dependent(*inputs, *tables, tpu=call(False), default=call(True))
   block = pl.BlockSpec((problem.block, problem.length, problem.heads * problem.head_dim),
                        lambda i: (i, 0, 0))
+  whole = [pl.BlockSpec(t.shape, lambda i: (0, 0, 0)) for t in tables]
   shape = inputs[0].shape
   return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes],
       grid=(problem.problems // problem.block,),
-      in_specs=[block] * len(inputs),
+      in_specs=[block] * len(inputs) + whole,
       out_specs=[block] * len(out_dtypes),
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
       cost_estimate=cost,
       interpret=interpret,
-  )(*inputs)
+  )(*inputs, *tables)
 
 
-def _problem(q: jax.Array, heads: int, width: int | None) -> Problem:
+def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.Array]) -> Problem:
   problems, length, channels = q.shape
   if channels % heads:
     raise ValueError(f'{channels} channels do not split into {heads} heads')
   if width is not None and length % width:
     raise ValueError(f'{length} tokens are not a raster of width {width}')
-  return Problem(problems, length, heads, channels // heads, width, q.dtype.itemsize)
+  if tables and (tables[0].shape[1:] != (length, channels) or problems % tables[0].shape[0]):
+    raise ValueError(f'rotary tables of shape (T, {length}, {channels}) with T dividing '
+                     f'{problems} problems expected, got {tables[0].shape}')
+  return Problem(problems, length, heads, channels // heads, width, q.dtype.itemsize,
+                 tables[0].shape[0] if tables else None)
 
 
-def _forward(q, k, v, log_gamma, width, interpret):
-  problem = _problem(q, len(log_gamma), width)
-  kernel = functools.partial(_forward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
-                             width=width)
-  return _call(kernel, problem, (q, k, v), (v.dtype,), cost_estimates(problem)[0],
-               interpret)[0]
+def _kernel(body, problem: Problem, log_gamma):
+  return functools.partial(body, log_gamma=log_gamma, head_dim=problem.head_dim,
+                           width=problem.width, block=problem.block,
+                           rotary=problem.tables is not None)
 
 
-def _backward(q, k, v, dout, log_gamma, width, interpret):
-  problem = _problem(q, len(log_gamma), width)
-  kernel = functools.partial(_backward_kernel, log_gamma=log_gamma, head_dim=problem.head_dim,
-                             width=width)
-  return tuple(_call(kernel, problem, (q, k, v, dout), (q.dtype, k.dtype, v.dtype),
-                     cost_estimates(problem)[1], interpret))
+def _forward(q, k, v, tables, log_gamma, width, interpret):
+  problem = _problem(q, len(log_gamma), width, tables)
+  return _call(_kernel(_forward_kernel, problem, log_gamma), problem, (q, k, v), tables,
+               (v.dtype,), cost_estimates(problem)[0], interpret)[0]
 
 
-def _per_device(function: Callable, arrays: Sequence[jax.Array], *static) -> Any:
-  """`function(*arrays, *static)`, on each device's share of the problems under a mesh.
+def _backward(q, k, v, dout, tables, log_gamma, width, interpret):
+  problem = _problem(q, len(log_gamma), width, tables)
+  return tuple(_call(_kernel(_backward_kernel, problem, log_gamma), problem, (q, k, v, dout),
+                     tables, (q.dtype, k.dtype, v.dtype), cost_estimates(problem)[1],
+                     interpret))
+
+
+def _per_device(function: Callable, arrays: Sequence[jax.Array], tables: Sequence[jax.Array],
+                *static) -> Any:
+  """`function(*arrays, tables, *static)`, on each device's share of the problems under a mesh.
 
   XLA does not partition Mosaic kernels: under a mesh of several devices (the context mesh,
   `jax.set_mesh`, which the trainer sets while tracing its steps) the call is a `shard_map`
   that splits the problems axis over every device; tokens and channels stay whole, so the
-  kernel sees the same problems, fewer of them.
+  kernel sees the same problems, fewer of them. The rotary tables go whole to every device:
+  a device's first problem is a multiple of T (the problems are images x rows or columns, split
+  by image), so problem p still takes table p % T.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return function(*arrays, *static)
+    return function(*arrays, tables, *static)
   spec = PartitionSpec(tuple(mesh.axis_names))
-  if arrays[0].shape[0] % mesh.size:
+  local = arrays[0].shape[0] // mesh.size
+  if arrays[0].shape[0] % mesh.size or (tables and local % tables[0].shape[0]):
     raise ValueError(f'{arrays[0].shape[0]} attention problems do not split over '
-                     f'{mesh.size} devices')
-  return jax.shard_map(lambda *a: function(*a, *static), mesh=mesh,
-                       in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+                     f'{mesh.size} devices' + (' by image' if tables else ''))
+  count = len(arrays)
+  return jax.shard_map(lambda *a: function(*a[:count], a[count:], *static), mesh=mesh,
+                       in_specs=(spec,) * count + (PartitionSpec(),) * len(tables),
+                       out_specs=spec, check_vma=False)(*arrays, *tables)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, log_gamma, width, interpret):
-  return _per_device(_forward, (q, k, v), log_gamma, width, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, tables, log_gamma, width, interpret):
+  return _per_device(_forward, (q, k, v), tables, log_gamma, width, interpret)
 
 
-def _attention_fwd(q, k, v, log_gamma, width, interpret):
-  return _attention(q, k, v, log_gamma, width, interpret), (q, k, v)
+def _attention_fwd(q, k, v, tables, log_gamma, width, interpret):
+  return _attention(q, k, v, tables, log_gamma, width, interpret), (q, k, v, tables)
 
 
 def _attention_bwd(log_gamma, width, interpret, residuals, dout):
-  q, k, v = residuals
-  return _per_device(_backward, (q, k, v, dout.astype(v.dtype)), log_gamma, width, interpret)
+  q, k, v, tables = residuals
+  grads = _per_device(_backward, (q, k, v, dout.astype(v.dtype)), tables, log_gamma, width,
+                      interpret)
+  # The rotary tables are position encodings, not parameters: no gradient.
+  return (*grads, jax.tree.map(jnp.zeros_like, tables))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Sequence[float], *,
-                      width: int | None = None, interpret: bool | None = None) -> jax.Array:
+                      width: int | None = None,
+                      rotary: tuple[jax.Array, jax.Array] | None = None,
+                      interpret: bool | None = None) -> jax.Array:
   """softmax(q k^T + log_gamma[h] * distance) v per problem and head, as one Pallas kernel.
 
   Args:
@@ -251,6 +327,10 @@ def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Seque
     log_gamma: the per-head log decay rates (`decay.log_gamma`), static numbers.
     width: None for attention along one axis (distance |i - j|); the raster width W for
       attention over a whole (tokens // W) x W map (Manhattan distance).
+    rotary: None if q and k are already rotated; else (sin, cos), each (T, tokens, heads * d)
+      with T dividing `problems`, and the kernels apply `layers.theta_shift` to q and k of
+      problem p with table p % T (for the row pass of a (b, h, w) map: the tables at (h, w)
+      and T = h), so that the rotated q and k never pass through HBM. Not differentiated.
     interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
       default) chooses at lowering: Mosaic when lowered for a TPU, else the interpreter, which
       computes the same function slowly (so that `kernels='tpu'` can be tested on a CPU).
@@ -262,4 +342,14 @@ def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Seque
     raise ValueError(f'q, k, v of one shape (problems, tokens, channels) expected, got '
                      f'{q.shape}, {k.shape}, {v.shape}')
   rates = tuple(float(r) for r in np.asarray(log_gamma, np.float32))
-  return _attention(q, k, v, rates, width, interpret)
+  tables = ()
+  if rotary is not None:
+    sin, cos = rotary
+    if sin.shape != cos.shape or sin.ndim != 3:
+      raise ValueError(f'rotary (sin, cos) of one shape (T, tokens, channels) expected, got '
+                       f'{sin.shape}, {cos.shape}')
+    # The sign of theta_shift's swapped term goes into the sin table, as there.
+    signed_sin = (sin.reshape(*sin.shape[:-1], -1, 2) * np.array([-1, 1], sin.dtype)
+                  ).reshape(sin.shape)
+    tables = (signed_sin, cos)
+  return _attention(q, k, v, tables, rates, width, interpret)
