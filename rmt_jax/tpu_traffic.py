@@ -99,7 +99,7 @@ def _layer(op_name: str) -> tuple[str, int]:
   """(layer, stage) from an op_name such as 'jit(f)/transpose(jvp(RMT))/RMT.features/layers_2/
   blocks_5/retention/lepe/conv_general_dilated'."""
   parts = [p for p in op_name.split('/') if p]
-  model = [i for i, p in enumerate(parts) if p.startswith('RMT.') or p in ('head',)]
+  model = [i for i, p in enumerate(parts) if p.startswith('RMT.') or p == 'head']
   if not model:
     return _OUTSIDE, 0
   path = parts[model[0]:-1] if parts[model[0]] != 'head' else ['head']
