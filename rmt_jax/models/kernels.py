@@ -1,13 +1,14 @@
 """Which form of RMT's backend-specific operations a model runs: the `kernels` field.
 
 The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
-have a form written for one compiler (`cpu_forms.py` for XLA CPU, `tpu_forms.py` Pallas kernels for
-TPUs); every form computes the same function. Every module of the network carries one field,
-`kernels`, that says which to use:
+have a form written for one compiler (`cpu_forms.py` for XLA CPU; Pallas kernels for TPUs in
+`tpu_forms.py`, the attention, and `tpu_feed_forward.py`, the FFN); every form computes the
+same function. Every module of the network carries one field, `kernels`, that says which to use:
 
 - `'xla'`: the plain forms, for compilers that do well with them (GPU).
 - `'cpu'`: the XLA CPU forms.
-- `'tpu'`: the TPU forms where an operation has one (the decayed attention), else the plain ones.
+- `'tpu'`: the TPU forms where an operation has one (the decayed attention, the FFN where its
+  weights fit VMEM), else the plain ones.
 - `'auto'` (the default): all are staged out with `jax.lax.platform_dependent` and the one for
   the platform the computation is *lowered for* is compiled (the compiler never sees the other).
   A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.

@@ -6,7 +6,8 @@ PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ..
 `rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
 its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms of
-`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` where they exist (see `kernels.py`).
+`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` (attention) and `tpu_feed_forward.py`
+(FFN) where they exist (see `kernels.py`).
 """
 
 import functools
@@ -21,6 +22,7 @@ from rmt_jax.models import attention_maps
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
+from rmt_jax.models import tpu_feed_forward
 from rmt_jax.models import tpu_forms
 from rmt_jax.models.batch_norm import BatchNorm
 
@@ -139,12 +141,57 @@ def project(x: jax.Array, kernels: tuple[jax.Array, ...], biases: tuple[jax.Arra
   return kernels_lib.select(kernel_forms, x, kernels, biases, xla=plain, cpu=cpu_forms.project)
 
 
+class DepthwiseConvParams(nn.Module):
+  """A depthwise k x k conv's parameters, as `DepthwiseConv` declares them: kernel (k, k, 1, C)
+  (the layout of `nn.Conv(..., feature_group_count=C)`), bias (C,), PyTorch's default init.
+
+  For a caller that applies the conv inside a larger function (`FeedForward`); the call returns
+  (kernel, bias).
+  """
+  kernel_size: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+    return _declare_depthwise(self, self.kernel_size, channels, self.param_dtype)
+
+
+def _declare_depthwise(module: nn.Module, k: int, channels: int,
+                       param_dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+  """Declares a depthwise conv's 'kernel' (k, k, 1, C) and 'bias' (C,) in `module`."""
+  kernel = module.param('kernel', conv_kernel_init, (k, k, 1, channels), param_dtype)
+  bias = module.param('bias', _conv_bias_init(k * k), (channels,), param_dtype)
+  return kernel, bias
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                   kernel_forms: str) -> jax.Array:
+  """Depthwise k x k conv, stride 1, symmetric zero padding k // 2, plus bias.
+
+  Args:
+    x: (b, h, w, C).
+    kernel: (k, k, 1, C), k odd.
+    bias: (C,).
+    kernel_forms: the model's `kernels` field: XLA's grouped convolution, or
+      `cpu_forms.shifted_depthwise_conv` on XLA CPU.
+  """
+  pad = kernel.shape[0] // 2
+
+  def plain(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=_NHWC, feature_group_count=x.shape[-1])
+
+  y = kernels_lib.select(kernel_forms, x, kernel, xla=plain,
+                         cpu=lambda x, kernel: cpu_forms.shifted_depthwise_conv(
+                             x, kernel[:, :, 0, :]))
+  return y + bias
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise k x k conv, stride 1, symmetric zero padding k // 2, with bias.
 
-  The kernel is stored as (k, k, 1, C), the layout of `nn.Conv(..., feature_group_count=C)`.
-  The plain form is XLA's grouped convolution; `kernels='cpu'` takes
-  `cpu_forms.shifted_depthwise_conv`.
+  Parameters as `DepthwiseConvParams` declares them, applied by `depthwise_conv`.
 
   Attributes:
     kernel_size: k (odd).
@@ -157,21 +204,9 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, channels = self.kernel_size, x.shape[-1]
-    kernel = self.param('kernel', conv_kernel_init, (k, k, 1, channels), self.param_dtype)
-    bias = self.param('bias', _conv_bias_init(k * k), (channels,), self.param_dtype)
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    pad = k // 2
-
-    def plain(x, kernel):
-      return jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-          dimension_numbers=_NHWC, feature_group_count=channels)
-
-    y = kernels_lib.select(self.kernels, x, kernel, xla=plain,
-                           cpu=lambda x, kernel: cpu_forms.shifted_depthwise_conv(
-                               x, kernel[:, :, 0, :]))
-    return y + bias
+    kernel, bias = _declare_depthwise(self, self.kernel_size, x.shape[-1], self.param_dtype)
+    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype),
+                          bias.astype(self.dtype), self.kernels)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -387,7 +422,12 @@ class ManhattanSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """fc1 -> exact GELU -> (+ depthwise 3x3 conv of itself) -> fc2 (the official `FeedForwardNetwork`)."""
+  """fc1 -> exact GELU -> (+ depthwise 3x3 conv of itself) -> fc2 (the official `FeedForwardNetwork`).
+
+  With `kernels='tpu'` the whole FFN is one Pallas kernel (`tpu_feed_forward.feed_forward`),
+  whose hidden activations never pass through HBM, where its weights fit VMEM
+  (`tpu_feed_forward.fits_vmem`); elsewhere the plain form.
+  """
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -395,11 +435,23 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dim = x.shape[-1]
-    x = dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1')(x)
-    x = gelu(x)
-    x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='dwconv')(x)
-    return dense(dim, self.dtype, self.param_dtype, 'fc2')(x)
+    dim, hidden = x.shape[-1], self.hidden_dim
+    cast = lambda params: tuple(p.astype(self.dtype) for p in params)
+    fc1 = cast(LinearParams(hidden, self.param_dtype, name='fc1')(dim))
+    dwconv = cast(DepthwiseConvParams(3, self.param_dtype, name='dwconv')(hidden))
+    fc2 = cast(LinearParams(dim, self.param_dtype, name='fc2')(hidden))
+
+    def plain(x, fc1, dwconv, fc2, conv_forms='xla'):
+      u = gelu(jnp.dot(x, fc1[0]) + fc1[1])
+      u = u + depthwise_conv(u, *dwconv, conv_forms)
+      return jnp.dot(u, fc2[0]) + fc2[1]
+
+    # The kernel keeps the weights in VMEM: where they leave too little of it (the last stage
+    # of RMT-S, -B and -L, the third of RMT-B and -L), the TPU runs the plain form.
+    fits = tpu_feed_forward.fits_vmem(x.shape, hidden, jnp.dtype(self.dtype).itemsize)
+    return kernels_lib.select(self.kernels, x.astype(self.dtype), fc1, dwconv, fc2, xla=plain,
+                              cpu=functools.partial(plain, conv_forms='cpu'),
+                              tpu=tpu_feed_forward.feed_forward if fits else plain)
 
 
 class RetBlock(nn.Module):

@@ -1,0 +1,534 @@
+"""RMT's FFN as Pallas TPU kernels (`kernels='tpu'`): fc1 -> GELU -> (+ depthwise 3x3) -> fc2.
+
+`feed_forward` computes `layers.FeedForward`'s function, fc2(u + dwconv(u)) with
+u = GELU(fc1(x)), in one kernel whose hidden activations never leave VMEM. XLA runs the plain
+form as separate fusions around the two matmuls and the convolution: the hidden activations,
+3-4x wider than x, are written to HBM and read back several times forward, and kept for the
+backward pass, so the FFN moved a fifth of the RMT-S train step's bytes (`tpu_compile
+--traffic`). Here:
+
+- The kernel reads x (tokens of whole images, raster order) and writes y; nothing else of the
+  activations touches HBM. The backward kernel reads x and dy, recomputes the hidden
+  activations, and writes dx and the weight gradients: the forward saves x alone.
+- A grid step holds whole images (x, and dy in the backward); the kernel works through them
+  in bands of tokens, each with a halo of a row and a pixel on either side (read from a VMEM
+  copy of the block with zeros around it), so that its float32 temporaries are bounded
+  whatever the image size: fc1, GELU and the conv are recomputed on the halos.
+- The depthwise conv works on the flattened tokens of a band: a neighbour one column away
+  is one token away, one row away is `width` tokens away, each reached by a rotation of the
+  sublane axis (`pltpu.roll`) and zeroed where it falls outside its image (positions from an
+  iota). The shift is written so that it is right for either rotation convention.
+- The hidden channels are processed in chunks of 128 lanes or more: the conv is depthwise and
+  GELU elementwise, so a chunk is a complete FFN of its own, summed into y. Hidden widths
+  that are not a multiple of 128 (RMT-T's 192, RMT-B's 320 and 960, RMT-L's 448) are padded
+  with zero weights, whose channels are zero throughout (GELU(0) = 0) and add nothing: a
+  (tokens, 192) array takes 256 lanes in VMEM either way.
+- Matmuls run in the compute dtype with float32 accumulation; GELU (exact, erf), the conv and
+  the sums in float32.
+- The weights stay in VMEM (one buffer: their block is the same at every step) and their
+  gradients are added into one float32 block per TensorCore: the grid is (cores, steps), the
+  first axis parallel, the second a sequential sum; the partial sums (and, under a mesh, the
+  devices' sums) are added outside.
+- `Shape.plan` chooses images per step, band and chunk to fit a v4's 16 MiB of VMEM (v5e, v5p
+  and v6e have more). Where the weights and their gradients leave too little of it (the last
+  stage of RMT-S, -B and -L, 512 -> 1536 channels or wider, and the third of RMT-B and -L),
+  there is no plan (`fits_vmem`) and `layers.FeedForward` runs the plain form.
+
+Both kernels declare their true cost (`pl.CostEstimate`, see `cost_estimates`), which XLA's
+TPU cost model takes for the custom calls. As `tpu_forms`, XLA does not partition Mosaic
+kernels: under a context mesh the calls run in a `shard_map` over images.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+# Tokens per grid step are kept near this (whole images, so stage 1 takes one 56 x 56 image):
+# large enough that the step's fixed cost is small against its work.
+_BLOCK_TOKENS = 2048
+# What a kernel's VMEM may take by `Shape.vmem_bytes`, and the scoped VMEM it asks Mosaic for:
+# a v4 TensorCore has 16 MiB (v5e, v5p and v6e more).
+_VMEM_BUDGET = 14 * 1024 * 1024
+_VMEM_LIMIT = 16 * 1024 * 1024
+
+_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
+_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
+
+
+def _lanes(n: int) -> int:
+  return -(-n // 128) * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How a kernel covers its tokens: grid blocks of whole images, bands within a block.
+
+  Attributes:
+    block_images: images per grid step.
+    band: tokens per band; the kernel works through a block band by band, each with `halo`
+      tokens on either side (its pixels' neighbours), so that its float32 temporaries are
+      (band + 2 halo, chunk) whatever the image size.
+    chunk: hidden channels per inner step (the conv is depthwise and GELU elementwise, so a
+      chunk of hidden channels is a complete FFN of its own, summed into y).
+  """
+  block_images: int
+  band: int
+  chunk: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """The static description of one FFN call.
+
+  Attributes:
+    tokens: N, images x height x width, in raster order per image.
+    height: rows per image.
+    width: columns per image.
+    dim: C, input and output channels.
+    hidden: hidden channels (fc1's output), a multiple of 128 (`feed_forward` pads them).
+    itemsize: bytes per element of x, y and the weights (the compute dtype).
+  """
+  tokens: int
+  height: int
+  width: int
+  dim: int
+  hidden: int
+  itemsize: int
+
+  @property
+  def images(self) -> int:
+    return self.tokens // (self.height * self.width)
+
+  @property
+  def halo(self) -> int:
+    """Tokens a band needs on either side: a row and a pixel (the conv's corner taps), in
+    whole bfloat16 tiles of 16 rows."""
+    return -(-(self.width + 1) // 16) * 16
+
+  def vmem_bytes(self, plan: Plan) -> int:
+    """The backward kernel's VMEM (the larger of the two) under `plan`: x, dy and dx blocks
+    double-buffered and x, dy copies with halos, lanes padded to 128; the weights once
+    (single-buffered) and their float32 gradient sums twice; 26 float32 (band + 2 halo, chunk)
+    temporaries and two (band + 2 halo, C) sums. Mosaic keeps the temporaries in spill slots:
+    compiled for a v4, RMT-S's stage 3 with bands of 784 tokens (816 with the halos) and
+    chunks of 128 spilled 10.6 MiB, 25 of them."""
+    tokens = plan.block_images * self.height * self.width
+    extended = plan.band + 2 * self.halo
+    channels = _lanes(self.dim) * self.itemsize
+    blocks = 6 * tokens * channels + 2 * (tokens + 2 * self.halo) * channels
+    matrices = self.dim * _lanes(self.hidden) + self.hidden * _lanes(self.dim)
+    vectors = 48 * _lanes(self.hidden) + 16 * _lanes(self.dim)  # padded to 8-16 sublanes
+    weights = (matrices + vectors) * self.itemsize + 2 * (matrices + vectors) * 4
+    temporaries = (26 * _lanes(plan.chunk) + 2 * _lanes(self.dim)) * extended * 4
+    return blocks + weights + temporaries
+
+  @functools.cached_property
+  def plan(self) -> Plan | None:
+    """The plan with the longest bands (the least recomputed halo), then the widest chunks,
+    then the most images per step, that fits `_VMEM_BUDGET`; None if none does.
+
+    Blocks hold whole images, a multiple of 16 tokens (a bfloat16 tile) unless a block is all
+    the images, and at most `_BLOCK_TOKENS` where whole images allow; bands divide the block
+    in multiples of 16 tokens (or are all of it) and are at least twice the halo where the
+    block allows; chunks are multiples of 128 lanes dividing `hidden` (which `feed_forward`
+    pads to a multiple of 128).
+    """
+    pixels = self.height * self.width
+    whole = [d for d in range(self.images, 0, -1) if self.images % d == 0
+             and (d == self.images or (d * pixels) % 16 == 0)]
+    chunks = [c for c in range(self.hidden, 0, -128) if self.hidden % c == 0]
+    plans = []
+    for block_images in [d for d in whole if d * pixels <= _BLOCK_TOKENS] or whole[-1:]:
+      tokens = block_images * pixels
+      bands = ([b for b in range(tokens, 0, -16) if tokens % b == 0
+                and (b >= 2 * self.halo or b == tokens)] if tokens % 16 == 0 else [tokens])
+      plans += [Plan(block_images, band, chunk) for band in bands for chunk in chunks]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= _VMEM_BUDGET]
+    return max(fitting, key=lambda p: (p.band, p.chunk, p.block_images), default=None)
+
+  @property
+  def block_tokens(self) -> int:
+    return self.plan.block_images * self.height * self.width
+
+  @property
+  def steps(self) -> int:
+    return self.images // self.plan.block_images
+
+  @property
+  def cores(self) -> int:
+    """Partial weight-gradient sums: one per TensorCore of a megacore chip (the grid's parallel
+    axis), where the steps split evenly."""
+    return 2 if self.steps % 2 == 0 else 1
+
+  def weight_bytes(self, itemsize: int) -> int:
+    """fc1 and fc2 kernels and biases, the conv's 9 taps and bias, at `itemsize` bytes."""
+    return (2 * self.dim * self.hidden + 11 * self.hidden + self.dim) * itemsize
+
+
+def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
+  """Whether `feed_forward` has a plan within `_VMEM_BUDGET` for x of `x_shape` (b, h, w, C)
+  and `hidden` channels, with the batch split over the context mesh's devices as the kernel
+  splits it.
+
+  The weights stay in VMEM with their float32 gradients, which leaves too little of a v4's 16
+  MiB in a wide stage (RMT-S's last: 512 -> 1536 channels, 12 MiB of them; RMT-B's and -L's
+  last two): `layers.FeedForward` runs its plain form where this is False.
+  """
+  batch, height, width, dim = x_shape
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1 if mesh.empty else mesh.size
+  if batch % devices:
+    raise ValueError(f'{batch} images do not split over {devices} devices')
+  shape = Shape(batch // devices * height * width, height, width, dim, _lanes(hidden), itemsize)
+  return shape.plan is not None
+
+
+def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
+  """The forward and backward kernels' costs, from the shapes and the plan alone.
+
+  A band computes fc1, GELU and the conv on its tokens and its two halos (`extended` tokens in
+  all), the rest on its own tokens (n). Flops: matmuls of 2 C hidden per token (forward: fc1
+  extended, fc2; backward: fc1 and dz extended, dW2, dW1, dx), the conv's 9 multiply-adds per
+  hidden activation (forward once, extended; backward the recomputation and the transpose
+  extended, the kernel gradient). Transcendentals: an erf per extended hidden activation, and
+  in the backward an erf and an exp more per token's (GELU's derivative). Bytes: every block
+  read or written once (forward: x in, y out; backward: x, dy in, dx out), the weights once
+  (their block is the same at every step), and the backward's float32 weight-gradient sums
+  once per core.
+  """
+  n, c, h, plan = shape.tokens, shape.dim, shape.hidden, shape.plan
+  extended = n // plan.band * (plan.band + 2 * shape.halo)
+  array_bytes = n * c * shape.itemsize
+  weights = shape.weight_bytes(shape.itemsize)
+  forward = pl.CostEstimate(flops=2 * c * h * (extended + n) + 18 * h * extended,
+                            transcendentals=h * extended,
+                            bytes_accessed=2 * array_bytes + weights)
+  backward = pl.CostEstimate(flops=2 * c * h * (2 * extended + 3 * n)
+                             + 18 * h * (2 * extended + n),
+                             transcendentals=h * (extended + 2 * n),
+                             bytes_accessed=3 * array_bytes + weights
+                             + shape.cores * shape.weight_bytes(4))
+  return forward, backward
+
+
+class _Neighbours:
+  """Shifts of a band's tokens to a pixel's neighbours, inside a kernel.
+
+  `shift(v, offset, inside)[t]` is v[t + offset] where `inside[t]` (the neighbour lies in t's
+  image), else 0, for offset +-1 (column) or +-width (row). Token t of the band is token
+  `first + t` of the block, whose images are in raster order; rows and columns come from a
+  float floor (Mosaic has no vector integer division): (t + 0.5) / W is at least 0.5 / W away
+  from an integer, far beyond float32's rounding at these sizes. The band's first and last
+  `halo` tokens are only read as neighbours: their own masks do not matter, nor does the
+  rotation's wrap-around.
+  """
+
+  def __init__(self, tokens: int, height: int, width: int, first: jax.Array | int):
+    self.tokens = tokens
+    t = jax.lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)
+    position = (t + first).astype(jnp.float32)
+    raster_row = jnp.floor((position + 0.5) * np.float32(1.0 / width))
+    column = position - raster_row * width
+    row = raster_row - jnp.floor((raster_row + 0.5) * np.float32(1.0 / height)) * height
+    self.left, self.right = column > 0, column < width - 1
+    self.up, self.down = row > 0, row < height - 1
+    # Whether a rotation by +s brings v[t - s] to t (numpy's convention) or v[t + s].
+    moved = pltpu.roll(t, 1, 0) - t
+    self.numpy_roll = (moved == -1) | (moved == tokens - 1)
+
+  def shift(self, v: jax.Array, offset: int, inside: jax.Array) -> jax.Array:
+    s = abs(offset)
+    by_s, by_minus_s = pltpu.roll(v, s, 0), pltpu.roll(v, self.tokens - s, 0)
+    # Under numpy's convention by_s[t] = v[t - s]; under the other, v[t + s].
+    backward = self.numpy_roll if offset < 0 else jnp.logical_not(self.numpy_roll)
+    return jnp.where(inside, jnp.where(backward, by_s, by_minus_s), 0.0)
+
+  def columns(self, v: jax.Array) -> list[jax.Array]:
+    """[v at column x - 1, v, v at x + 1]: the conv's three taps along a row."""
+    return [self.shift(v, -1, self.left), v, self.shift(v, 1, self.right)]
+
+  def conv(self, columns: Sequence[jax.Array], taps: jax.Array, width: int) -> jax.Array:
+    """The 3x3 cross-correlation (zero padding 1) from `columns(v)`; taps (9, channels)."""
+    rows = [sum(taps[3 * i + j] * columns[j] for j in range(3)) for i in range(3)]
+    return (self.shift(rows[0], -width, self.up) + rows[1]
+            + self.shift(rows[2], width, self.down))
+
+  def conv_transpose_rows(self, dz: jax.Array, width: int) -> list[jax.Array]:
+    """The row shifts' transposes applied to dz, one per tap row: the opposite shifts."""
+    return [self.shift(dz, width, self.down), dz, self.shift(dz, -width, self.up)]
+
+  def conv_transpose(self, moved_rows: Sequence[jax.Array], taps: jax.Array) -> jax.Array:
+    """The conv's transpose from `conv_transpose_rows(dz)`; taps (9, channels)."""
+    sums = [sum(taps[3 * i + j] * moved_rows[i] for i in range(3)) for j in range(3)]
+    return self.shift(sums[0], 1, self.right) + sums[1] + self.shift(sums[2], -1, self.left)
+
+
+def _gelu(a: jax.Array) -> jax.Array:
+  return 0.5 * a * (1.0 + jax.lax.erf(a * np.float32(np.sqrt(0.5))))
+
+
+def _gelu_derivative(a: jax.Array) -> jax.Array:
+  return (0.5 * (1.0 + jax.lax.erf(a * np.float32(np.sqrt(0.5))))
+          + a * jnp.exp(-0.5 * a * a) * np.float32(1.0 / np.sqrt(2.0 * np.pi)))
+
+
+def _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels, width):
+  """For one chunk of hidden channels: a = fc1(x), the conv's taps, u = GELU(a) at its three
+  column taps, and z = u + dwconv(u) + bias; float32."""
+  a = (jnp.dot(x, w1_ref[:, channels], preferred_element_type=jnp.float32)
+       + b1_ref[:, channels].astype(jnp.float32))
+  u = _gelu(a)
+  taps = taps_ref[:, channels].astype(jnp.float32)  # (9, chunk), row-major over (3, 3)
+  columns = near.columns(u)
+  z = u + near.conv(columns, taps, width) + bias_ref[:, channels].astype(jnp.float32)
+  return a, taps, columns, z
+
+
+def _with_halo(padded_ref, ref, halo):
+  """padded_ref = [zeros(halo); ref; zeros(halo)] (VMEM scratch): every band reads its halo
+  from one array, the block's edges reading zeros (which the masks never use)."""
+  tokens = ref.shape[0]
+  zeros = jnp.zeros((halo, ref.shape[1]), padded_ref.dtype)
+  padded_ref[pl.ds(0, halo), :] = zeros
+  padded_ref[pl.ds(halo + tokens, halo), :] = zeros
+  padded_ref[pl.ds(halo, tokens), :] = ref[...]
+
+
+def _bands(tokens, band, body):
+  """body(first token of the band) for each band of the block: a loop, or one call."""
+  if band == tokens:
+    body(0)
+    return
+
+  def step(b, carry):
+    body(pl.multiple_of(b * band, 16))
+    return carry
+
+  jax.lax.fori_loop(0, tokens // band, step, 0)
+
+
+def _forward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, y_ref, x_padded,
+                    *, height, width, band, halo, chunk):
+  tokens, dim = x_ref.shape
+  _with_halo(x_padded, x_ref, halo)
+
+  def body(first):
+    x = x_padded[pl.ds(first, band + 2 * halo), :]
+    near = _Neighbours(band + 2 * halo, height, width, first - halo)
+    y = jnp.broadcast_to(b2_ref[...].astype(jnp.float32), (band, dim))
+    for start in range(0, w1_ref.shape[1], chunk):
+      channels = pl.ds(start, chunk)
+      z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels, width)[3]
+      y = y + jnp.dot(z[halo:halo + band].astype(x.dtype), w2_ref[channels, :],
+                      preferred_element_type=jnp.float32)
+    y_ref[pl.ds(first, band), :] = y.astype(y_ref.dtype)
+
+  _bands(tokens, band, body)
+
+
+def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
+                     dx_ref, dw1_ref, db1_ref, dtaps_ref, dbias_ref, dw2_ref, db2_ref,
+                     x_padded, dy_padded, *, height, width, band, halo, chunk):
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    for ref in (dw1_ref, db1_ref, dtaps_ref, dbias_ref, dw2_ref, db2_ref):
+      ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+  tokens = x_ref.shape[0]
+  _with_halo(x_padded, x_ref, halo)
+  _with_halo(dy_padded, dy_ref, halo)
+  db2_ref[0] += dy_ref[...].astype(jnp.float32).sum(axis=0, keepdims=True)
+  kept = slice(halo, halo + band)
+
+  def body(first):
+    x = x_padded[pl.ds(first, band + 2 * halo), :]
+    dy = dy_padded[pl.ds(first, band + 2 * halo), :]
+    near = _Neighbours(band + 2 * halo, height, width, first - halo)
+    dx = jnp.zeros((band, x.shape[1]), jnp.float32)
+    for start in range(0, w1_ref.shape[1], chunk):
+      channels = pl.ds(start, chunk)
+      a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels,
+                                    width)
+      dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept],
+                                                     _TRANS_A,
+                                                     preferred_element_type=jnp.float32)
+      # dz over the whole band with its halo: the conv's transpose reads it at neighbours.
+      dz = jax.lax.dot_general(dy, w2_ref[channels, :], _TRANS_B,
+                               preferred_element_type=jnp.float32)
+      dbias_ref[0, :, channels] += dz[kept].sum(axis=0, keepdims=True)
+      # Each shift's transpose is the opposite shift (and mask): tap (i, j)'s gradient is the
+      # sum over tokens of dz moved back by row tap i times u moved by column tap j.
+      moved_rows = near.conv_transpose_rows(dz, width)
+      dtaps = [(moved_rows[i][kept] * columns[j][kept]).sum(axis=0, keepdims=True)
+               for i in range(3) for j in range(3)]
+      dtaps_ref[0, :, channels] += jnp.concatenate(dtaps, axis=0)
+      du = dz[kept] + near.conv_transpose(moved_rows, taps)[kept]
+      da32 = du * _gelu_derivative(a[kept])
+      db1_ref[0, :, channels] += da32.sum(axis=0, keepdims=True)
+      da = da32.astype(x.dtype)
+      dw1_ref[0, :, channels] += jax.lax.dot_general(x[kept], da, _TRANS_A,
+                                                     preferred_element_type=jnp.float32)
+      dx = dx + jax.lax.dot_general(da, w1_ref[:, channels], _TRANS_B,
+                                    preferred_element_type=jnp.float32)
+    dx_ref[pl.ds(first, band), :] = dx.astype(dx_ref.dtype)
+
+  _bands(tokens, band, body)
+
+
+def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
+          interpret):
+  """The kernel over blocks of images: inputs[0] and inputs[1 + weights:] by tokens,
+  inputs[1:1 + weights] (the weights) whole at every step.
+
+  The grid is (cores, steps per core); `out_shapes` are (block, struct) pairs, block 'tokens'
+  for per-token outputs and 'core' for the per-core float32 sums. Each token input gets a VMEM
+  copy with halos (`_with_halo`).
+  """
+  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
+    call = lambda flag: lambda *x: _call(kernel, shape, x, weights, out_shapes, cost, flag)
+    return jax.lax.platform_dependent(*inputs, tpu=call(False), default=call(True))
+  plan, per_core = shape.plan, shape.steps // shape.cores
+  token_block = pl.BlockSpec((shape.block_tokens, shape.dim),
+                             lambda c, s: (c * per_core + s, 0))
+  # The weights' block is the same at every step: fetched once, one buffer is enough.
+  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
+                                 pipeline_mode=pl.Buffered(1))
+  in_specs = [token_block if i == 0 or i > weights else whole(a) for i, a in enumerate(inputs)]
+  out_specs = [token_block if block == 'tokens'
+               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
+               for block, struct in out_shapes]
+  padded = pltpu.VMEM((shape.block_tokens + 2 * shape.halo, shape.dim), inputs[0].dtype)
+  return pl.pallas_call(
+      functools.partial(kernel, height=shape.height, width=shape.width, band=plan.band,
+                        halo=shape.halo, chunk=plan.chunk),
+      out_shape=[struct for _, struct in out_shapes],
+      grid=(shape.cores, per_core),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[padded] * (len(inputs) - weights),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
+                                           vmem_limit_bytes=_VMEM_LIMIT),
+      cost_estimate=cost,
+      interpret=interpret,
+  )(*inputs)
+
+
+def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
+  tokens, dim = x.shape
+  if tokens % (height * width):
+    raise ValueError(f'{tokens} tokens are not whole {height} x {width} images')
+  shape = Shape(tokens, height, width, dim, w1.shape[1], x.dtype.itemsize)
+  if shape.plan is None:
+    raise ValueError(f'the FFN kernel does not fit {_VMEM_BUDGET / 2**20:.0f} MiB of VMEM for '
+                     f'{dim} -> {shape.hidden} channels on {height} x {width} images '
+                     "(its weights stay in VMEM; see fits_vmem); use kernels='xla'")
+  return shape
+
+
+def _forward(x, weights, height, width, interpret):
+  shape = _shape(x, weights[0], height, width)
+  out = [('tokens', jax.ShapeDtypeStruct(x.shape, x.dtype))]
+  return _call(_forward_kernel, shape, (x, *weights), len(weights), out,
+               cost_estimates(shape)[0], interpret)[0]
+
+
+def _backward(x, weights, dy, height, width, interpret):
+  """dx and the weights' gradients (float32, summed over this call's cores)."""
+  shape = _shape(x, weights[0], height, width)
+  partial = lambda w: ('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
+  out = [('tokens', jax.ShapeDtypeStruct(x.shape, x.dtype))]
+  out += [partial(w) for w in weights[:5]]
+  out += [partial(jnp.zeros((1, shape.dim)))]  # fc2's bias
+  dx, *grads = _call(_backward_kernel, shape, (x, *weights[:5], dy), 5, out,
+                     cost_estimates(shape)[1], interpret)
+  return dx, tuple(g.sum(axis=0) for g in grads)
+
+
+def _per_device(function, x, weights, *rest):
+  """`function` on each device's images under a context mesh of several devices.
+
+  x (and dy) split by tokens over every device of the mesh (whole images: the batch splits
+  evenly); the weights go whole to every device. A function returning weight gradients gives
+  each device's sums, added over the mesh (`psum`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return function(x, weights, *rest)
+  height, width = rest[-3:-1]
+  if x.shape[0] % (mesh.size * height * width):
+    raise ValueError(f'{x.shape[0] // (height * width)} images do not split over '
+                     f'{mesh.size} devices')
+  axes = tuple(mesh.axis_names)
+  split, replicated = PartitionSpec(axes), PartitionSpec()
+  arrays = rest[:-3]  # dy for the backward
+  static = rest[-3:]
+
+  def local(x, weights, *arrays):
+    out = function(x, weights, *arrays, *static)
+    if isinstance(out, tuple):  # (dx, weight gradients)
+      return out[0], jax.lax.psum(out[1], axes)
+    return out
+
+  backward = bool(arrays)
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(split, (replicated,) * len(weights)) + (split,) * len(arrays),
+      out_specs=(split, (replicated,) * 6) if backward else split,
+      check_vma=False)(x, weights, *arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _feed_forward(x, weights, height, width, interpret):
+  return _per_device(_forward, x, weights, height, width, interpret)
+
+
+def _feed_forward_fwd(x, weights, height, width, interpret):
+  return _feed_forward(x, weights, height, width, interpret), (x, weights)
+
+
+def _feed_forward_bwd(height, width, interpret, residuals, dy):
+  x, weights = residuals
+  dx, grads = _per_device(_backward, x, weights, dy.astype(x.dtype), height, width, interpret)
+  return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
+
+
+_feed_forward.defvjp(_feed_forward_fwd, _feed_forward_bwd)
+
+
+def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
+                 dwconv: tuple[jax.Array, jax.Array], fc2: tuple[jax.Array, jax.Array], *,
+                 interpret: bool | None = None) -> jax.Array:
+  """fc2(u + dwconv3x3(u) + conv bias) with u = GELU(fc1(x)), as one Pallas kernel.
+
+  Args:
+    x: (b, h, w, C) in the compute dtype (the weights are cast to it).
+    fc1: (kernel (C, hidden), bias (hidden,)).
+    dwconv: (kernel (3, 3, 1, hidden) as `layers.DepthwiseConv` stores it, bias (hidden,)).
+    fc2: (kernel (hidden, C), bias (C,)).
+    interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
+      default) chooses at lowering, as `tpu_forms.decayed_attention`.
+
+  Returns:
+    (b, h, w, C) in x's dtype. Differentiable in x and every weight (a second kernel).
+  """
+  batch, height, width, dim = x.shape
+  (w1, b1), (taps, bias), (w2, b2) = fc1, dwconv, fc2
+  hidden = w1.shape[1]
+  if (w1.shape != (dim, hidden) or b1.shape != (hidden,) or taps.shape != (3, 3, 1, hidden)
+      or bias.shape != (hidden,) or w2.shape != (hidden, dim) or b2.shape != (dim,)):
+    raise ValueError(f'FFN weights for {dim} -> {hidden} -> {dim} channels expected, got '
+                     f'{[tuple(a.shape) for a in (w1, b1, taps, bias, w2, b2)]}')
+  pad = _lanes(hidden) - hidden  # zero channels: GELU(0) = 0, nothing reaches y
+  columns = lambda a: jnp.pad(a.reshape(-1, hidden), ((0, 0), (0, pad)))
+  weights = tuple(a.astype(x.dtype) for a in (
+      columns(w1), columns(b1), columns(taps), columns(bias),
+      jnp.pad(w2, ((0, pad), (0, 0))), b2.reshape(1, dim)))
+  y = _feed_forward(x.reshape(batch * height * width, dim), weights, height, width, interpret)
+  return y.reshape(x.shape)

@@ -1,0 +1,297 @@
+"""The Pallas FFN (rmt_jax.models.tpu_feed_forward) against the plain form, in Pallas's
+interpreter.
+
+Values and the gradients of x and of every weight against fc1 -> GELU -> (+ XLA's grouped 3x3
+conv) -> fc2 (float32 and bfloat16; one and several grid steps, two cores' partial sums, chunks
+of hidden channels, images of one row or column), `layers.FeedForward` under `kernels='tpu'`
+against `kernels='xla'`, the split over a mesh of CPU devices (per-device images, summed weight
+gradients), the declared costs against the formula, and, with libtpu, Mosaic's compilation for
+a v5p (one chip and a 4-chip mesh).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, libtpu_env, needs_libtpu, relative_error
+from rmt_jax.models import layers, tpu_feed_forward
+
+
+def _plain(x, w1, b1, taps, bias, w2, b2):
+  u = layers.gelu(jnp.dot(x, w1) + b1)
+  conv = jax.lax.conv_general_dilated(u, taps, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=u.shape[-1])
+  return jnp.dot(u + conv + bias, w2) + b2
+
+
+def _kernel(x, w1, b1, taps, bias, w2, b2):
+  return tpu_feed_forward.feed_forward(x, (w1, b1), (taps, bias), (w2, b2), interpret=True)
+
+
+def _inputs(batch, height, width, dim, hidden, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = [(batch, height, width, dim), (dim, hidden), (hidden,), (3, 3, 1, hidden),
+            (hidden,), (hidden, dim), (dim,), (batch, height, width, dim)]
+  # Pre-activations of O(1): GELU is neither linear nor zero over them.
+  scales = [1.0, dim ** -0.5, 0.5, 0.5, 0.5, hidden ** -0.5, 0.5, 1.0]
+  return [jnp.asarray(rng.normal(size=s) * c, dtype) for s, c in zip(shapes, scales)]
+
+
+Plan = tpu_feed_forward.Plan
+
+# (batch, height, width, dim, hidden, plan): one step, band and chunk (60 tokens: not a whole
+# bfloat16 tile, so the one band is the block); four steps over two cores, each of two 8 x 8
+# images in four bands of 32 tokens (bands that cut images; halos of 16) and two chunks of 128
+# hidden channels, the second with 56 of zero padding (200 -> 256); three steps (one core);
+# images one row high and one column wide (every vertical or horizontal neighbour is outside).
+CASES = [(2, 5, 6, 8, 24, Plan(2, 60, 128)),
+         (8, 8, 8, 16, 200, Plan(2, 32, 128)),
+         (3, 4, 4, 8, 16, Plan(1, 16, 128)),
+         (2, 1, 8, 8, 16, Plan(2, 16, 128)),
+         (2, 8, 1, 8, 16, Plan(2, 16, 128))]
+
+
+@pytest.mark.parametrize('batch,height,width,dim,hidden,plan', CASES)
+def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, hidden, plan,
+                                                   monkeypatch):
+  monkeypatch.setattr(tpu_feed_forward.Shape, 'plan', property(lambda self: plan))
+  *args, cotangent = _inputs(batch, height, width, dim, hidden, jnp.float32)
+  got, got_vjp = jax.vjp(_kernel, *args)
+  want, want_vjp = jax.vjp(_plain, *args)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  assert relative_error(got, want) < 1e-5
+  names = ('x', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel', 'fc2 bias')
+  for name, g, w in zip(names, got_vjp(cotangent), want_vjp(cotangent)):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert relative_error(g, w) < 1e-5, name
+
+
+# (height, width, dim, hidden): the stages of RMT-T, -S, -B and -L at 224 px.
+STAGES = [(56, 56, 64, 192), (28, 28, 128, 384), (14, 14, 256, 768), (7, 7, 512, 1536),
+          (56, 56, 64, 256), (28, 28, 128, 512),
+          (56, 56, 80, 320), (28, 28, 160, 640), (14, 14, 320, 960), (7, 7, 512, 1536),
+          (56, 56, 112, 448), (28, 28, 224, 896), (14, 14, 448, 1344), (7, 7, 640, 1920)]
+
+
+@pytest.mark.parametrize('height,width,dim,hidden', STAGES)
+def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden):
+  padded = -(-hidden // 128) * 128
+  shape = tpu_feed_forward.Shape(64 * height * width, height, width, dim, padded, 2)
+  plan = shape.plan
+  assert tpu_feed_forward.fits_vmem((64, height, width, dim), hidden, 2) == (plan is not None)
+  # The weights stay in VMEM with their float32 gradients, which the last stage of RMT-S, -B
+  # and -L (512 or 640 channels, 1536 or 1920 hidden) and the third of RMT-B and -L cannot do
+  # within a v4's 16 MiB.
+  assert (plan is None) == ((dim, hidden) in ((512, 1536), (320, 960), (448, 1344), (640, 1920)))
+  if plan is None:
+    return
+  assert shape.vmem_bytes(plan) <= tpu_feed_forward._VMEM_BUDGET
+  tokens = plan.block_images * height * width
+  assert 64 % plan.block_images == 0 and tokens % 16 == 0
+  assert tokens % plan.band == 0 and plan.band % 16 == 0 and plan.band >= 2 * shape.halo
+  assert padded % plan.chunk == 0 and plan.chunk % 128 == 0
+  assert shape.halo >= width + 1 and shape.halo % 16 == 0
+
+
+def test_bfloat16_within_its_rounding_of_the_plain_form():
+  inputs = _inputs(4, 4, 4, 16, 48, jnp.float32, seed=1)
+
+  def both(dtype):
+    *args, cotangent = (a.astype(dtype) for a in inputs)
+    got, got_vjp = jax.vjp(_kernel, *args)
+    want, want_vjp = jax.vjp(_plain, *args)
+    return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+
+  exact, _ = both(jnp.float32)
+  got, want = both(jnp.bfloat16)
+  names = ('y', 'x', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel',
+           'fc2 bias')
+  for name, g, w, e in zip(names, got, want, exact):
+    assert g.dtype == jnp.bfloat16, name
+    # The kernel keeps the hidden activations in float32 where the plain form rounds each
+    # step to bfloat16: it is no farther from the float32 result, and within a few bfloat16
+    # ulps (2^-8) of the plain form.
+    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, name
+    assert relative_error(g, w) < 2 ** -6, name
+
+
+def test_feed_forward_under_tpu_kernels_equals_the_plain_form():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5, 16)), jnp.float32)
+  module = layers.FeedForward(48, kernels='xla')
+  variables = module.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables['params']) == {
+      'fc1': {'kernel': (16, 48), 'bias': (48,)},
+      'dwconv': {'kernel': (3, 3, 1, 48), 'bias': (48,)},
+      'fc2': {'kernel': (48, 16), 'bias': (16,)}}
+  rng = np.random.default_rng(3)
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype),
+                           variables)
+
+  def loss(variables, x, kernels):
+    return jnp.sum(jnp.sin(module.clone(kernels=kernels).apply(variables, x)))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  (got_loss, got), (want_loss, want) = grad(variables, x, 'tpu'), grad(variables, x, 'xla')
+  assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert relative_error(g, w) < 1e-5
+
+
+def test_weights_must_match_the_input():
+  *args, _ = _inputs(2, 4, 4, 8, 16, jnp.float32)
+  args[5] = jnp.zeros((16, 4))  # fc2 back to 4 channels, not 8
+  with pytest.raises(ValueError, match='FFN weights for 8 -> 16 -> 8 channels'):
+    _kernel(*args)
+
+
+# Runs in a fresh interpreter: the device count is fixed when JAX starts.
+_SHARDED = textwrap.dedent('''
+    import os
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
+        ' --xla_force_host_platform_device_count=4')
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from rmt_jax.models import tpu_feed_forward
+    rng = np.random.default_rng(0)
+    shapes = [(8, 4, 4, 8), (8, 16), (16,), (3, 3, 1, 16), (16,), (16, 8), (8,)]
+    args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
+    dy = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
+    f = lambda x, w1, b1, t, b, w2, b2: tpu_feed_forward.feed_forward(
+        x, (w1, b1), (t, b), (w2, b2), interpret=True)
+    def step(*args):
+      y, vjp = jax.vjp(f, *args)
+      return y, vjp(dy)
+    want = jax.jit(step)(*args)
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    with jax.set_mesh(mesh):
+      sharded = [jax.device_put(args[0], NamedSharding(mesh, PartitionSpec('data')))]
+      sharded += [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in args[1:]]
+      jitted = jax.jit(step)
+      text = jitted.lower(*sharded).as_text()
+      got = jitted(*sharded)
+    errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
+              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    print(len(errors), max(errors) < 1e-5, 'shard_map' in text or 'sdy.manual_computation' in text)
+''')
+
+
+def test_split_over_a_mesh_equals_one_device():
+  proc = subprocess.run([sys.executable, '-c', _SHARDED], cwd=REPO, env=libtpu_env(False),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # y and the 7 gradients; each device's images and the weight gradients summed over devices.
+  assert proc.stdout.split('\n')[0] == '8 True True'
+
+
+def _pallas_calls(jaxpr):
+  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _pallas_calls(sub)
+
+
+@pytest.mark.parametrize('batch,height,width,dim,hidden,dtype', [
+    (64, 56, 56, 64, 192, jnp.bfloat16),  # RMT-T stage 1 at batch 64: one image a step, bands
+    (64, 14, 14, 256, 768, jnp.bfloat16),  # RMT-S stage 3: several images a step, chunks
+    (3, 4, 4, 8, 16, jnp.float32)])
+def test_declared_costs_are_the_kernels_work(batch, height, width, dim, hidden, dtype):
+  x = jax.ShapeDtypeStruct((batch, height, width, dim), dtype)
+  weights = [jax.ShapeDtypeStruct(s, dtype) for s in [(dim, hidden), (hidden,),
+                                                      (3, 3, 1, hidden), (hidden,),
+                                                      (hidden, dim), (dim,)]]
+  ffn = lambda x, w1, b1, t, b, w2, b2: tpu_feed_forward.feed_forward(
+      x, (w1, b1), (t, b), (w2, b2), interpret=False)
+  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(ffn, *a)[1](a[0]))(x, *weights)
+  # The forward kernel has 8 operands (x, 6 weights -> y), the backward 14.
+  forward, backward = sorted(_pallas_calls(jaxpr.jaxpr),
+                             key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
+  size = jnp.dtype(dtype).itemsize
+  tokens = batch * height * width
+  hidden = -(-hidden // 128) * 128  # the kernels see the hidden channels padded to 128 lanes
+  shape = tpu_feed_forward.Shape(tokens, height, width, dim, hidden, size)
+  plan = shape.plan
+  # Each band computes fc1, GELU and the conv on itself and a halo on either side.
+  bands = tokens // plan.band
+  extended = bands * (plan.band + 2 * shape.halo)
+  array = tokens * dim * size
+  weight_elements = 2 * dim * hidden + 11 * hidden + dim
+  product = 2 * dim * hidden  # a matmul's flops per token
+  for eqn, flops, exps, arrays, extra in (
+      (forward, product * (extended + tokens) + 18 * hidden * extended,
+       hidden * extended, 2, 0),
+      (backward, product * (2 * extended + 3 * tokens) + 18 * hidden * (2 * extended + tokens),
+       hidden * (extended + 2 * tokens), 3, shape.cores * weight_elements * 4)):
+    cost = eqn.params['cost_estimate']
+    assert (cost.flops, cost.transcendentals, cost.bytes_accessed) == (
+        flops, exps, arrays * array + weight_elements * size + extra)
+    # Every token block is read or written once: the grid tiles the tokens exactly.
+    mapping = eqn.params['grid_mapping']
+    cores, steps = mapping.grid
+    blocks = [tuple(getattr(s, 'block_size', s) for s in m.block_shape)
+              for m in mapping.block_mappings]
+    token_blocks = [b for b in blocks if b == (shape.block_tokens, dim)]
+    assert len(token_blocks) == arrays and cores * steps * shape.block_tokens == tokens
+    assert shape.block_tokens % (height * width) == 0
+  if height == 56:
+    assert plan.block_images == 1 and bands > 1  # a stage-1 image is cut into bands
+  if hidden == 768:
+    assert plan.block_images > 1 and shape.cores == 2
+
+
+_COMPILE = textwrap.dedent('''
+    import os
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update('jax_platforms', 'cpu')
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from rmt_jax.models import tpu_feed_forward
+    devices = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices
+    def step(x, *weights):
+      f = lambda x, w1, b1, t, b, w2, b2: tpu_feed_forward.feed_forward(
+          x, (w1, b1), (t, b), (w2, b2))
+      y, vjp = jax.vjp(f, x, *weights)
+      return y, vjp(y)
+    def args(mesh, x_spec, batch, size, dim, hidden):
+      arrays = [((batch, size, size, dim), x_spec)] + [(s, PartitionSpec()) for s in (
+          (dim, hidden), (hidden,), (3, 3, 1, hidden), (hidden,), (hidden, dim), (dim,))]
+      return [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, p))
+              for s, p in arrays]
+    # RMT-S stages 1 (one 56 x 56 image a step, in bands) and 3, on a v5p and on a v4 (16 MiB
+    # of VMEM).
+    v4 = topologies.get_topology_desc(platform='tpu', topology_name='v4:2x2x1').devices
+    for chip in (devices[0], v4[0]):
+      one = Mesh(np.array([chip]), ('d',))
+      for shape in ((4, 56, 64, 256), (32, 14, 256, 768)):
+        text = jax.jit(step).lower(*args(one, PartitionSpec(), *shape)).compile().as_text()
+        print(chip.device_kind, shape[1], text.count('custom_call_target="tpu_custom_call"'))
+    # Under a mesh of four chips each runs the kernels on its images: no gathering.
+    mesh = Mesh(np.array(devices), ('data',))
+    def traced(*a):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return step(*a)
+    text = jax.jit(traced).lower(*args(mesh, PartitionSpec('data'), 16, 14, 32, 96)
+                                 ).compile().as_text()
+    print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather' in text,
+          'bf16[784,32]' in text)
+''')
+
+
+@needs_libtpu
+def test_kernels_compile_for_a_v5p():
+  proc = subprocess.run([sys.executable, '-c', _COMPILE], cwd=REPO, env=libtpu_env(True),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Forward and backward kernel; per device 4 images of 14 x 14 = 784 tokens.
+  lines = proc.stdout.split('\n')
+  assert [line.split()[-2:] for line in lines[:4]] == [['56', '2'], ['14', '2']] * 2, lines
+  assert lines[4] == 'sharded 2 False True'
+  assert 'v4' in lines[2] and 'v4' not in lines[0], lines
