@@ -173,7 +173,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     kernel: (k, k, 1, C), k odd.
     bias: (C,).
     kernel_forms: the model's `kernels` field: XLA's grouped convolution, or
-      `cpu_forms.shifted_depthwise_conv` on XLA CPU.
+      `cpu_forms.shifted_depthwise_conv` on XLA CPU. TPUs take XLA's: a Pallas form of
+      `pos` and LePE (forward and backward, in the FFN kernel's bands) made XLA's estimate of
+      an RMT-S block worse (stage 1: 2.62 -> 2.91 ms, stage 3: 0.72 -> 0.84 ms), the layout
+      copies around it and the fusions it breaks costing more than the convolutions.
   """
   pad = kernel.shape[0] // 2
 
@@ -195,7 +198,7 @@ class DepthwiseConv(nn.Module):
 
   Attributes:
     kernel_size: k (odd).
-    kernels: 'auto', 'xla' or 'cpu' (see `rmt_jax.models.kernels`).
+    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.models.kernels`).
   """
   kernel_size: int
   kernels: str = 'auto'

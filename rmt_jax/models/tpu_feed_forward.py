@@ -11,13 +11,11 @@ backward pass, so the FFN moved a fifth of the RMT-S train step's bytes (`tpu_co
   activations touches HBM. The backward kernel reads x and dy, recomputes the hidden
   activations, and writes dx and the weight gradients: the forward saves x alone.
 - A grid step holds whole images (x, and dy in the backward); the kernel works through them
-  in bands of tokens, each with a halo of a row and a pixel on either side (read from a VMEM
-  copy of the block with zeros around it), so that its float32 temporaries are bounded
-  whatever the image size: fc1, GELU and the conv are recomputed on the halos.
-- The depthwise conv works on the flattened tokens of a band: a neighbour one column away
-  is one token away, one row away is `width` tokens away, each reached by a rotation of the
-  sublane axis (`pltpu.roll`) and zeroed where it falls outside its image (positions from an
-  iota). The shift is written so that it is right for either rotation convention.
+  in bands of tokens, each with a halo of a row and a pixel on either side, so that its
+  float32 temporaries are bounded whatever the image size: fc1, GELU and the conv are
+  recomputed on the halos. The depthwise conv works on the band's flattened tokens, its
+  neighbours reached by rotations of the sublane axis (`tpu_bands`, shared with the
+  depthwise conv kernel).
 - The hidden channels are processed in chunks of 128 lanes or more: the conv is depthwise and
   GELU elementwise, so a chunk is a complete FFN of its own, summed into y. Hidden widths
   that are not a multiple of 128 (RMT-T's 192, RMT-B's 320 and 960, RMT-L's 448) are padded
@@ -41,7 +39,7 @@ kernels: under a context mesh the calls run in a `shard_map` over images.
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +47,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
+
+from rmt_jax.models import tpu_bands
 
 # Tokens per grid step are kept near this (whole images, so stage 1 takes one 56 x 56 image):
 # large enough that the step's fixed cost is small against its work.
@@ -60,10 +60,6 @@ _VMEM_LIMIT = 16 * 1024 * 1024
 
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 _TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
-
-
-def _lanes(n: int) -> int:
-  return -(-n // 128) * 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +104,8 @@ class Shape:
 
   @property
   def halo(self) -> int:
-    """Tokens a band needs on either side: a row and a pixel (the conv's corner taps), in
-    whole bfloat16 tiles of 16 rows."""
-    return -(-(self.width + 1) // 16) * 16
+    """Tokens a band needs on either side: a row and a pixel (the conv's corner taps)."""
+    return tpu_bands.halo(self.width, 1)
 
   def vmem_bytes(self, plan: Plan) -> int:
     """The backward kernel's VMEM (the larger of the two) under `plan`: x, dy and dx blocks
@@ -121,12 +116,12 @@ class Shape:
     chunks of 128 spilled 10.6 MiB, 25 of them."""
     tokens = plan.block_images * self.height * self.width
     extended = plan.band + 2 * self.halo
-    channels = _lanes(self.dim) * self.itemsize
+    channels = tpu_bands.lanes(self.dim) * self.itemsize
     blocks = 6 * tokens * channels + 2 * (tokens + 2 * self.halo) * channels
-    matrices = self.dim * _lanes(self.hidden) + self.hidden * _lanes(self.dim)
-    vectors = 48 * _lanes(self.hidden) + 16 * _lanes(self.dim)  # padded to 8-16 sublanes
+    matrices = self.dim * tpu_bands.lanes(self.hidden) + self.hidden * tpu_bands.lanes(self.dim)
+    vectors = 48 * tpu_bands.lanes(self.hidden) + 16 * tpu_bands.lanes(self.dim)  # padded to 8-16 sublanes
     weights = (matrices + vectors) * self.itemsize + 2 * (matrices + vectors) * 4
-    temporaries = (26 * _lanes(plan.chunk) + 2 * _lanes(self.dim)) * extended * 4
+    temporaries = (26 * tpu_bands.lanes(plan.chunk) + 2 * tpu_bands.lanes(self.dim)) * extended * 4
     return blocks + weights + temporaries
 
   @functools.cached_property
@@ -141,15 +136,11 @@ class Shape:
     pads to a multiple of 128).
     """
     pixels = self.height * self.width
-    whole = [d for d in range(self.images, 0, -1) if self.images % d == 0
-             and (d == self.images or (d * pixels) % 16 == 0)]
     chunks = [c for c in range(self.hidden, 0, -128) if self.hidden % c == 0]
-    plans = []
-    for block_images in [d for d in whole if d * pixels <= _BLOCK_TOKENS] or whole[-1:]:
-      tokens = block_images * pixels
-      bands = ([b for b in range(tokens, 0, -16) if tokens % b == 0
-                and (b >= 2 * self.halo or b == tokens)] if tokens % 16 == 0 else [tokens])
-      plans += [Plan(block_images, band, chunk) for band in bands for chunk in chunks]
+    plans = [Plan(block_images, band, chunk)
+             for block_images in tpu_bands.image_blocks(self.images, pixels, _BLOCK_TOKENS)
+             for band in tpu_bands.bands(block_images * pixels, self.halo)
+             for chunk in chunks]
     fitting = [p for p in plans if self.vmem_bytes(p) <= _VMEM_BUDGET]
     return max(fitting, key=lambda p: (p.band, p.chunk, p.block_images), default=None)
 
@@ -186,7 +177,7 @@ def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
   devices = 1 if mesh.empty else mesh.size
   if batch % devices:
     raise ValueError(f'{batch} images do not split over {devices} devices')
-  shape = Shape(batch // devices * height * width, height, width, dim, _lanes(hidden), itemsize)
+  shape = Shape(batch // devices * height * width, height, width, dim, tpu_bands.lanes(hidden), itemsize)
   return shape.plan is not None
 
 
@@ -218,58 +209,6 @@ def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
   return forward, backward
 
 
-class _Neighbours:
-  """Shifts of a band's tokens to a pixel's neighbours, inside a kernel.
-
-  `shift(v, offset, inside)[t]` is v[t + offset] where `inside[t]` (the neighbour lies in t's
-  image), else 0, for offset +-1 (column) or +-width (row). Token t of the band is token
-  `first + t` of the block, whose images are in raster order; rows and columns come from a
-  float floor (Mosaic has no vector integer division): (t + 0.5) / W is at least 0.5 / W away
-  from an integer, far beyond float32's rounding at these sizes. The band's first and last
-  `halo` tokens are only read as neighbours: their own masks do not matter, nor does the
-  rotation's wrap-around.
-  """
-
-  def __init__(self, tokens: int, height: int, width: int, first: jax.Array | int):
-    self.tokens = tokens
-    t = jax.lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)
-    position = (t + first).astype(jnp.float32)
-    raster_row = jnp.floor((position + 0.5) * np.float32(1.0 / width))
-    column = position - raster_row * width
-    row = raster_row - jnp.floor((raster_row + 0.5) * np.float32(1.0 / height)) * height
-    self.left, self.right = column > 0, column < width - 1
-    self.up, self.down = row > 0, row < height - 1
-    # Whether a rotation by +s brings v[t - s] to t (numpy's convention) or v[t + s].
-    moved = pltpu.roll(t, 1, 0) - t
-    self.numpy_roll = (moved == -1) | (moved == tokens - 1)
-
-  def shift(self, v: jax.Array, offset: int, inside: jax.Array) -> jax.Array:
-    s = abs(offset)
-    by_s, by_minus_s = pltpu.roll(v, s, 0), pltpu.roll(v, self.tokens - s, 0)
-    # Under numpy's convention by_s[t] = v[t - s]; under the other, v[t + s].
-    backward = self.numpy_roll if offset < 0 else jnp.logical_not(self.numpy_roll)
-    return jnp.where(inside, jnp.where(backward, by_s, by_minus_s), 0.0)
-
-  def columns(self, v: jax.Array) -> list[jax.Array]:
-    """[v at column x - 1, v, v at x + 1]: the conv's three taps along a row."""
-    return [self.shift(v, -1, self.left), v, self.shift(v, 1, self.right)]
-
-  def conv(self, columns: Sequence[jax.Array], taps: jax.Array, width: int) -> jax.Array:
-    """The 3x3 cross-correlation (zero padding 1) from `columns(v)`; taps (9, channels)."""
-    rows = [sum(taps[3 * i + j] * columns[j] for j in range(3)) for i in range(3)]
-    return (self.shift(rows[0], -width, self.up) + rows[1]
-            + self.shift(rows[2], width, self.down))
-
-  def conv_transpose_rows(self, dz: jax.Array, width: int) -> list[jax.Array]:
-    """The row shifts' transposes applied to dz, one per tap row: the opposite shifts."""
-    return [self.shift(dz, width, self.down), dz, self.shift(dz, -width, self.up)]
-
-  def conv_transpose(self, moved_rows: Sequence[jax.Array], taps: jax.Array) -> jax.Array:
-    """The conv's transpose from `conv_transpose_rows(dz)`; taps (9, channels)."""
-    sums = [sum(taps[3 * i + j] * moved_rows[i] for i in range(3)) for j in range(3)]
-    return self.shift(sums[0], 1, self.right) + sums[1] + self.shift(sums[2], -1, self.left)
-
-
 def _gelu(a: jax.Array) -> jax.Array:
   return 0.5 * a * (1.0 + jax.lax.erf(a * np.float32(np.sqrt(0.5))))
 
@@ -279,58 +218,35 @@ def _gelu_derivative(a: jax.Array) -> jax.Array:
           + a * jnp.exp(-0.5 * a * a) * np.float32(1.0 / np.sqrt(2.0 * np.pi)))
 
 
-def _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels, width):
+def _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels):
   """For one chunk of hidden channels: a = fc1(x), the conv's taps, u = GELU(a) at its three
   column taps, and z = u + dwconv(u) + bias; float32."""
   a = (jnp.dot(x, w1_ref[:, channels], preferred_element_type=jnp.float32)
        + b1_ref[:, channels].astype(jnp.float32))
   u = _gelu(a)
   taps = taps_ref[:, channels].astype(jnp.float32)  # (9, chunk), row-major over (3, 3)
-  columns = near.columns(u)
-  z = u + near.conv(columns, taps, width) + bias_ref[:, channels].astype(jnp.float32)
+  columns = near.columns(u, 1)
+  z = u + near.conv(columns, taps) + bias_ref[:, channels].astype(jnp.float32)
   return a, taps, columns, z
-
-
-def _with_halo(padded_ref, ref, halo):
-  """padded_ref = [zeros(halo); ref; zeros(halo)] (VMEM scratch): every band reads its halo
-  from one array, the block's edges reading zeros (which the masks never use)."""
-  tokens = ref.shape[0]
-  zeros = jnp.zeros((halo, ref.shape[1]), padded_ref.dtype)
-  padded_ref[pl.ds(0, halo), :] = zeros
-  padded_ref[pl.ds(halo + tokens, halo), :] = zeros
-  padded_ref[pl.ds(halo, tokens), :] = ref[...]
-
-
-def _bands(tokens, band, body):
-  """body(first token of the band) for each band of the block: a loop, or one call."""
-  if band == tokens:
-    body(0)
-    return
-
-  def step(b, carry):
-    body(pl.multiple_of(b * band, 16))
-    return carry
-
-  jax.lax.fori_loop(0, tokens // band, step, 0)
 
 
 def _forward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, y_ref, x_padded,
                     *, height, width, band, halo, chunk):
   tokens, dim = x_ref.shape
-  _with_halo(x_padded, x_ref, halo)
+  tpu_bands.with_halo(x_padded, x_ref, halo)
 
   def body(first):
     x = x_padded[pl.ds(first, band + 2 * halo), :]
-    near = _Neighbours(band + 2 * halo, height, width, first - halo)
+    near = tpu_bands.Neighbours(band + 2 * halo, height, width, first - halo)
     y = jnp.broadcast_to(b2_ref[...].astype(jnp.float32), (band, dim))
     for start in range(0, w1_ref.shape[1], chunk):
       channels = pl.ds(start, chunk)
-      z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels, width)[3]
+      z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels)[3]
       y = y + jnp.dot(z[halo:halo + band].astype(x.dtype), w2_ref[channels, :],
                       preferred_element_type=jnp.float32)
     y_ref[pl.ds(first, band), :] = y.astype(y_ref.dtype)
 
-  _bands(tokens, band, body)
+  tpu_bands.for_each_band(tokens, band, body)
 
 
 def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
@@ -342,20 +258,19 @@ def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
       ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
   tokens = x_ref.shape[0]
-  _with_halo(x_padded, x_ref, halo)
-  _with_halo(dy_padded, dy_ref, halo)
+  tpu_bands.with_halo(x_padded, x_ref, halo)
+  tpu_bands.with_halo(dy_padded, dy_ref, halo)
   db2_ref[0] += dy_ref[...].astype(jnp.float32).sum(axis=0, keepdims=True)
   kept = slice(halo, halo + band)
 
   def body(first):
     x = x_padded[pl.ds(first, band + 2 * halo), :]
     dy = dy_padded[pl.ds(first, band + 2 * halo), :]
-    near = _Neighbours(band + 2 * halo, height, width, first - halo)
+    near = tpu_bands.Neighbours(band + 2 * halo, height, width, first - halo)
     dx = jnp.zeros((band, x.shape[1]), jnp.float32)
     for start in range(0, w1_ref.shape[1], chunk):
       channels = pl.ds(start, chunk)
-      a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels,
-                                    width)
+      a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels)
       dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept],
                                                      _TRANS_A,
                                                      preferred_element_type=jnp.float32)
@@ -365,7 +280,7 @@ def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
       dbias_ref[0, :, channels] += dz[kept].sum(axis=0, keepdims=True)
       # Each shift's transpose is the opposite shift (and mask): tap (i, j)'s gradient is the
       # sum over tokens of dz moved back by row tap i times u moved by column tap j.
-      moved_rows = near.conv_transpose_rows(dz, width)
+      moved_rows = near.conv_transpose_rows(dz, 1)
       dtaps = [(moved_rows[i][kept] * columns[j][kept]).sum(axis=0, keepdims=True)
                for i in range(3) for j in range(3)]
       dtaps_ref[0, :, channels] += jnp.concatenate(dtaps, axis=0)
@@ -379,7 +294,7 @@ def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
                                     preferred_element_type=jnp.float32)
     dx_ref[pl.ds(first, band), :] = dx.astype(dx_ref.dtype)
 
-  _bands(tokens, band, body)
+  tpu_bands.for_each_band(tokens, band, body)
 
 
 def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
@@ -389,7 +304,7 @@ def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_s
 
   The grid is (cores, steps per core); `out_shapes` are (block, struct) pairs, block 'tokens'
   for per-token outputs and 'core' for the per-core float32 sums. Each token input gets a VMEM
-  copy with halos (`_with_halo`).
+  copy with halos (`tpu_bands.with_halo`).
   """
   if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
     call = lambda flag: lambda *x: _call(kernel, shape, x, weights, out_shapes, cost, flag)
@@ -525,7 +440,7 @@ def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
       or bias.shape != (hidden,) or w2.shape != (hidden, dim) or b2.shape != (dim,)):
     raise ValueError(f'FFN weights for {dim} -> {hidden} -> {dim} channels expected, got '
                      f'{[tuple(a.shape) for a in (w1, b1, taps, bias, w2, b2)]}')
-  pad = _lanes(hidden) - hidden  # zero channels: GELU(0) = 0, nothing reaches y
+  pad = tpu_bands.lanes(hidden) - hidden  # zero channels: GELU(0) = 0, nothing reaches y
   columns = lambda a: jnp.pad(a.reshape(-1, hidden), ((0, 0), (0, pad)))
   weights = tuple(a.astype(x.dtype) for a in (
       columns(w1), columns(b1), columns(taps), columns(bias),

@@ -1,0 +1,146 @@
+"""Image tokens in bands inside Pallas TPU kernels, for kernels with a depthwise convolution.
+
+The FFN kernel (`tpu_feed_forward`) takes activations as (tokens, channels): the tokens of
+whole images in raster order, channels on the lane axis. A grid step holds whole images;
+inside it the kernel goes through them in bands of tokens, each with a halo on either side
+(the rows and pixels its convolution reaches), read from a VMEM copy of the block with zeros
+around it (`with_halo`), so that a band's temporaries are bounded whatever the image size.
+Here:
+
+- `halo`, `image_blocks` and `bands`: the sizes a kernel may choose from (bfloat16 tiles of 16
+  rows, whole images per block).
+- `Neighbours`: a band's shifts to a pixel's neighbours. A neighbour `dx` columns away is `dx`
+  tokens away, `dy` rows away `dy * width` tokens away: rotations of the sublane axis
+  (`pltpu.roll`), zeroed where the neighbour falls outside its image, with positions from an
+  iota. A k x k depthwise cross-correlation (zero padding k // 2) is separable into column
+  shifts, per-row tap sums and row shifts (`conv`); its transpose is the opposite shifts
+  (`conv_transpose`).
+- `with_halo` and `for_each_band`: the VMEM copy and the loop over bands.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# The sublane tile of bfloat16 (16 rows): band and block offsets stay multiples of it.
+TILE = 16
+
+
+def lanes(n: int) -> int:
+  """n rounded up to the TPU's 128 lanes (what an axis of n takes in VMEM)."""
+  return -(-n // 128) * 128
+
+
+def halo(width: int, radius: int) -> int:
+  """Tokens a band needs on either side for a (2 radius + 1)^2 conv: `radius` rows and pixels,
+  in whole tiles."""
+  return -(-(radius * width + radius) // TILE) * TILE
+
+
+def image_blocks(images: int, pixels: int, max_tokens: int) -> list[int]:
+  """Images per grid step to choose from, most first: divisors of `images` whose tokens fill
+  whole tiles (or all the images), within `max_tokens` where any is (else the smallest)."""
+  whole = [d for d in range(images, 0, -1) if images % d == 0
+           and (d == images or (d * pixels) % TILE == 0)]
+  return [d for d in whole if d * pixels <= max_tokens] or whole[-1:]
+
+
+def bands(tokens: int, halo_tokens: int) -> list[int]:
+  """Band lengths to choose from, longest first: divisors of a block's `tokens` in whole tiles
+  and at least twice the halo (or the whole block, the only band of a block that is not a
+  whole number of tiles)."""
+  if tokens % TILE:
+    return [tokens]
+  return [b for b in range(tokens, 0, -TILE) if tokens % b == 0
+          and (b >= 2 * halo_tokens or b == tokens)]
+
+
+class Neighbours:
+  """Shifts of a band's tokens to a pixel's neighbours, inside a kernel.
+
+  `shift(v, dy, dx)[t]` is v at the pixel dy rows and dx columns from token t where that pixel
+  lies in t's image, else 0. Token t of the band is token `first + t` of the block, whose
+  images are in raster order; rows and columns come from a float floor (Mosaic has no vector
+  integer division): (t + 0.5) / W is at least 0.5 / W away from an integer, far beyond
+  float32's rounding at these sizes. A band's halo tokens are only read as neighbours: their
+  own masks do not matter, nor does the rotation's wrap-around.
+  """
+
+  def __init__(self, tokens: int, height: int, width: int, first: jax.Array | int):
+    self.tokens, self.height, self.width = tokens, height, width
+    t = jax.lax.broadcasted_iota(jnp.int32, (tokens, 1), 0)
+    position = (t + first).astype(jnp.float32)
+    raster_row = jnp.floor((position + 0.5) * np.float32(1.0 / width))
+    self.column = position - raster_row * width
+    self.row = raster_row - jnp.floor((raster_row + 0.5) * np.float32(1.0 / height)) * height
+    # Whether a rotation by +s brings v[t - s] to t (numpy's convention) or v[t + s].
+    moved = pltpu.roll(t, 1, 0) - t
+    self.numpy_roll = (moved == -1) | (moved == tokens - 1)
+
+  def shift(self, v: jax.Array, dy: int, dx: int) -> jax.Array:
+    """v at (row + dy, column + dx), zero outside the image; one of dy, dx is 0."""
+    if dy == dx == 0:
+      return v
+    if dy:
+      inside = (self.row + dy >= 0) & (self.row + dy < self.height)
+    else:
+      inside = (self.column + dx >= 0) & (self.column + dx < self.width)
+    offset = dy * self.width + dx
+    s = abs(offset)
+    by_s, by_minus_s = pltpu.roll(v, s, 0), pltpu.roll(v, self.tokens - s, 0)
+    # Under numpy's convention by_s[t] = v[t - s]; under the other, v[t + s].
+    backward = self.numpy_roll if offset < 0 else jnp.logical_not(self.numpy_roll)
+    return jnp.where(inside, jnp.where(backward, by_s, by_minus_s), 0.0)
+
+  def columns(self, v: jax.Array, radius: int) -> list[jax.Array]:
+    """v at columns x - radius ... x + radius: a conv's taps along a row."""
+    return [self.shift(v, 0, dx) for dx in range(-radius, radius + 1)]
+
+  def conv(self, columns: Sequence[jax.Array], taps: jax.Array) -> jax.Array:
+    """The k x k cross-correlation (zero padding k // 2) from `columns(v, k // 2)`; taps
+    (k * k, channels), row-major over (k, k), float32."""
+    k = len(columns)
+    rows = [sum(taps[k * i + j] * columns[j] for j in range(k)) for i in range(k)]
+    return sum(self.shift(rows[i], i - k // 2, 0) for i in range(k))
+
+  def conv_transpose_rows(self, dz: jax.Array, radius: int) -> list[jax.Array]:
+    """The row shifts' transposes applied to dz, one per tap row: each shift's transpose is the
+    opposite shift (with its mask)."""
+    return [self.shift(dz, radius - i, 0) for i in range(2 * radius + 1)]
+
+  def conv_transpose(self, moved_rows: Sequence[jax.Array], taps: jax.Array) -> jax.Array:
+    """The conv's transpose from `conv_transpose_rows(dz, k // 2)`; taps (k * k, channels).
+
+    The kernel's gradient needs no function of its own: tap (i, j)'s is the sum over tokens
+    of `moved_rows[i] * columns(v)[j]`.
+    """
+    k = len(moved_rows)
+    sums = [sum(taps[k * i + j] * moved_rows[i] for i in range(k)) for j in range(k)]
+    return sum(self.shift(sums[j], 0, k // 2 - j) for j in range(k))
+
+
+def with_halo(padded_ref, ref, halo_tokens: int) -> None:
+  """padded_ref = [zeros(halo); ref; zeros(halo)] (VMEM scratch): every band reads its halo
+  from one array, the block's edges reading zeros (which the masks never use)."""
+  tokens = ref.shape[0]
+  zeros = jnp.zeros((halo_tokens, ref.shape[1]), padded_ref.dtype)
+  padded_ref[pl.ds(0, halo_tokens), :] = zeros
+  padded_ref[pl.ds(halo_tokens + tokens, halo_tokens), :] = zeros
+  padded_ref[pl.ds(halo_tokens, tokens), :] = ref[...]
+
+
+def for_each_band(tokens: int, band: int, body: Callable[[jax.Array | int], None]) -> None:
+  """body(first token of the band) for each band of a block: a loop, or one call."""
+  if band == tokens:
+    body(0)
+    return
+
+  def step(b, carry):
+    body(pl.multiple_of(b * band, TILE))
+    return carry
+
+  jax.lax.fori_loop(0, tokens // band, step, 0)
