@@ -13,8 +13,9 @@ module path, and `transpose(...)` for the backward pass) and groups:
 - by part of a block, summed over stages (`retention/lepe`, `ffn/fc1`, the Pallas attention
   kernel, ...), and by stage;
 - XLA's copies between HBM and on-chip VMEM (`copy-start`: memory-space assignment prefetching
-  an operand for a later fusion) on a line of their own: the cost model counts their bytes, and
-  the consumer's read from VMEM again; copies that change an array's layout (`copy`,
+  an operand for a later operation) on the "(prefetch)" line of the layer whose operation
+  reads the copy (on a line of their own where none does): the cost model counts their bytes,
+  and the consumer's read from VMEM again; copies that change an array's layout (`copy`,
   `transpose`) on their layer's "(layout copies)" line.
 
 This is an accounting of the program's array traffic, not XLA's own per-operation cost (which
@@ -137,6 +138,9 @@ def operations(hlo_text: str) -> list[Operation]:
   entry = entry[:entry.find('\n}\n') + 1 or len(entry)]
   shapes: dict[str, str] = {}
   sources: dict[str, str] = {}  # instruction -> the op_name of the data it holds
+  readers: dict[str, list[str]] = collections.defaultdict(list)  # instruction -> its readers
+  kinds: dict[str, str] = {}
+  op_names: dict[str, str] = {}
   result = []
   for line in entry.split('\n')[1:]:
     match = _INSTRUCTION.match(line)
@@ -150,7 +154,9 @@ def operations(hlo_text: str) -> list[Operation]:
     op_name = re.search(r'op_name="([^"]*)"', line)
     op_name = op_name.group(1) if op_name else next(
         (sources[o] for o in operands if o in sources), '')
-    sources[name] = op_name
+    sources[name], kinds[name], op_names[name] = op_name, kind, op_name
+    for operand in operands:
+      readers[operand].append(name)
     if kind in _FREE:
       continue
     written, written_vmem = _shape_bytes(shape)
@@ -171,7 +177,27 @@ def operations(hlo_text: str) -> list[Operation]:
       layer = f'{layer} (Pallas kernel)'
     result.append(Operation(name, kind, layer, stage, 'transpose(' in op_name, read + written,
                             read_vmem + written_vmem, declared))
-  return result
+  return [_to_reader(op, readers, kinds, op_names) if op.kind == 'copy-start' else op
+          for op in result]
+
+
+def _to_reader(prefetch: Operation, readers: dict[str, list[str]], kinds: dict[str, str],
+               op_names: dict[str, str]) -> Operation:
+  """A `copy-start` attributed to the first operation that reads its copy (through its
+  `copy-done` and any views): that layer's "(prefetch)" line, stage and pass."""
+  pending, seen = list(readers.get(prefetch.name, ())), set()
+  while pending:
+    name = pending.pop(0)
+    if name in seen:
+      continue
+    seen.add(name)
+    if kinds[name] in _FREE or kinds[name] == 'copy-start':
+      pending.extend(readers.get(name, ()))
+      continue
+    layer, stage = _layer(op_names[name])
+    return dataclasses.replace(prefetch, layer=f'{layer} (prefetch)', stage=stage,
+                               backward='transpose(' in op_names[name])
+  return prefetch
 
 
 def summarize(ops: Iterable[Operation]) -> dict[str, Any]:

@@ -43,8 +43,10 @@ def test_operations_count_operands_and_results_at_tiled_size_by_layer():
   assert (lepe.layer, lepe.stage, lepe.backward) == ('retention/lepe', 3, False)
   assert lepe.bytes == 2 * _PADDED and lepe.vmem_bytes == 0
 
-  prefetch = ops['copy-start.1']  # reads the fusion's result, writes a VMEM and an HBM buffer
-  assert prefetch.layer.startswith('XLA copies between HBM and VMEM')
+  # Reads the fusion's result, writes a VMEM and an HBM buffer; for the kernel that reads the
+  # copy (the backward attention of stage 1).
+  prefetch = ops['copy-start.1']
+  assert (prefetch.layer, prefetch.stage, prefetch.backward) == ('retention (prefetch)', 1, True)
   assert prefetch.bytes == 3 * _PADDED + 4 and prefetch.vmem_bytes == _PADDED
 
   kernel = ops['custom-call.1']
@@ -66,15 +68,25 @@ def test_summary_groups_by_layer_and_stage_and_formats_both():
             for row in summary['by_layer']}
   assert layers['retention/lepe'] == (2 * _PADDED, 0)
   assert layers['retention (Pallas kernel)'] == (0, _PADDED + _PADDED_ROW_MAJOR)
-  assert [row['layer'] for row in summary['by_layer']][0].startswith('XLA copies')
+  assert layers['retention (prefetch)'] == (0, 3 * _PADDED + 4)
+  assert [row['layer'] for row in summary['by_layer']][0] == 'retention (prefetch)'
   stages = {row['stage']: row['forward_bytes'] + row['backward_bytes']
             for row in summary['by_stage']}
-  assert stages == {0: 3 * _W, 1: _PADDED + _PADDED_ROW_MAJOR, 3: 2 * _PADDED + 3 * _PADDED + 4}
+  assert stages == {0: 3 * _W, 1: _PADDED + _PADDED_ROW_MAJOR + 3 * _PADDED + 4,
+                    3: 2 * _PADDED}
 
   text = tpu_traffic.format_summary(summary, xla_bytes=2e9, rows=2)
   assert "XLA's cost model counts 2.00 GB" in text
   assert '| 2 more | | |' in text
   assert '| stage 3 |' in text and '| outside stages |' in text
+
+
+def test_a_prefetch_that_nothing_reads_keeps_a_line_of_its_own():
+  # The kernel reads the fusion's result from HBM; the copy in VMEM goes unread.
+  ops = {op.name: op for op in tpu_traffic.operations(
+      _HLO.replace('custom-call(%copy-done.1)', 'custom-call(%fusion.1)'))}
+  assert ops['copy-start.1'].layer == 'XLA copies between HBM and VMEM (copy-start)'
+  assert ops['copy-start.1'].stage == 3  # the array copied, the lepe conv's
 
 
 def test_loops_and_texts_without_an_entry_are_refused():
