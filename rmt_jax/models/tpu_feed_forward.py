@@ -357,10 +357,9 @@ def _forward(x, weights, height, width, interpret):
 def _backward(x, weights, dy, height, width, interpret):
   """dx and the weights' gradients (float32, summed over this call's cores)."""
   shape = _shape(x, weights[0], height, width)
-  partial = lambda w: ('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
+  # Every weight's gradient, fc2's bias too, though the kernel does not read that bias.
   out = [('tokens', jax.ShapeDtypeStruct(x.shape, x.dtype))]
-  out += [partial(w) for w in weights[:5]]
-  out += [partial(jnp.zeros((1, shape.dim)))]  # fc2's bias
+  out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32)) for w in weights]
   dx, *grads = _call(_backward_kernel, shape, (x, *weights[:5], dy), 5, out,
                      cost_estimates(shape)[1], interpret)
   return dx, tuple(g.sum(axis=0) for g in grads)
