@@ -60,6 +60,25 @@ def relative_error(got, want) -> float:
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def assert_tpu_form_equals_plain(module, x) -> None:
+  """A module under `kernels='tpu'` (Pallas's interpreter on this host) against `'xla'`: the
+  value of sum(sin(module(x))) and its gradients in every parameter and in x, under 1e-5.
+  The parameters are drawn at O(0.3), so that no form hides behind a near-zero init."""
+  variables = module.init(jax.random.key(0), x)
+  rng = np.random.default_rng(3)
+  variables = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape) * 0.3, a.dtype),
+                           variables)
+
+  def loss(variables, x, kernels):
+    return jax.numpy.sum(jax.numpy.sin(module.clone(kernels=kernels).apply(variables, x)))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  (got_loss, got), (want_loss, want) = grad(variables, x, 'tpu'), grad(variables, x, 'xla')
+  assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert relative_error(g, w) < 1e-5
+
+
 # libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs
 # it: the README's test command installs it into `.venv/libtpu` (requirements-tpu.txt), a folder
 # that ordinary runs never put on their path; `RMT_LIBTPU_DIR` points elsewhere, and a libtpu

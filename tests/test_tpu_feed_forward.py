@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, libtpu_env, needs_libtpu, relative_error
+from conftest import REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, relative_error
 from rmt_jax.models import layers, tpu_feed_forward
 
 
@@ -130,18 +130,7 @@ def test_feed_forward_under_tpu_kernels_equals_the_plain_form():
       'fc1': {'kernel': (16, 48), 'bias': (48,)},
       'dwconv': {'kernel': (3, 3, 1, 48), 'bias': (48,)},
       'fc2': {'kernel': (48, 16), 'bias': (16,)}}
-  rng = np.random.default_rng(3)
-  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype),
-                           variables)
-
-  def loss(variables, x, kernels):
-    return jnp.sum(jnp.sin(module.clone(kernels=kernels).apply(variables, x)))
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
-  (got_loss, got), (want_loss, want) = grad(variables, x, 'tpu'), grad(variables, x, 'xla')
-  assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert relative_error(g, w) < 1e-5
+  assert_tpu_form_equals_plain(module, x)
 
 
 def test_weights_must_match_the_input():

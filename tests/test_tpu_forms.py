@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from conftest import REPO, libtpu_env, needs_libtpu, relative_error
+from conftest import REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, relative_error
 from rmt_jax.models import decay, layers, tpu_forms
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
@@ -90,20 +90,8 @@ def test_bfloat16_within_its_rounding_of_the_plain_form(width):
 def test_masa_under_tpu_kernels_equals_the_plain_form(axial):
   # kernels='tpu' on this CPU host runs the kernels in Pallas's interpreter.
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5, 32)), jnp.float32)
-  module = layers.ManhattanSelfAttention(4, *RATES, axial=axial, kernels='xla')
-  variables = module.init(jax.random.key(0), x)
-  rng = np.random.default_rng(3)
-  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, a.dtype),
-                           variables)
-
-  def loss(variables, x, kernels):
-    return jnp.sum(jnp.sin(module.clone(kernels=kernels).apply(variables, x)))
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
-  (got_loss, got), (want_loss, want) = grad(variables, x, 'tpu'), grad(variables, x, 'xla')
-  assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert relative_error(g, w) < 1e-5
+  assert_tpu_form_equals_plain(
+      layers.ManhattanSelfAttention(4, *RATES, axial=axial, kernels='xla'), x)
 
 
 def _pallas_calls(jaxpr):
