@@ -140,7 +140,6 @@ def operations(hlo_text: str) -> list[Operation]:
   sources: dict[str, str] = {}  # instruction -> the op_name of the data it holds
   readers: dict[str, list[str]] = collections.defaultdict(list)  # instruction -> its readers
   kinds: dict[str, str] = {}
-  op_names: dict[str, str] = {}
   result = []
   for line in entry.split('\n')[1:]:
     match = _INSTRUCTION.match(line)
@@ -154,7 +153,7 @@ def operations(hlo_text: str) -> list[Operation]:
     op_name = re.search(r'op_name="([^"]*)"', line)
     op_name = op_name.group(1) if op_name else next(
         (sources[o] for o in operands if o in sources), '')
-    sources[name], kinds[name], op_names[name] = op_name, kind, op_name
+    sources[name], kinds[name] = op_name, kind
     for operand in operands:
       readers[operand].append(name)
     if kind in _FREE:
@@ -177,7 +176,7 @@ def operations(hlo_text: str) -> list[Operation]:
       layer = f'{layer} (Pallas kernel)'
     result.append(Operation(name, kind, layer, stage, 'transpose(' in op_name, read + written,
                             read_vmem + written_vmem, declared))
-  return [_to_reader(op, readers, kinds, op_names) if op.kind == 'copy-start' else op
+  return [_to_reader(op, readers, kinds, sources) if op.kind == 'copy-start' else op
           for op in result]
 
 
