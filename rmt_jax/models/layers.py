@@ -6,8 +6,9 @@ PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ..
 `rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
 its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms of
-`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` (attention) and `tpu_feed_forward.py`
-(FFN) where they exist (see `kernels.py`).
+`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` (attention), `tpu_projections.py`
+(MaSA's layer norm and q/k/v projections) and `tpu_feed_forward.py` (FFN) where they exist (see
+`kernels.py`).
 """
 
 import functools
@@ -24,6 +25,7 @@ from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import tpu_feed_forward
 from rmt_jax.models import tpu_forms
+from rmt_jax.models import tpu_projections
 from rmt_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
@@ -98,8 +100,31 @@ def batch_norm(name: str, param_dtype: Dtype) -> BatchNorm:
                    name=name)
 
 
-def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype, name=name)
+_LAYER_NORM_EPS = 1e-6
+
+
+def layer_norm(name: str | None, param_dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
+                      name=name)
+
+
+class LayerNormParams(nn.Module):
+  """A `layer_norm`'s parameters as it declares them: scale (C,) of ones, bias (C,) of zeros.
+
+  For a caller that applies the norm inside a larger function (`ManhattanSelfAttention`, whose
+  TPU form normalises inside its projection kernel); the call returns (scale, bias).
+  """
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param('scale', nn.initializers.ones_init(), (features,), self.param_dtype),
+            self.param('bias', nn.initializers.zeros_init(), (features,), self.param_dtype))
+
+
+def apply_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """`layer_norm` with the given parameters (float32 result): the same operations."""
+  return layer_norm(None, scale.dtype).apply({'params': {'scale': scale, 'bias': bias}}, x)
 
 
 def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
@@ -370,7 +395,7 @@ class ManhattanSelfAttention(nn.Module):
     initial_value: the stage's `init_values` (slowest decay exponent).
     heads_range: the stage's `heads_ranges` (spread of decay rates over heads).
     axial: decomposed (True) or whole-image (False) attention.
-    kernels: 'auto', 'xla' or 'cpu' (see `rmt_jax.models.kernels`).
+    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.models.kernels`).
     capture_attention: also compute the softmax weights and sow them into 'intermediates'
       (see `rmt_jax.models.attention_maps`); when False nothing of it is traced.
   """
@@ -384,15 +409,44 @@ class ManhattanSelfAttention(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               norm: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """MaSA of x, or of LN(x) given the layer norm's parameters.
+
+    Args:
+      x: (b, h, w, C).
+      norm: None, or (scale, bias) of a `layer_norm` applied to x first (the block's
+        `retention_layer_norm`, declared by the block): under `kernels='tpu'` the norm and the
+        q/k/v projections are one kernel (`tpu_projections`) where its weights fit VMEM.
+
+    Returns:
+      (b, h, w, C) in `dtype`.
+    """
     batch, height, width, dim = x.shape
     heads, key_dim = self.num_heads, dim // self.num_heads
-    kernels, biases = zip(*(LinearParams(dim, self.param_dtype, name=f'{name}_proj')(dim)
-                            for name in 'qkv'))
-    q, k, v = project(x.astype(self.dtype), tuple(w.astype(self.dtype) for w in kernels),
-                      tuple(b.astype(self.dtype) for b in biases), self.kernels)
+    projections = tuple(LinearParams(dim, self.param_dtype, name=f'{name}_proj')(dim)
+                        for name in 'qkv')
+    scales = (1.0, key_dim ** -0.5, 1.0)  # k is scaled after its projection
+
+    def plain_projections(x, norm, projections, forms='xla'):
+      if norm is not None:
+        x = apply_layer_norm(x, *norm)
+      kernels, biases = zip(*projections)
+      out = project(x.astype(self.dtype), tuple(w.astype(self.dtype) for w in kernels),
+                    tuple(b.astype(self.dtype) for b in biases), forms)
+      return tuple(t if s == 1.0 else t * s for t, s in zip(out, scales))
+
+    def tpu_form(x, norm, projections):
+      if norm is None or not tpu_projections.fits_vmem(
+          x.shape, dim, len(projections), x.dtype.itemsize, jnp.dtype(self.dtype).itemsize):
+        return plain_projections(x, norm, projections)
+      return tpu_projections.normalized_projections(
+          x, norm, projections, scales, eps=_LAYER_NORM_EPS, dtype=self.dtype)
+
+    q, k, v = kernels_lib.select(
+        self.kernels, x, norm, projections, xla=plain_projections,
+        cpu=functools.partial(plain_projections, forms='cpu'), tpu=tpu_form)
     lepe = DepthwiseConv(5, self.kernels, self.dtype, self.param_dtype, name='lepe')(v)
-    k = k * key_dim ** -0.5
 
     rates = (self.num_heads, self.initial_value, self.heads_range)
 
@@ -486,10 +540,12 @@ class RetBlock(nn.Module):
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
     x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='pos')(x)
 
+    # The norm's parameters are the block's; MaSA applies it (inside its projection kernel on
+    # TPUs).
+    norm = LayerNormParams(self.param_dtype, name='retention_layer_norm')(dim)
     y = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range, self.axial,
                                name='retention', capture_attention=self.capture_attention,
-                               **common)(
-                                   layer_norm('retention_layer_norm', self.param_dtype)(x))
+                               **common)(x, norm)
     if self.layerscale:
       y = y * self._gamma('gamma_1', dim)
     x = x + drop(y)

@@ -1,0 +1,347 @@
+"""MaSA's layer norm and q/k/v projections as Pallas TPU kernels (`kernels='tpu'`).
+
+`normalized_projections` computes LN(x) @ W_i + b_i (times a constant, for k's scaling) for
+several projections of the same normalised input in one kernel. XLA runs the plain form as a
+layer norm fusion and three matmuls: the residual stream x (float32) is read, the normalised
+copy written in the compute dtype and read back, and in the backward pass the normalised input
+is rebuilt, the three input gradients summed and the layer norm's transpose taken in further
+passes. Here:
+
+- The forward kernel reads x and writes q, k and v; the normalised x never leaves VMEM. The
+  backward kernel reads x and dq, dk, dv, recomputes the normalisation, and writes dx and the
+  gradients of every weight and of the norm's scale and bias: the forward saves x alone.
+- Arrays are (rows, width, channels): image rows, the layout the attention kernels
+  (`tpu_forms`) read for the row pass. Flattening rows of 14 or 7 tokens to (tokens, channels)
+  outside would be a relayout in HBM (the TPU tiles the last two axes by 8 or 16 rows); inside
+  the kernel it is a relayout in VMEM.
+- Statistics and the norm in float32; matmuls in the compute dtype with float32 accumulation,
+  the bias and k's scale applied in the compute dtype (the plain form's roundings).
+- The weights stay in VMEM (one buffer) and their gradients are summed into one float32 block
+  per TensorCore: the grid is (cores, steps), the first axis parallel, the second a sequential
+  sum; the partial sums (and, under a mesh, the devices' sums) are added outside.
+- `Shape.plan` picks the rows per step that fit a v4's 16 MiB of VMEM; where none do, there is
+  no plan (`fits_vmem`) and `layers.ManhattanSelfAttention` runs the plain form.
+
+Both kernels declare their true cost (`cost_estimates`). As `tpu_forms`, XLA does not partition
+Mosaic kernels: under a context mesh the calls run in a `shard_map` over rows.
+"""
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+from rmt_jax.models import tpu_bands
+
+# Tokens per grid step are kept at most this (whole rows): big enough that a step's fixed cost
+# is small against its work, small enough for the backward's float32 temporaries.
+_BLOCK_TOKENS = 2048
+# What the backward kernel's VMEM may take by `Shape.vmem_bytes`, and the scoped VMEM asked of
+# Mosaic: a v4 TensorCore has 16 MiB (v5e, v5p and v6e more).
+_VMEM_BUDGET = 14 * 1024 * 1024
+_VMEM_LIMIT = 16 * 1024 * 1024
+
+_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
+_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """The static description of one call.
+
+  Attributes:
+    rows: image rows (images x height).
+    width: tokens per row.
+    dim: C, input channels.
+    features: D, output channels of each projection.
+    outputs: number of projections, n.
+    in_itemsize: bytes per element of x (and dx): the residual stream's dtype.
+    itemsize: bytes per element of the weights and outputs (the compute dtype).
+  """
+  rows: int
+  width: int
+  dim: int
+  features: int
+  outputs: int
+  in_itemsize: int
+  itemsize: int
+
+  @property
+  def tokens(self) -> int:
+    return self.rows * self.width
+
+  def vmem_bytes(self, block_rows: int) -> int:
+    """The backward kernel's VMEM (the larger of the two) with `block_rows` rows per step:
+    the x, dx and n dy blocks double-buffered (rows padded to 16 sublanes, channels to 128
+    lanes), the weights once, their float32 gradient sums twice, and float32 temporaries: ten
+    of (tokens, C) (x, its normalisation, the summed input gradient and the norm's transpose)
+    and two of (C, D) (a weight gradient's product)."""
+    tokens = block_rows * -(-self.width // tpu_bands.TILE) * tpu_bands.TILE
+    c, d = tpu_bands.lanes(self.dim), tpu_bands.lanes(self.features)
+    blocks = 2 * tokens * (2 * c * self.in_itemsize + self.outputs * d * self.itemsize)
+    matrix = self.dim * self.outputs * d
+    weights = matrix * self.itemsize + 2 * (matrix + 16 * self.outputs * d + 32 * c) * 4
+    temporaries = 10 * tokens * max(c, d) * 4 + 2 * self.dim * d * 4
+    return blocks + weights + temporaries
+
+  @functools.cached_property
+  def block_rows(self) -> int | None:
+    """The most rows per step (a divisor of `rows`, within `_BLOCK_TOKENS` where any is) that
+    fits `_VMEM_BUDGET`; None if none does."""
+    divisors = [r for r in range(self.rows, 0, -1) if self.rows % r == 0]
+    candidates = [r for r in divisors if r * self.width <= _BLOCK_TOKENS] or divisors[-1:]
+    return next((r for r in candidates if self.vmem_bytes(r) <= _VMEM_BUDGET), None)
+
+  @property
+  def steps(self) -> int:
+    return self.rows // self.block_rows
+
+  @property
+  def cores(self) -> int:
+    """Partial weight-gradient sums: one per TensorCore of a megacore chip (the grid's parallel
+    axis), where the steps split evenly."""
+    return 2 if self.steps % 2 == 0 else 1
+
+
+def fits_vmem(x_shape: Sequence[int], features: int, outputs: int, in_itemsize: int,
+              itemsize: int) -> bool:
+  """Whether `normalized_projections` has a plan within `_VMEM_BUDGET` for x of `x_shape`
+  (b, h, w, C), `outputs` projections to `features` channels, with the batch split over the
+  context mesh's devices as the kernel splits it."""
+  batch, height, width, dim = x_shape
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1 if mesh.empty else mesh.size
+  if batch % devices:
+    raise ValueError(f'{batch} images do not split over {devices} devices')
+  shape = Shape(batch // devices * height, width, dim, features, outputs, in_itemsize, itemsize)
+  return shape.block_rows is not None
+
+
+def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
+  """The forward and backward kernels' costs, from the shapes alone.
+
+  Flops: the matmuls' 2 C D per token and projection (forward one, backward two: the weight's
+  gradient and the input's) and the norm's elementwise work, 8 C per token forward (mean,
+  centring, variance, scale and shift) and 2 x 8 C backward (the recomputation and its
+  transpose). Transcendentals: a reciprocal square root per token in each. Bytes: every block
+  read or written once (forward: x in, n outputs; backward: x and n dy in, dx out), the weights
+  and the norm's parameters once (their block is the same at every step), and the backward's
+  float32 gradient sums once per core.
+  """
+  n, c, d, k = shape.tokens, shape.dim, shape.features, shape.outputs
+  weights = (c * d * k + d * k) * shape.itemsize + 2 * c * 4
+  x_bytes, out_bytes = n * c * shape.in_itemsize, n * d * k * shape.itemsize
+  forward = pl.CostEstimate(flops=2 * n * c * d * k + 8 * n * c, transcendentals=n,
+                            bytes_accessed=x_bytes + out_bytes + weights)
+  backward = pl.CostEstimate(flops=4 * n * c * d * k + 16 * n * c, transcendentals=n,
+                             bytes_accessed=2 * x_bytes + out_bytes + weights
+                             + shape.cores * (c * d * k + d * k + 2 * c) * 4)
+  return forward, backward
+
+
+def _normalise(x_ref, eps):
+  """x's block as (tokens, C) float32, normalised (zero mean, unit variance), and 1 / std."""
+  x = x_ref[...].astype(jnp.float32)
+  x = x.reshape(-1, x.shape[-1])
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  return centred * rstd, rstd
+
+
+def _forward_kernel(x_ref, scale_ref, shift_ref, w_ref, b_ref, *out_refs, eps, scales):
+  xhat, _ = _normalise(x_ref, eps)
+  features = out_refs[0].shape[-1]
+  xn = (xhat * scale_ref[...] + shift_ref[...]).astype(w_ref.dtype)
+  for i, (ref, s) in enumerate(zip(out_refs, scales)):
+    columns = slice(i * features, (i + 1) * features)
+    y = (jnp.dot(xn, w_ref[:, columns], preferred_element_type=jnp.float32).astype(ref.dtype)
+         + b_ref[:, columns])
+    if s != 1.0:
+      y = y * jnp.asarray(s, ref.dtype)
+    ref[...] = y.reshape(ref.shape)
+
+
+def _backward_kernel(x_ref, scale_ref, shift_ref, w_ref, *refs, eps, scales):
+  outputs = len(scales)
+  dy_refs, (dx_ref, dw_ref, db_ref, dscale_ref, dshift_ref) = refs[:outputs], refs[outputs:]
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    for ref in (dw_ref, db_ref, dscale_ref, dshift_ref):
+      ref[...] = jnp.zeros_like(ref)
+
+  xhat, rstd = _normalise(x_ref, eps)
+  features = dy_refs[0].shape[-1]
+  scale = scale_ref[...]
+  xn = (xhat * scale + shift_ref[...]).astype(w_ref.dtype)
+  dxn = jnp.zeros(xhat.shape, jnp.float32)
+  for i, (ref, s) in enumerate(zip(dy_refs, scales)):
+    columns = slice(i * features, (i + 1) * features)
+    dy = ref[...].reshape(-1, features)
+    if s != 1.0:
+      dy = dy * jnp.asarray(s, dy.dtype)
+    dw_ref[0, :, columns] += jax.lax.dot_general(xn, dy, _TRANS_A,
+                                                 preferred_element_type=jnp.float32)
+    db_ref[0, :, columns] += jnp.sum(dy.astype(jnp.float32), axis=0, keepdims=True)
+    dxn = dxn + jax.lax.dot_general(dy, w_ref[:, columns], _TRANS_B,
+                                    preferred_element_type=jnp.float32)
+  dscale_ref[0] += jnp.sum(dxn * xhat, axis=0, keepdims=True)
+  dshift_ref[0] += jnp.sum(dxn, axis=0, keepdims=True)
+  dxhat = dxn * scale
+  dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+               - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  dx_ref[...] = dx.astype(dx_ref.dtype).reshape(dx_ref.shape)
+
+
+def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
+          eps, scales, interpret):
+  """The kernel over blocks of rows: inputs[0] and inputs[1 + weights:] by rows,
+  inputs[1:1 + weights] whole at every step. `out_shapes` are (block, struct) pairs, block
+  'rows' for per-token outputs and 'core' for the per-core float32 sums."""
+  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
+    call = lambda flag: lambda *x: _call(kernel, shape, x, weights, out_shapes, cost, eps,
+                                         scales, flag)
+    return jax.lax.platform_dependent(*inputs, tpu=call(False), default=call(True))
+  per_core = shape.steps // shape.cores
+  rows = lambda channels: pl.BlockSpec((shape.block_rows, shape.width, channels),
+                                       lambda c, s: (c * per_core + s, 0, 0))
+  # The weights' block is the same at every step: fetched once, one buffer is enough.
+  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
+                                 pipeline_mode=pl.Buffered(1))
+  in_specs = [rows(a.shape[-1]) if i == 0 or i > weights else whole(a)
+              for i, a in enumerate(inputs)]
+  out_specs = [rows(struct.shape[-1]) if block == 'rows'
+               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
+               for block, struct in out_shapes]
+  return pl.pallas_call(
+      functools.partial(kernel, eps=eps, scales=scales),
+      out_shape=[struct for _, struct in out_shapes],
+      grid=(shape.cores, per_core),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
+                                           vmem_limit_bytes=_VMEM_LIMIT),
+      cost_estimate=cost,
+      interpret=interpret,
+  )(*inputs)
+
+
+def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
+  rows, width, dim = x.shape
+  shape = Shape(rows, width, dim, w.shape[1] // outputs, outputs, x.dtype.itemsize,
+                w.dtype.itemsize)
+  if shape.block_rows is None:
+    raise ValueError(f'the projection kernel does not fit {_VMEM_BUDGET / 2**20:.0f} MiB of '
+                     f'VMEM for {outputs} x {dim} -> {shape.features} channels on rows of '
+                     f"{width} tokens (its weights stay in VMEM; see fits_vmem); use "
+                     "kernels='xla'")
+  return shape
+
+
+def _forward(x, norm, weights, eps, scales, interpret):
+  shape = _shape(x, weights[0], len(scales))
+  out = [('rows', jax.ShapeDtypeStruct((*x.shape[:2], shape.features), weights[0].dtype))
+         ] * shape.outputs
+  return tuple(_call(_forward_kernel, shape, (x, *norm, *weights), 4, out,
+                     cost_estimates(shape)[0], eps, scales, interpret))
+
+
+def _backward(x, norm, weights, dys, eps, scales, interpret):
+  """dx, and the norm's and the weights' gradients (float32, summed over this call's cores)."""
+  shape = _shape(x, weights[0], len(scales))
+  core = lambda a: ('core', jax.ShapeDtypeStruct((shape.cores, *a.shape), jnp.float32))
+  out = [('rows', jax.ShapeDtypeStruct(x.shape, x.dtype)), core(weights[0]), core(weights[1]),
+         core(norm[0]), core(norm[1])]
+  dx, dw, db, dscale, dshift = _call(_backward_kernel, shape, (x, *norm, weights[0], *dys), 3,
+                                     out, cost_estimates(shape)[1], eps, scales, interpret)
+  return dx, (dscale.sum(axis=0), dshift.sum(axis=0)), (dw.sum(axis=0), db.sum(axis=0))
+
+
+def _per_device(function, x, norm, weights, *rest):
+  """`function` on each device's rows under a context mesh of several devices.
+
+  x (and the dy) split by rows over every device of the mesh (the images split evenly); the
+  norm's parameters and the weights go whole to every device. The backward's gradients of
+  them are each device's sums, added over the mesh (`psum`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return function(x, norm, weights, *rest)
+  dys, static = (rest[0],) if len(rest) == 4 else (), rest[-3:]
+  axes = tuple(mesh.axis_names)
+  split, whole = PartitionSpec(axes), PartitionSpec()
+
+  def local(x, norm, weights, *dys):
+    out = function(x, norm, weights, *dys, *static)
+    if dys:  # (dx, norm gradients, weight gradients)
+      return out[0], *jax.lax.psum(out[1:], axes)
+    return out
+
+  specs = (split, (whole, whole), (whole, whole))
+  if dys:
+    return jax.shard_map(local, mesh=mesh, in_specs=specs + ((split,) * len(dys[0]),),
+                         out_specs=(split, (whole, whole), (whole, whole)),
+                         check_vma=False)(x, norm, weights, *dys)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(split,) * len(static[1]),
+                       check_vma=False)(x, norm, weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _projections(x, norm, weights, eps, scales, interpret):
+  return _per_device(_forward, x, norm, weights, eps, scales, interpret)
+
+
+def _projections_fwd(x, norm, weights, eps, scales, interpret):
+  return _projections(x, norm, weights, eps, scales, interpret), (x, norm, weights)
+
+
+def _projections_bwd(eps, scales, interpret, residuals, dys):
+  x, norm, weights = residuals
+  dys = tuple(dy.astype(weights[0].dtype) for dy in dys)
+  dx, dnorm, dweights = _per_device(_backward, x, norm, weights, dys, eps, scales, interpret)
+  return (dx, tuple(g.astype(p.dtype) for g, p in zip(dnorm, norm)),
+          tuple(g.astype(w.dtype) for g, w in zip(dweights, weights)))
+
+
+_projections.defvjp(_projections_fwd, _projections_bwd)
+
+
+def normalized_projections(x: jax.Array, norm: tuple[jax.Array, jax.Array],
+                           projections: Sequence[tuple[jax.Array, jax.Array]],
+                           scales: Sequence[float], *, eps: float, dtype: jnp.dtype,
+                           interpret: bool | None = None) -> tuple[jax.Array, ...]:
+  """(LN(x) @ kernel_i + bias_i) * scales[i] for each projection, as one Pallas kernel.
+
+  Args:
+    x: (b, h, w, C), the residual stream (any float dtype; dx comes back in it).
+    norm: the layer norm's (scale (C,), bias (C,)), applied in float32.
+    projections: (kernel (C, D), bias (D,)) each, cast to `dtype`.
+    scales: a constant per projection (1.0, or k's key_dim ** -0.5), applied in `dtype`.
+    eps: the layer norm's epsilon.
+    dtype: the compute dtype: of the matmuls and the outputs.
+    interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
+      default) chooses at lowering, as `tpu_forms.decayed_attention`.
+
+  Returns:
+    (b, h, w, D) in `dtype` per projection. Differentiable in x, the norm and every weight (a
+    second kernel).
+  """
+  batch, height, width, dim = x.shape
+  features = projections[0][0].shape[1]
+  if any(w.shape != (dim, features) or b.shape != (features,) for w, b in projections) or any(
+      p.shape != (dim,) for p in norm) or len(scales) != len(projections):
+    raise ValueError(f'a norm of {dim} channels and projections {dim} -> {features} with a '
+                     f'scale each expected, got norm {[tuple(p.shape) for p in norm]}, '
+                     f'projections {[(tuple(w.shape), tuple(b.shape)) for w, b in projections]}'
+                     f', scales {tuple(scales)}')
+  weights = (jnp.concatenate([w.astype(dtype) for w, _ in projections], axis=1),
+             jnp.concatenate([b.astype(dtype) for _, b in projections]).reshape(1, -1))
+  norm = tuple(p.astype(jnp.float32).reshape(1, dim) for p in norm)
+  outs = _projections(x.reshape(batch * height, width, dim), norm, weights, float(eps),
+                      tuple(float(s) for s in scales), interpret)
+  return tuple(o.reshape(batch, height, width, features) for o in outs)
