@@ -87,7 +87,7 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_model(config: ml_collections.ConfigDict,
                 mesh: jax.sharding.Mesh | None = None) -> RMT:
-  """The network of `config.model` with the config's classes, drop path, dtype and remat.
+  """The network of `config.model` with the config's classes, drop path, dtypes and remat.
 
   Its kernel forms are `config.kernels`; 'auto' with a mesh means the forms for the mesh's
   devices (what the steps are compiled for), so the programs carry one form only.
@@ -96,7 +96,9 @@ def build_model(config: ml_collections.ConfigDict,
   if kernels == 'auto' and mesh is not None:
     kernels = kernel_forms.for_devices(mesh)
   return create_model(config.model, **model_overrides(config),
-                      dtype=jnp.dtype(config.get('dtype', 'float32')), kernels=kernels)
+                      dtype=jnp.dtype(config.get('dtype', 'float32')),
+                      residual_dtype=jnp.dtype(config.get('residual_dtype', 'float32')),
+                      kernels=kernels)
 
 
 # ---------------------------------------------------------------------------------------

@@ -90,10 +90,16 @@ class RMT(nn.Module):
   Attributes follow the official `VisRetNet` arguments, except `axial` (official
   `chunkwise_recurrents`: True selects the decomposed W-then-H attention) and `remat` (official
   `use_checkpoints`: rematerialise the stage's blocks in the backward pass) and `kernels` (which
-  form of the backend-specific operations to compile: 'auto', 'xla' or 'cpu', see
+  form of the backend-specific operations to compile: 'auto', 'xla', 'cpu' or 'tpu', see
   `rmt_jax.models.kernels`; every form computes the same function) and `capture_attention` (also
   sow every block's attention weights into the 'intermediates' collection, see
-  `rmt_jax.models.attention_maps`; off by default, and then not traced at all).
+  `rmt_jax.models.attention_maps`; off by default, and then not traced at all) and
+  `residual_dtype`: the dtype of the residual stream, what the stem and each patch merging hand
+  to the blocks and each block adds to. float32 (the default) is the official mixed-precision
+  recipe's (BatchNorm outputs and residual adds in float32 under autocast); bfloat16 halves the
+  stream's memory traffic, the most of what a TPU step moves outside the kernels, at bfloat16's
+  rounding of every residual add: a departure from the official numerics, not validated by an
+  ImageNet run.
 
   `num_classes=0` drops the head: `__call__` then returns the pooled features (batch, projection).
   `token_label=True` adds the token-labeling `aux_head` (a Linear on the last stage's tokens);
@@ -116,6 +122,7 @@ class RMT(nn.Module):
   token_label: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  residual_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
   capture_attention: bool = False
 
@@ -154,10 +161,12 @@ class RMT(nn.Module):
       {'stem': stride-4 map after the stem, 'stage0' ... 'stage3': each stage's output before
       its downsampling (strides 4, 8, 16, 32)}, all NHWC.
     """
-    x = self.patch_embed(images, train)
+    # The residual stream starts at the stem's and each patch merging's BatchNorm (float32).
+    x = self.patch_embed(images, train).astype(self.residual_dtype)
     feats = {'stem': x}
     for i, stage in enumerate(self.layers):
       feats[f'stage{i}'], x = stage(x, train)
+      x = None if x is None else x.astype(self.residual_dtype)
     return feats
 
   def pooled(self, tokens: jax.Array, train: bool = False) -> jax.Array:
