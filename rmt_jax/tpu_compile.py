@@ -145,6 +145,7 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
       'topology': topology, 'chip': chip.name, 'device_kind': kind, 'chips': chips,
       'devices': len(devices), 'devices_per_chip': per_chip_devices,
       'mesh': dict(mesh.shape), 'model': config.model, 'dtype': str(config.get('dtype')),
+      'residual_dtype': jnp.dtype(model.residual_dtype).name,
       'kernels': model.kernels, 'global_batch': batch, 'images_per_chip': batch / chips,
       'image_size': size, 'macs_per_image': macs,
       'hbm_per_chip': chip.hbm_bytes, 'peak_bf16_flops_per_chip': chip.bf16_flops}
@@ -206,7 +207,8 @@ def format_table(result: dict[str, Any]) -> str:
   """The result as a Markdown table (one row per step)."""
   lines = [
       f"{result['model']} on {result['topology']} ({result['chips']} x {result['chip']}, "
-      f"{result['devices']} devices, mesh {result['mesh']}), {result['dtype']}, global batch "
+      f"{result['devices']} devices, mesh {result['mesh']}), {result['dtype']} "
+      f"({result['residual_dtype']} residual stream), global batch "
       f"{result['global_batch']} ({result['images_per_chip']:g} per chip) at "
       f"{result['image_size']}px, kernels {result['kernels']!r}. XLA's TPU cost model: an "
       'estimate, not a measurement.', '',

@@ -21,7 +21,10 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
   out = tmp_path / 'tiny.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
-       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out), '--traffic'],
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out), '--traffic',
+       # The bfloat16 stream: the projection kernel reads it (the float32 one is compiled in
+       # tests/test_tpu_projections.py).
+       '--config.residual_dtype=bfloat16'],
       cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -29,6 +32,7 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
   assert result['global_batch'] == 16 and result['mesh'] == {'data': 4, 'fsdp': 1}
   # 'auto' kernels resolve to the TPU's forms although this host is a CPU.
   assert result['kernels'] == 'tpu'
+  assert result['residual_dtype'] == 'bfloat16' and '(bfloat16 residual stream)' in proc.stdout
   for step, passes in (('train', 6), ('eval', 4)):
     entry = result[step]
     assert entry['fits'] and 0 < entry['memory_per_chip'] < result['hbm_per_chip']
