@@ -7,8 +7,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -77,6 +79,55 @@ def assert_tpu_form_equals_plain(module, x) -> None:
   assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert relative_error(g, w) < 1e-5
+
+
+def pallas_calls(jaxpr):
+  """The `pallas_call` equations of a jaxpr and of its sub-jaxprs (a kernel's declared cost and
+  grid are in their params)."""
+  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from pallas_calls(sub)
+
+
+# The head and tail of `assert_split_over_a_mesh_equals_one_device`'s script. It runs in a fresh
+# interpreter: the device count is fixed when JAX starts.
+_MESH_HEAD = """
+import os
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
+    ' --xla_force_host_platform_device_count=4')
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+rng = np.random.default_rng(0)
+"""
+_MESH_TAIL = """
+want = jax.jit(step)(*args)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+with jax.set_mesh(mesh):
+  sharded = [jax.device_put(args[0], NamedSharding(mesh, PartitionSpec('data')))]
+  sharded += [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in args[1:]]
+  jitted = jax.jit(step)
+  text = jitted.lower(*sharded).as_text()
+  got = jitted(*sharded)
+errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
+          for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+print(len(errors), max(errors) < 1e-5, 'shard_map' in text or 'sdy.manual_computation' in text)
+"""
+
+
+def assert_split_over_a_mesh_equals_one_device(setup: str, outputs: int) -> None:
+  """A kernel's values and gradients under a mesh of 4 CPU devices (the first argument split
+  over them, the rest replicated) against one device, under 1e-5, and the call a `shard_map`.
+
+  Args:
+    setup: Python defining `args` (arrays; numpy's `rng` is there) and `step(*args)` (the
+      kernel's outputs and gradients), in Pallas's interpreter.
+    outputs: how many arrays `step` returns.
+  """
+  script = _MESH_HEAD + textwrap.dedent(setup) + _MESH_TAIL
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=libtpu_env(False),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split('\n')[0] == f'{outputs} True True'
 
 
 # libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs

@@ -14,13 +14,14 @@ import sys
 import textwrap
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, relative_error
-from rmt_jax.models import layers, tpu_feed_forward
+from conftest import (REPO, assert_split_over_a_mesh_equals_one_device,
+                      assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, pallas_calls,
+                      relative_error)
+from rmt_jax.models import layers, tpu_feed_forward, tpu_vmem
 
 
 def _plain(x, w1, b1, taps, bias, w2, b2):
@@ -92,7 +93,7 @@ def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden
   assert (plan is None) == ((dim, hidden) in ((512, 1536), (320, 960), (448, 1344), (640, 1920)))
   if plan is None:
     return
-  assert shape.vmem_bytes(plan) <= tpu_feed_forward._VMEM_BUDGET
+  assert shape.vmem_bytes(plan) <= tpu_vmem.BUDGET
   tokens = plan.block_images * height * width
   assert 64 % plan.block_images == 0 and tokens % 16 == 0
   assert tokens % plan.band == 0 and plan.band % 16 == 0 and plan.band >= 2 * shape.halo
@@ -140,15 +141,10 @@ def test_weights_must_match_the_input():
     _kernel(*args)
 
 
-# Runs in a fresh interpreter: the device count is fixed when JAX starts.
-_SHARDED = textwrap.dedent('''
-    import os
-    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
-        ' --xla_force_host_platform_device_count=4')
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def test_split_over_a_mesh_equals_one_device():
+  # y and the 7 gradients; each device's images and the weight gradients summed over devices.
+  assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.models import tpu_feed_forward
-    rng = np.random.default_rng(0)
     shapes = [(8, 4, 4, 8), (8, 16), (16,), (3, 3, 1, 16), (16,), (16, 8), (8,)]
     args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
     dy = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
@@ -157,32 +153,7 @@ _SHARDED = textwrap.dedent('''
     def step(*args):
       y, vjp = jax.vjp(f, *args)
       return y, vjp(dy)
-    want = jax.jit(step)(*args)
-    mesh = Mesh(np.array(jax.devices()), ('data',))
-    with jax.set_mesh(mesh):
-      sharded = [jax.device_put(args[0], NamedSharding(mesh, PartitionSpec('data')))]
-      sharded += [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in args[1:]]
-      jitted = jax.jit(step)
-      text = jitted.lower(*sharded).as_text()
-      got = jitted(*sharded)
-    errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
-              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-    print(len(errors), max(errors) < 1e-5, 'shard_map' in text or 'sdy.manual_computation' in text)
-''')
-
-
-def test_split_over_a_mesh_equals_one_device():
-  proc = subprocess.run([sys.executable, '-c', _SHARDED], cwd=REPO, env=libtpu_env(False),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # y and the 7 gradients; each device's images and the weight gradients summed over devices.
-  assert proc.stdout.split('\n')[0] == '8 True True'
-
-
-def _pallas_calls(jaxpr):
-  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    yield from _pallas_calls(sub)
+  ''', 8)
 
 
 @pytest.mark.parametrize('batch,height,width,dim,hidden,dtype', [
@@ -198,7 +169,7 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, hidden, 
       x, (w1, b1), (t, b), (w2, b2), interpret=False)
   jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(ffn, *a)[1](a[0]))(x, *weights)
   # The forward kernel has 8 operands (x, 6 weights -> y), the backward 14.
-  forward, backward = sorted(_pallas_calls(jaxpr.jaxpr),
+  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
                              key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
   size = jnp.dtype(dtype).itemsize
   tokens = batch * height * width

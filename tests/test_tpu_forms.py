@@ -12,13 +12,13 @@ import sys
 import textwrap
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from conftest import REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, relative_error
+from conftest import (REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu,
+                      pallas_calls, relative_error)
 from rmt_jax.models import decay, layers, tpu_forms
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
@@ -94,12 +94,6 @@ def test_masa_under_tpu_kernels_equals_the_plain_form(axial):
       layers.ManhattanSelfAttention(4, *RATES, axial=axial, kernels='xla'), x)
 
 
-def _pallas_calls(jaxpr):
-  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    yield from _pallas_calls(sub)
-
-
 @pytest.mark.parametrize('problems,length,heads,head_dim,width,dtype,tables', [
     (3584, 56, 4, 16, None, jnp.bfloat16, 56),  # stage 1's row pass at batch 64
     (64, 196, 8, 32, 14, jnp.bfloat16, 1),      # stage 3's whole attention at batch 64
@@ -116,7 +110,7 @@ def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, 
   jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(attention, q, k, v)[1](v))(*args)
   # The forward kernel has 4 operands (q, k, v -> out), the backward 7 (q, k, v, dout -> dq,
   # dk, dv).
-  forward, backward = sorted(_pallas_calls(jaxpr.jaxpr),
+  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
                              key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
   array = problems * length * heads * head_dim * jnp.dtype(dtype).itemsize
   # The two tables (sin with its sign, cos) are one block each, the same at every step.

@@ -15,13 +15,14 @@ import sys
 import textwrap
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, relative_error
-from rmt_jax.models import layers, tpu_projections, variants
+from conftest import (REPO, assert_split_over_a_mesh_equals_one_device,
+                      assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, pallas_calls,
+                      relative_error)
+from rmt_jax.models import layers, tpu_projections, tpu_vmem, variants
 
 SCALES = (1.0, 0.25, 1.0)
 
@@ -121,20 +122,15 @@ def test_every_stage_but_the_widest_has_a_plan_at_64_images(name):
       assert not tpu_projections.fits_vmem((64, size, size, dim), dim, 3, 4, 2)
       continue
     assert shape.block_rows is not None, (name, dim)
-    assert shape.vmem_bytes(shape.block_rows) <= tpu_projections._VMEM_BUDGET
+    assert shape.vmem_bytes(shape.block_rows) <= tpu_vmem.BUDGET
     assert shape.block_rows * size <= tpu_projections._BLOCK_TOKENS
     size //= 2
 
 
-# Runs in a fresh interpreter: the device count is fixed when JAX starts.
-_SHARDED = textwrap.dedent('''
-    import os
-    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
-        ' --xla_force_host_platform_device_count=4')
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def test_split_over_a_mesh_equals_one_device():
+  # q, k, v and the 9 gradients; each device's rows, the weight gradients summed over devices.
+  assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.models import tpu_projections
-    rng = np.random.default_rng(0)
     shapes = [(8, 4, 4, 8), (8,), (8,)] + [(8, 8), (8,)] * 3
     args = [jnp.asarray(rng.normal(size=s) * 0.5 + 0.2, jnp.float32) for s in shapes]
     cts = tuple(jnp.asarray(rng.normal(size=shapes[0]), jnp.float32) for _ in range(3))
@@ -144,32 +140,7 @@ _SHARDED = textwrap.dedent('''
     def step(*args):
       out, vjp = jax.vjp(f, *args)
       return out, vjp(cts)
-    want = jax.jit(step)(*args)
-    mesh = Mesh(np.array(jax.devices()), ('data',))
-    with jax.set_mesh(mesh):
-      sharded = [jax.device_put(args[0], NamedSharding(mesh, PartitionSpec('data')))]
-      sharded += [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in args[1:]]
-      jitted = jax.jit(step)
-      text = jitted.lower(*sharded).as_text()
-      got = jitted(*sharded)
-    errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
-              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-    print(len(errors), max(errors) < 1e-5, 'shard_map' in text or 'sdy.manual_computation' in text)
-''')
-
-
-def test_split_over_a_mesh_equals_one_device():
-  proc = subprocess.run([sys.executable, '-c', _SHARDED], cwd=REPO, env=libtpu_env(False),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # q, k, v and the 9 gradients; each device's rows, the weight gradients summed over devices.
-  assert proc.stdout.split('\n')[0] == '12 True True'
-
-
-def _pallas_calls(jaxpr):
-  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    yield from _pallas_calls(sub)
+  ''', 12)
 
 
 @pytest.mark.parametrize('batch,height,width,dim,dtype', [
@@ -185,7 +156,7 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, dtype):
   jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1]((jnp.zeros(x.shape, dtype),) * 3))(
       x, vector, vector, *weights)
   # The forward kernel has 8 operands (x, norm, weights -> q, k, v), the backward 12.
-  forward, backward = sorted(_pallas_calls(jaxpr.jaxpr),
+  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
                              key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
   size = jnp.dtype(dtype).itemsize
   tokens = batch * height * width
