@@ -8,12 +8,15 @@ model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TP
 cost model: an estimate, not a measurement), the images/s and utilisation of the chip's bf16
 peak that it implies, and the compile time. With `--traffic`, also where each step's memory
 traffic goes, by layer and by stage (`rmt_jax.tpu_traffic`): RMT's steps are bound by memory
-traffic in that estimate.
+traffic in that estimate. With `--block STAGE`, one block of that stage instead, forward and
+backward on one chip (`compile_block`): the unit the kernels are tuned on.
 
   pip install 'libtpu==0.0.42.*'     # the libtpu jax 0.10.2 pins; or pip install '.[tpu-compile]'
   python -m rmt_jax.tpu_compile --config configs/rmt_s.py --topology v5p:2x2x1 \
       --batch_per_chip 64 [--mode train|eval|both] [--json FILE] [--traffic] \
       [--config.FIELD=VALUE ...]
+  python -m rmt_jax.tpu_compile --config configs/rmt_s.py --topology v5p:2x2x1 \
+      --batch_per_chip 64 --block 3 [--traffic]
 
 Topology names are libtpu's: `v4:2x2x1`, `v5e:2x2`, `v5p:2x2x1`, `v6e:4x4`, ... A v4 chip is two
 devices (one per TensorCore) in libtpu's v4 topologies; v5p, v5e and v6e chips are one each.
@@ -43,6 +46,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
 
 from rmt_jax import sharding
 from rmt_jax import summary
@@ -199,6 +203,72 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
   return result
 
 
+def compile_block(config: Any, topology: str, stage: int, images: int, log: Any = print,
+                  traffic: bool = False) -> dict[str, Any]:
+  """Compiles one block of `stage` (1-4) of the config's model, forward and backward, for one
+  device of a TPU slice, and reports XLA's estimate for it.
+
+  The block is the stage's `RetBlock` with the model's dims, dtypes and kernel forms (those for
+  the topology's devices), on `images` maps of the stage's size at the config's image size; its
+  input is the residual stream (`residual_dtype`) and so is the cotangent. No drop path.
+
+  Returns:
+    A JSON-ready dict: the setup and the compiled program's flops, bytes (XLA's count), estimated
+    seconds, compile seconds (and with `traffic`, the breakdown under 'traffic').
+  """
+  devices = topology_devices(topology)
+  mesh = jax.sharding.Mesh(np.array(devices[:1]), ('data',))
+  model = train.build_model(config, mesh)
+  if not 1 <= stage <= len(model.depths):
+    raise ValueError(f'stage must be 1 to {len(model.depths)}, got {stage}')
+  i = stage - 1
+  from rmt_jax.models import layers  # pylint: disable=g-import-not-at-top
+  block = layers.RetBlock(model.num_heads[i], model.init_values[i], model.heads_ranges[i],
+                          model.axial[i], model.mlp_ratios[i], layerscale=model.layerscales[i],
+                          layer_init_values=model.layer_init_values, dtype=model.dtype,
+                          param_dtype=model.param_dtype, kernels=model.kernels)
+  size = -(-int(config.data.image_size) // 2 ** (stage + 1))  # the stem's /4, then /2 a stage
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((images, size, size, model.embed_dims[i]), model.residual_dtype,
+                           sharding=replicated)
+  variables = jax.eval_shape(block.init, jax.random.key(0), x)
+  variables = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), variables)
+
+  def step(variables, x, cotangent):
+    return jax.vjp(block.apply, variables, x)[1](cotangent)
+
+  log(f'block: compiling a stage-{stage} block of {config.model} ({images} x {size} x {size} x '
+      f'{model.embed_dims[i]}) for one {devices[0].device_kind} device ...')
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(step).lower(variables, x, x).compile()
+  seconds = time.perf_counter() - start
+  cost = _cost(compiled)
+  result = {'topology': topology, 'device_kind': devices[0].device_kind, 'model': config.model,
+            'stage': stage, 'images': images, 'map': [size, size, model.embed_dims[i]],
+            'dtype': str(config.get('dtype')),
+            'residual_dtype': jnp.dtype(model.residual_dtype).name, 'kernels': model.kernels,
+            'compile_seconds': seconds, 'flops': cost['flops'],
+            'bytes_accessed': cost['bytes_accessed'],
+            'estimated_seconds': cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None}
+  if traffic:
+    result['traffic'] = tpu_traffic.traffic(compiled)
+  return result
+
+
+def format_block(result: dict[str, Any]) -> str:
+  """`compile_block`'s result in one line."""
+  estimate = result['estimated_seconds']
+  return (f"{result['model']} stage-{result['stage']} block, {result['images']} x "
+          f"{'x'.join(map(str, result['map']))}, forward + backward on one "
+          f"{result['device_kind']} device, {result['dtype']} ({result['residual_dtype']} "
+          f"residual stream), kernels {result['kernels']!r}: XLA's estimate "
+          + (f'{1e3 * estimate:.3f} ms' if estimate else 'none') +
+          f", {result['bytes_accessed'] / 1e9:.3f} GB, {result['flops'] / 1e9:.1f} GFLOP "
+          f"(compiled in {result['compile_seconds']:.0f} s). An estimate, not a measurement.")
+
+
 def _gib(n: float) -> str:
   return f'{n / 2**30:.2f}'
 
@@ -243,6 +313,9 @@ _BATCH_PER_CHIP = flags.DEFINE_integer(
     'global_batch_size.')
 _MODE = flags.DEFINE_enum('mode', 'both', ['train', 'eval', 'both'], 'Which steps to compile.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the result as JSON here.')
+_BLOCK = flags.DEFINE_integer(
+    'block', 0, 'Compile one block of this stage (1-4), forward and backward, on one device '
+    '(batch_per_chip images) instead of the steps.')
 _TRAFFIC = flags.DEFINE_bool(
     'traffic', False, "Also print where each step's memory traffic goes, by layer and stage "
     '(rmt_jax.tpu_traffic): what bounds the estimate.')
@@ -265,6 +338,20 @@ def main(argv: list[str]) -> int:
     with config.unlocked():
       config.global_batch_size = _BATCH_PER_CHIP.value * chips
   log = lambda line: print(line, file=sys.stderr, flush=True)  # pylint: disable=unnecessary-lambda-assignment
+  if _BLOCK.value:
+    if not _BATCH_PER_CHIP.value:
+      print('error: --block needs --batch_per_chip (the images of the one device)',
+            file=sys.stderr)
+      return 1
+    result = compile_block(config, _TOPOLOGY.value, _BLOCK.value, _BATCH_PER_CHIP.value, log,
+                           _TRAFFIC.value)
+    print(format_block(result))
+    if _TRAFFIC.value:
+      print('\n' + tpu_traffic.format_summary(result['traffic'], result['bytes_accessed']))
+    if _JSON.value:
+      with open(_JSON.value, 'w') as f:
+        json.dump(result, f, indent=1)
+    return 0
   result = compile_for_topology(config, _TOPOLOGY.value, _MODE.value, log, _TRAFFIC.value)
   print(format_table(result))
   for name in ('train', 'eval'):

@@ -98,14 +98,21 @@ def _shape_bytes(shape: str) -> tuple[int, int]:
 
 def _layer(op_name: str) -> tuple[str, int]:
   """(layer, stage) from an op_name such as 'jit(f)/transpose(jvp(RMT))/RMT.features/layers_2/
-  blocks_5/retention/lepe/conv_general_dilated'."""
+  blocks_5/retention/lepe/conv_general_dilated', or of a block compiled alone,
+  'jit(step)/jvp(RetBlock)/retention/lepe/...' (stage 0)."""
   parts = [p for p in op_name.split('/') if p]
+  # Not module names: the features scope, nested jits, platform_dependent's branches, kernels.
+  skipped = ('RMT.features', 'jit(', 'cond', 'branch_', 'pallas_call', 'shard_map')
   model = [i for i, p in enumerate(parts) if p.startswith('RMT.') or p == 'head']
+  block = [i for i, p in enumerate(parts) if p.rstrip(')').endswith('RetBlock')]
+  if not model and block:  # a block of its own (`tpu_compile --block`): its parts, no stage
+    path = [p for p in parts[block[0] + 1:-1] if not p.startswith(skipped)]
+    if path and path[0].startswith('Dropout'):
+      path = ['drop path']
+    return '/'.join(path[:2]) or 'block (other)', 0
   if not model:
     return _OUTSIDE, 0
   path = parts[model[0]:-1] if parts[model[0]] != 'head' else ['head']
-  # Not module names: the features scope, nested jits, platform_dependent's branches, kernels.
-  skipped = ('RMT.features', 'jit(', 'cond', 'branch_', 'pallas_call', 'shard_map')
   path = [p[len('RMT.'):] if p == 'RMT.pooled' else p for p in path
           if not p.startswith(skipped)]
   stage = 0

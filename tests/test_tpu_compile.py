@@ -62,6 +62,30 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
 
 
 @needs_libtpu
+def test_one_block_compiles_for_one_device_and_reports_its_cost(tmp_path):
+  out = tmp_path / 'block.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--block', '2', '--traffic',
+       '--json', str(out)],
+      cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  size = json.loads(subprocess.run(
+      [sys.executable, '-c', 'from configs import tiny_test; import json; c = '
+       'tiny_test.get_config(); print(json.dumps([c.data.image_size, c.model]))'],
+      cwd=REPO, env=libtpu_env(False), capture_output=True, text=True, timeout=120,
+      check=True).stdout)
+  # Stage 2 of the tiny model: the stem's /4, then /2, of the config's image size.
+  assert result['map'][:2] == [-(-size[0] // 8)] * 2 and result['model'] == size[1]
+  assert (result['stage'], result['images'], result['kernels']) == (2, 4, 'tpu')
+  assert result['estimated_seconds'] > 0 and result['flops'] > 0
+  layers = {row['layer'] for row in result['traffic']['by_layer']}
+  assert {'retention (Pallas kernel)', 'pos', 'retention/lepe'} <= layers
+  assert 'stage-2 block' in proc.stdout and 'not a measurement' in proc.stdout
+
+
+@needs_libtpu
 def test_libtpu_on_the_path_leaves_cpu_runs_alone():
   # libtpu probes for a TPU when jax starts: on a CPU host that must fail fast and fall back.
   code = 'import jax; print(jax.default_backend(), len(jax.devices()))'

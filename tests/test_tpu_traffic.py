@@ -96,3 +96,12 @@ def test_loops_and_texts_without_an_entry_are_refused():
                         '%multiply.1 = f32[64,64]{1,0:T(8,128)} while(%w.1)')
   with pytest.raises(ValueError, match='while loop'):
     tpu_traffic.operations(looped)
+
+
+def test_a_block_compiled_alone_is_read_by_its_parts():
+  # `tpu_compile --block`: no model scope above the block, no stage.
+  assert tpu_traffic._layer('jit(step)/transpose(jvp(RetBlock))/retention/lepe/conv') == (
+      'retention/lepe', 0)
+  assert tpu_traffic._layer('jit(step)/jvp(RetBlock)/pos/add') == ('pos', 0)
+  assert tpu_traffic._layer('jit(step)/jvp(RetBlock)/add') == ('block (other)', 0)
+  assert tpu_traffic._layer('jit(step)/mul') == (tpu_traffic._OUTSIDE, 0)
