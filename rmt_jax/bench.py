@@ -3,6 +3,7 @@ r"""Throughput of RMT against the machine's own ceiling: eval and train images/s
     python -m rmt_jax.bench --variant rmt_t --batch 16 --resolution 224 --dtype float32
     python -m rmt_jax.bench --variant rmt_s --mode eval --repeats 7 --json rmt_s.json
     python -m rmt_jax.bench --variant rmt_t --dtype bfloat16          # on an accelerator
+    python -m rmt_jax.bench --variant rmt_t --dtype bfloat16 --residual_dtype bfloat16
     python -m rmt_jax.bench --variant rmt_t --devices 2               # data parallel
 
 For one variant, batch size, resolution and compute dtype, on the default device (or N
@@ -227,7 +228,8 @@ def check_devices(devices: int, batch: int) -> None:
 
 def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode: str = 'both',
         repeats: int = 5, warmup: int = 1, ceiling_size: int = 2048,
-        remat: bool = False, devices: int = 1) -> dict[str, Any]:
+        remat: bool = False, devices: int = 1,
+        residual_dtype: str = 'float32') -> dict[str, Any]:
   """Compiles, then times in turns, the matmul ceiling and the model's eval and/or train step.
 
   Args:
@@ -242,6 +244,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
     remat: rematerialise every stage's blocks in the backward pass.
     devices: split the batch over this many local devices (see the module docstring; on CPU
       the process must have been started with that many, `jax_num_cpu_devices`).
+    residual_dtype: the residual stream's dtype (`RMT.residual_dtype`): 'float32', the official
+      recipe's, or 'bfloat16'.
 
   Returns:
     A JSON-ready dict: the setup, the machine, 'ceiling' and one entry per mode with images/s,
@@ -249,15 +253,16 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   """
   if mode not in ('eval', 'train', 'both'):
     raise ValueError(f"mode must be 'eval', 'train' or 'both', got {mode!r}")
-  if dtype not in DTYPES:
-    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+  for name, value in (('dtype', dtype), ('residual_dtype', residual_dtype)):
+    if value not in DTYPES:
+      raise ValueError(f'{name} must be one of {sorted(DTYPES)}, got {value!r}')
   if repeats < 1:
     raise ValueError(f'repeats must be at least 1, got {repeats}')
   check_devices(devices, batch)
   local = jax.local_devices()
   compute_dtype = DTYPES[dtype]
   variant = canonical_name(variant)
-  model = create_model(variant, dtype=compute_dtype,
+  model = create_model(variant, dtype=compute_dtype, residual_dtype=DTYPES[residual_dtype],
                        remat=(remat,) * len(create_model(variant).depths),
                        kernels=kernel_forms.for_devices(local[:devices]))
   device = local[0]
@@ -304,6 +309,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   ceiling_flops = 2.0 * ceiling_size ** 3 / ceiling_s
   result: dict[str, Any] = {
       'variant': variant, 'batch': batch, 'resolution': resolution, 'dtype': dtype,
+      'residual_dtype': residual_dtype,
       'remat': remat, 'repeats': repeats,
       'device': f'{device.platform}: {device.device_kind}', 'num_devices': devices,
       'host': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
@@ -348,7 +354,10 @@ def format_table(result: dict[str, Any]) -> str:
   load = result['load_average']
   lines = [
       f"{result['variant']}  batch {result['batch']}  {result['resolution']}x"
-      f"{result['resolution']}  {result['dtype']}{'  remat' if result['remat'] else ''}  on "
+      f"{result['resolution']}  {result['dtype']}"
+      + (f" ({result['residual_dtype']} stream)"
+         if result.get('residual_dtype', 'float32') != 'float32' else '')
+      + f"{'  remat' if result['remat'] else ''}  on "
       f"{result['device']}"
       + (f" x {result['num_devices']} devices" if result.get('num_devices', 1) > 1 else '')
       + f" ({result['cpus']} cpus), jax {result['jax']}, "
@@ -401,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--resolution', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+  parser.add_argument('--residual_dtype', default='float32', choices=sorted(DTYPES),
+                      help="the residual stream's dtype (RMT.residual_dtype)")
   parser.add_argument('--mode', default='both', choices=['eval', 'train', 'both'])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=1)
@@ -431,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   result = run(args.variant, args.batch, args.resolution, args.dtype, args.mode, args.repeats,
-               args.warmup, args.ceiling_size, args.remat, args.devices)
+               args.warmup, args.ceiling_size, args.remat, args.devices, args.residual_dtype)
   print(format_table(result), flush=True)
   if args.json:
     with open(args.json, 'w') as f:
