@@ -52,6 +52,7 @@ from rmt_jax import sharding
 from rmt_jax import summary
 from rmt_jax import tpu_traffic
 from rmt_jax import train
+from rmt_jax.models import layers
 
 INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2 "
                 "pins; or pip install '.[tpu-compile]'); it is only needed to compile for TPUs")
@@ -222,7 +223,6 @@ def compile_block(config: Any, topology: str, stage: int, images: int, log: Any 
   if not 1 <= stage <= len(model.depths):
     raise ValueError(f'stage must be 1 to {len(model.depths)}, got {stage}')
   i = stage - 1
-  from rmt_jax.models import layers  # pylint: disable=g-import-not-at-top
   block = layers.RetBlock(model.num_heads[i], model.init_values[i], model.heads_ranges[i],
                           model.axial[i], model.mlp_ratios[i], layerscale=model.layerscales[i],
                           layer_init_values=model.layer_init_values, dtype=model.dtype,

@@ -116,7 +116,8 @@ class Shape:
     channels = tpu_bands.lanes(self.dim) * self.itemsize
     blocks = 6 * tokens * channels + 2 * (tokens + 2 * self.halo) * channels
     matrices = self.dim * tpu_bands.lanes(self.hidden) + self.hidden * tpu_bands.lanes(self.dim)
-    vectors = 48 * tpu_bands.lanes(self.hidden) + 16 * tpu_bands.lanes(self.dim)  # padded to 8-16 sublanes
+    # Vectors (biases, taps) pad to 8-16 sublanes.
+    vectors = 48 * tpu_bands.lanes(self.hidden) + 16 * tpu_bands.lanes(self.dim)
     weights = (matrices + vectors) * self.itemsize + 2 * (matrices + vectors) * 4
     temporaries = (26 * tpu_bands.lanes(plan.chunk) + 2 * tpu_bands.lanes(self.dim)) * extended * 4
     return blocks + weights + temporaries
@@ -174,7 +175,8 @@ def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
   devices = 1 if mesh.empty else mesh.size
   if batch % devices:
     raise ValueError(f'{batch} images do not split over {devices} devices')
-  shape = Shape(batch // devices * height * width, height, width, dim, tpu_bands.lanes(hidden), itemsize)
+  shape = Shape(batch // devices * height * width, height, width, dim, tpu_bands.lanes(hidden),
+                itemsize)
   return shape.plan is not None
 
 
@@ -338,8 +340,8 @@ def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
     raise ValueError(f'{tokens} tokens are not whole {height} x {width} images')
   shape = Shape(tokens, height, width, dim, w1.shape[1], x.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the FFN kernel does not fit {tpu_vmem.BUDGET / 2**20:.0f} MiB of VMEM for '
-                     f'{dim} -> {shape.hidden} channels on {height} x {width} images '
+    raise ValueError(f'the FFN kernel does not fit {tpu_vmem.BUDGET / 2**20:.0f} MiB of VMEM '
+                     f'for {dim} -> {shape.hidden} channels on {height} x {width} images '
                      "(its weights stay in VMEM; see fits_vmem); use kernels='xla'")
   return shape
 
