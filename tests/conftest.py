@@ -130,6 +130,62 @@ def assert_split_over_a_mesh_equals_one_device(setup: str, outputs: int) -> None
   assert proc.stdout.split('\n')[0] == f'{outputs} True True'
 
 
+# The head and tail of `assert_kernels_compile_for_a_v5p_and_a_v4`'s script (libtpu on the path).
+_COMPILE_HEAD = """
+import os
+os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
+os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update('jax_platforms', 'cpu')
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+"""
+_COMPILE_TAIL = """
+devices = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices
+v4 = topologies.get_topology_desc(platform='tpu', topology_name='v4:2x2x1').devices
+for chip in (devices[0], v4[0]):
+  one = Mesh(np.array([chip]), ('d',))
+  for shape in SHAPES:
+    text = jax.jit(step).lower(*args(one, PartitionSpec(), *shape)).compile().as_text()
+    print(chip.device_kind, text.count('custom_call_target="tpu_custom_call"'))
+mesh = Mesh(np.array(devices), ('data',))
+def traced(*a):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return step(*a)
+text = jax.jit(traced).lower(*args(mesh, PartitionSpec('data'), *MESH_SHAPE)).compile().as_text()
+print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather' in text,
+      LOCAL in text)
+"""
+
+
+def assert_kernels_compile_for_a_v5p_and_a_v4(setup: str, shapes, mesh_shape,
+                                              local_array: str) -> None:
+  """Mosaic compiles a kernel's forward and backward for one v5p chip and one v4 chip (16 MiB
+  of VMEM) at each of `shapes`, and for a 4-chip v5p mesh at `mesh_shape`, where each chip runs
+  them on its share (`local_array`, e.g. 'f32[56,14,64]', in the program) with no gathering.
+
+  Args:
+    setup: Python defining `step(*args)` (the kernel's outputs and gradients) and
+      `args(mesh, x_spec, *shape)` (abstract arrays with shardings: x by `x_spec`).
+    shapes: the one-chip shapes, each passed to `args`.
+    mesh_shape: the mesh's shape, passed to `args`.
+    local_array: an array of one chip's share, as the compiled program prints it.
+  """
+  script = (_COMPILE_HEAD + textwrap.dedent(setup)
+            + f'SHAPES, MESH_SHAPE, LOCAL = {tuple(shapes)!r}, {tuple(mesh_shape)!r}, '
+              f'{local_array!r}\n' + _COMPILE_TAIL)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=libtpu_env(True),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.split('\n')
+  count = len(shapes)
+  # Forward and backward kernel, for every shape on each chip.
+  assert [line.split()[-1] for line in lines[:2 * count]] == ['2'] * 2 * count, lines
+  assert 'v4' in lines[count] and 'v4' not in lines[0], lines
+  assert lines[2 * count] == 'sharded 2 False True', lines
+
+
 # libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs
 # it: the README's test command installs it into `.venv/libtpu` (requirements-tpu.txt), a folder
 # that ordinary runs never put on their path; `RMT_LIBTPU_DIR` points elsewhere, and a libtpu

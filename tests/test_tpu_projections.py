@@ -10,18 +10,15 @@ Mosaic's compilation for a v5p and a v4 (one chip) and a 4-chip v5p mesh.
 """
 
 import functools
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (REPO, assert_split_over_a_mesh_equals_one_device,
-                      assert_tpu_form_equals_plain, libtpu_env, needs_libtpu, pallas_calls,
-                      relative_error)
+from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
+                      assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
+                      needs_libtpu, pallas_calls, relative_error)
 from rmt_jax.models import layers, tpu_projections, tpu_vmem, variants
 
 SCALES = (1.0, 0.25, 1.0)
@@ -178,17 +175,12 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, dtype):
     assert cores * steps * shape.block_rows == batch * height
 
 
-_COMPILE = textwrap.dedent('''
-    import os
-    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
-    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-    os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update('jax_platforms', 'cpu')
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+@needs_libtpu
+def test_kernels_compile_for_a_v5p_and_a_v4():
+  # RMT-L's stage-1 and RMT-B's stage-4 shapes (rows of 56 and of 7 tokens); per chip of
+  # the mesh 4 images of 14 rows.
+  assert_kernels_compile_for_a_v5p_and_a_v4('''
     from rmt_jax.models import tpu_projections
-    devices = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices
     def step(x, s, b, *w):
       f = lambda x, s, b, *w: tpu_projections.normalized_projections(
           x, (s, b), tuple(zip(w[::2], w[1::2])), (1.0, 0.25, 1.0), eps=1e-6,
@@ -200,32 +192,4 @@ _COMPILE = textwrap.dedent('''
           (dim,), (dim,)) + ((dim, dim), (dim,)) * 3]
       return [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p))
               for s, p in arrays]
-    # RMT-L's stage-1 and RMT-B's stage-4 shapes (rows of 56 and of 7 tokens), on a v5p and on
-    # a v4 (16 MiB of VMEM).
-    v4 = topologies.get_topology_desc(platform='tpu', topology_name='v4:2x2x1').devices
-    for chip in (devices[0], v4[0]):
-      one = Mesh(np.array([chip]), ('d',))
-      for shape in ((8, 56, 112), (64, 7, 512)):
-        text = jax.jit(step).lower(*args(one, PartitionSpec(), *shape)).compile().as_text()
-        print(chip.device_kind, shape[1], text.count('custom_call_target="tpu_custom_call"'))
-    mesh = Mesh(np.array(devices), ('data',))
-    def traced(*a):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return step(*a)
-    text = jax.jit(traced).lower(*args(mesh, PartitionSpec('data'), 16, 14, 64)).compile(
-        ).as_text()
-    print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather' in text,
-          'f32[56,14,64]' in text)
-''')
-
-
-@needs_libtpu
-def test_kernels_compile_for_a_v5p_and_a_v4():
-  proc = subprocess.run([sys.executable, '-c', _COMPILE], cwd=REPO, env=libtpu_env(True),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # Forward and backward kernel; per device 4 images of 14 rows: (56, 14, 64).
-  lines = proc.stdout.split('\n')
-  assert [line.split()[-2:] for line in lines[:4]] == [['56', '2'], ['7', '2']] * 2, lines
-  assert lines[4] == 'sharded 2 False True'
-  assert 'v4' in lines[2] and 'v4' not in lines[0], lines
+  ''', [(8, 56, 112), (64, 7, 512)], (16, 14, 64), 'f32[56,14,64]')
