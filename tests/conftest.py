@@ -130,6 +130,16 @@ def assert_split_over_a_mesh_equals_one_device(setup: str, outputs: int) -> None
   assert proc.stdout.split('\n')[0] == f'{outputs} True True'
 
 
+# Python for the compile scripts: `in_hbm(text)` counts the kernels of a compiled TPU program whose
+# every operand carries memory-space color 0, HBM (`tpu_memory.in_hbm`).
+KERNELS_IN_HBM = """
+import re
+def in_hbm(text):
+  calls = [l for l in text.split('\\n') if 'custom_call_target="tpu_custom_call"' in l]
+  operands = lambda l: len(l.split(' custom-call(', 1)[1].split(')', 1)[0].split(', '))
+  return sum(sorted(int(i) for i in re.findall(r'"operand_index":"(\\d+)","color":"0"', l))
+             == list(range(operands(l))) for l in calls)
+"""
 # The head and tail of `assert_kernels_compile_for_a_v5p_and_a_v4`'s script (libtpu on the path).
 _COMPILE_HEAD = """
 import os
@@ -141,14 +151,14 @@ jax.config.update('jax_platforms', 'cpu')
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 """
-_COMPILE_TAIL = """
+_COMPILE_TAIL = KERNELS_IN_HBM + """
 devices = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices
 v4 = topologies.get_topology_desc(platform='tpu', topology_name='v4:2x2x1').devices
 for chip in (devices[0], v4[0]):
   one = Mesh(np.array([chip]), ('d',))
   for shape in SHAPES:
     text = jax.jit(step).lower(*args(one, PartitionSpec(), *shape)).compile().as_text()
-    print(chip.device_kind, text.count('custom_call_target="tpu_custom_call"'))
+    print(chip.device_kind, in_hbm(text), text.count('custom_call_target="tpu_custom_call"'))
 mesh = Mesh(np.array(devices), ('data',))
 def traced(*a):
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -162,8 +172,9 @@ print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather
 def assert_kernels_compile_for_a_v5p_and_a_v4(setup: str, shapes, mesh_shape,
                                               local_array: str) -> None:
   """Mosaic compiles a kernel's forward and backward for one v5p chip and one v4 chip (16 MiB
-  of VMEM) at each of `shapes`, and for a 4-chip v5p mesh at `mesh_shape`, where each chip runs
-  them on its share (`local_array`, e.g. 'f32[56,14,64]', in the program) with no gathering.
+  of VMEM) at each of `shapes`, every operand constrained to HBM (`tpu_memory.in_hbm`), and for
+  a 4-chip v5p mesh at `mesh_shape`, where each chip runs them on its share (`local_array`, e.g.
+  'f32[56,14,64]', in the program) with no gathering.
 
   Args:
     setup: Python defining `step(*args)` (the kernel's outputs and gradients) and
@@ -180,8 +191,8 @@ def assert_kernels_compile_for_a_v5p_and_a_v4(setup: str, shapes, mesh_shape,
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.split('\n')
   count = len(shapes)
-  # Forward and backward kernel, for every shape on each chip.
-  assert [line.split()[-1] for line in lines[:2 * count]] == ['2'] * 2 * count, lines
+  # Forward and backward kernel, for every shape on each chip, their operands kept in HBM.
+  assert [line.split()[-2:] for line in lines[:2 * count]] == [['2', '2']] * 2 * count, lines
   assert 'v4' in lines[count] and 'v4' not in lines[0], lines
   assert lines[2 * count] == 'sharded 2 False True', lines
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
                       needs_libtpu, pallas_calls, relative_error)
-from rmt_jax.models import layers, tpu_feed_forward, tpu_vmem
+from rmt_jax.models import layers, tpu_feed_forward, tpu_memory
 
 
 def _plain(x, w1, b1, taps, bias, w2, b2):
@@ -90,7 +90,7 @@ def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden
   assert (plan is None) == ((dim, hidden) in ((512, 1536), (320, 960), (448, 1344), (640, 1920)))
   if plan is None:
     return
-  assert shape.vmem_bytes(plan) <= tpu_vmem.BUDGET
+  assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
   tokens = plan.block_images * height * width
   assert 64 % plan.block_images == 0 and tokens % 16 == 0
   assert tokens % plan.band == 0 and plan.band % 16 == 0 and plan.band >= 2 * shape.halo

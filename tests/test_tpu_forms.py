@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from conftest import (REPO, assert_tpu_form_equals_plain, libtpu_env, needs_libtpu,
-                      pallas_calls, relative_error)
+from conftest import (KERNELS_IN_HBM, REPO, assert_tpu_form_equals_plain, libtpu_env,
+                      needs_libtpu, pallas_calls, relative_error)
 from rmt_jax.models import decay, layers, tpu_forms
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
@@ -135,7 +135,7 @@ def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, 
       assert mapping.grid[0] * block[0] == problems and block[1:] == shape[1:]
 
 
-_COMPILE = textwrap.dedent('''
+_COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
     import os
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
@@ -158,7 +158,7 @@ _COMPILE = textwrap.dedent('''
         return out, vjp(v)
       args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=replicated)] * 3
       text = jax.jit(step).lower(*args).compile().as_text()
-      print(shape, text.count('custom_call_target="tpu_custom_call"'))
+      print(shape, in_hbm(text), text.count('custom_call_target="tpu_custom_call"'))
     # Under a mesh of four chips (the context mesh, as the trainer sets it while tracing), each
     # runs the kernels on its share of the problems: no gathering.
     mesh = Mesh(np.array(topologies.get_topology_desc(
@@ -181,8 +181,8 @@ def test_kernels_compile_for_a_v5p():
   proc = subprocess.run([sys.executable, '-c', _COMPILE], cwd=REPO, env=libtpu_env(True),
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # Forward and backward kernel, for the axial and the whole layout.
-  assert proc.stdout.split('\n')[:3] == ['(112, 56, 64) 2', '(8, 49, 256) 2',
+  # Forward and backward kernel, for the axial and the whole layout, their operands in HBM.
+  assert proc.stdout.split('\n')[:3] == ['(112, 56, 64) 2 2', '(8, 49, 256) 2 2',
                                          'sharded 2 False True']
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
                       needs_libtpu, pallas_calls, relative_error)
-from rmt_jax.models import layers, tpu_projections, tpu_vmem, variants
+from rmt_jax.models import layers, tpu_projections, tpu_memory, variants
 
 SCALES = (1.0, 0.25, 1.0)
 
@@ -119,7 +119,7 @@ def test_every_stage_but_the_widest_has_a_plan_at_64_images(name):
       assert not tpu_projections.fits_vmem((64, size, size, dim), dim, 3, 4, 2)
       continue
     assert shape.block_rows is not None, (name, dim)
-    assert shape.vmem_bytes(shape.block_rows) <= tpu_vmem.BUDGET
+    assert shape.vmem_bytes(shape.block_rows) <= tpu_memory.BUDGET
     assert shape.block_rows * size <= tpu_projections._BLOCK_TOKENS
     size //= 2
 

@@ -49,7 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from rmt_jax.models import tpu_bands
-from rmt_jax.models import tpu_vmem
+from rmt_jax.models import tpu_memory
 
 # Tokens per grid step are kept near this (whole images, so stage 1 takes one 56 x 56 image):
 # large enough that the step's fixed cost is small against its work.
@@ -125,7 +125,7 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands (the least recomputed halo), then the widest chunks,
-    then the most images per step, that fits `tpu_vmem.BUDGET`; None if none does.
+    then the most images per step, that fits `tpu_memory.BUDGET`; None if none does.
 
     Blocks hold whole images, a multiple of 16 tokens (a bfloat16 tile) unless a block is all
     the images, and at most `_BLOCK_TOKENS` where whole images allow; bands divide the block
@@ -139,7 +139,7 @@ class Shape:
              for block_images in tpu_bands.image_blocks(self.images, pixels, _BLOCK_TOKENS)
              for band in tpu_bands.bands(block_images * pixels, self.halo)
              for chunk in chunks]
-    fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_vmem.BUDGET]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_memory.BUDGET]
     return max(fitting, key=lambda p: (p.band, p.chunk, p.block_images), default=None)
 
   @property
@@ -162,7 +162,7 @@ class Shape:
 
 
 def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
-  """Whether `feed_forward` has a plan within `tpu_vmem.BUDGET` for x of `x_shape` (b, h, w, C)
+  """Whether `feed_forward` has a plan within `tpu_memory.BUDGET` for x of `x_shape` (b, h, w, C)
   and `hidden` channels, with the batch split over the context mesh's devices as the kernel
   splits it.
 
@@ -328,10 +328,10 @@ def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_s
       out_specs=out_specs,
       scratch_shapes=[padded] * (len(inputs) - weights),
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_vmem.LIMIT),
+                                           vmem_limit_bytes=tpu_memory.LIMIT),
       cost_estimate=cost,
       interpret=interpret,
-  )(*inputs)
+  )(*(inputs if interpret else tpu_memory.in_hbm(inputs)))
 
 
 def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
@@ -340,7 +340,7 @@ def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
     raise ValueError(f'{tokens} tokens are not whole {height} x {width} images')
   shape = Shape(tokens, height, width, dim, w1.shape[1], x.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the FFN kernel does not fit {tpu_vmem.BUDGET / 2**20:.0f} MiB of VMEM '
+    raise ValueError(f'the FFN kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB of VMEM '
                      f'for {dim} -> {shape.hidden} channels on {height} x {width} images '
                      "(its weights stay in VMEM; see fits_vmem); use kernels='xla'")
   return shape

@@ -47,6 +47,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
+from rmt_jax.models import tpu_memory
+
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
 # seven double-buffered blocks (lanes padded to 128) fit the default scoped VMEM (16 MiB).
@@ -225,6 +227,7 @@ def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequenc
                        lambda i: (i, 0, 0))
   whole = [pl.BlockSpec(t.shape, lambda i: (0, 0, 0)) for t in tables]
   shape = inputs[0].shape
+  operands = (*inputs, *tables)
   return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes],
@@ -234,7 +237,7 @@ def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequenc
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
       cost_estimate=cost,
       interpret=interpret,
-  )(*inputs, *tables)
+  )(*(operands if interpret else tpu_memory.in_hbm(operands)))
 
 
 def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.Array]) -> Problem:

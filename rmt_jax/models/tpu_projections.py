@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from rmt_jax.models import tpu_bands
-from rmt_jax.models import tpu_vmem
+from rmt_jax.models import tpu_memory
 
 # Tokens per grid step are kept at most this (whole rows): big enough that a step's fixed cost
 # is small against its work, small enough for the backward's float32 temporaries.
@@ -89,10 +89,10 @@ class Shape:
   @functools.cached_property
   def block_rows(self) -> int | None:
     """The most rows per step (a divisor of `rows`, within `_BLOCK_TOKENS` where any is) that
-    fits `tpu_vmem.BUDGET`; None if none does."""
+    fits `tpu_memory.BUDGET`; None if none does."""
     divisors = [r for r in range(self.rows, 0, -1) if self.rows % r == 0]
     candidates = [r for r in divisors if r * self.width <= _BLOCK_TOKENS] or divisors[-1:]
-    return next((r for r in candidates if self.vmem_bytes(r) <= tpu_vmem.BUDGET), None)
+    return next((r for r in candidates if self.vmem_bytes(r) <= tpu_memory.BUDGET), None)
 
   @property
   def steps(self) -> int:
@@ -107,7 +107,7 @@ class Shape:
 
 def fits_vmem(x_shape: Sequence[int], features: int, outputs: int, in_itemsize: int,
               itemsize: int) -> bool:
-  """Whether `normalized_projections` has a plan within `tpu_vmem.BUDGET` for x of `x_shape`
+  """Whether `normalized_projections` has a plan within `tpu_memory.BUDGET` for x of `x_shape`
   (b, h, w, C), `outputs` projections to `features` channels, with the batch split over the
   context mesh's devices as the kernel splits it."""
   batch, height, width, dim = x_shape
@@ -222,10 +222,10 @@ def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_s
       in_specs=in_specs,
       out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_vmem.LIMIT),
+                                           vmem_limit_bytes=tpu_memory.LIMIT),
       cost_estimate=cost,
       interpret=interpret,
-  )(*inputs)
+  )(*(inputs if interpret else tpu_memory.in_hbm(inputs)))
 
 
 def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
@@ -233,7 +233,7 @@ def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
   shape = Shape(rows, width, dim, w.shape[1] // outputs, outputs, x.dtype.itemsize,
                 w.dtype.itemsize)
   if shape.block_rows is None:
-    raise ValueError(f'the projection kernel does not fit {tpu_vmem.BUDGET / 2**20:.0f} MiB of '
+    raise ValueError(f'the projection kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB of '
                      f'VMEM for {outputs} x {dim} -> {shape.features} channels on rows of '
                      f"{width} tokens (its weights stay in VMEM; see fits_vmem); use "
                      "kernels='xla'")

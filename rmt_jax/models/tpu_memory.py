@@ -1,0 +1,30 @@
+"""Where the Pallas TPU kernels' data lives: the VMEM that the kernels keeping their weights in
+VMEM plan for (`tpu_feed_forward`, `tpu_projections`), and every kernel's operands kept in HBM
+(`in_hbm`, all kernels).
+
+The budget is one number for every chip, a v4 TensorCore's 16 MiB (v5e, v5p and v6e have more),
+so that a program compiled for any of them fits all.
+"""
+
+from typing import Sequence
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+# What a kernel's VMEM may take by its own estimate (`Shape.vmem_bytes` of each module), and the
+# scoped VMEM it asks Mosaic for: the estimate leaves 2 MiB for what it does not count.
+BUDGET = 14 * 1024 * 1024
+LIMIT = 16 * 1024 * 1024
+
+
+def in_hbm(operands: Sequence[jax.Array]) -> list[jax.Array]:
+  """`operands` of a Mosaic kernel, constrained to stay in HBM.
+
+  A kernel's BlockSpecs stream its operands from HBM into VMEM block by block, overlapped with
+  its work. Left free, XLA's memory-space assignment also copies operands that fit into VMEM
+  ahead of the kernel (`copy-start`): a second transfer of the same bytes, which XLA's cost
+  model counts on top of the kernel's own reads (RMT-S's v5p train step: 36.4 -> 32.8 ms
+  estimated with the constraint, `python -m rmt_jax.tpu_compile`). For Mosaic calls only: the
+  Pallas interpreter does not take memory-space constraints.
+  """
+  return [pltpu.with_memory_space_constraint(a, pltpu.HBM) for a in operands]
