@@ -34,7 +34,8 @@ backward pass, so the FFN moved a fifth of the RMT-S train step's bytes (`tpu_co
 
 Both kernels declare their true cost (`pl.CostEstimate`, see `cost_estimates`), which XLA's
 TPU cost model takes for the custom calls. As `tpu_forms`, XLA does not partition Mosaic
-kernels: under a context mesh the calls run in a `shard_map` over images.
+kernels: under a context mesh the calls run in a `shard_map` over images; and the operands stay
+in HBM (`tpu_memory.in_hbm`).
 """
 
 import dataclasses

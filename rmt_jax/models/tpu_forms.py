@@ -33,7 +33,8 @@ tiles the last two axes to multiples of (16, 128) for bfloat16, so stage 1's 64 
 
 XLA does not partition Mosaic kernels: under a context mesh of several devices
 (`jax.set_mesh`, or `rmt_jax.sharding.traced_on` in the trainer) the calls run in a `shard_map`
-that gives each device its share of the problems.
+that gives each device its share of the problems. The operands stay in HBM
+(`tpu_memory.in_hbm`): the grid's pipeline brings each block into VMEM.
 """
 
 import dataclasses

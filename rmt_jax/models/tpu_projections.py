@@ -23,7 +23,8 @@ passes. Here:
   no plan (`fits_vmem`) and `layers.ManhattanSelfAttention` runs the plain form.
 
 Both kernels declare their true cost (`cost_estimates`). As `tpu_forms`, XLA does not partition
-Mosaic kernels: under a context mesh the calls run in a `shard_map` over rows.
+Mosaic kernels: under a context mesh the calls run in a `shard_map` over rows; and the operands
+stay in HBM (`tpu_memory.in_hbm`).
 """
 
 import dataclasses
