@@ -22,9 +22,11 @@ def in_hbm(operands: Sequence[jax.Array]) -> list[jax.Array]:
 
   A kernel's BlockSpecs stream its operands from HBM into VMEM block by block, overlapped with
   its work. Left free, XLA's memory-space assignment also copies operands that fit into VMEM
-  ahead of the kernel (`copy-start`): a second transfer of the same bytes, which XLA's cost
-  model counts on top of the kernel's own reads (RMT-S's v5p train step: 36.4 -> 32.8 ms
-  estimated with the constraint, `python -m rmt_jax.tpu_compile`). For Mosaic calls only: the
-  Pallas interpreter does not take memory-space constraints.
+  there ahead of the kernel (`copy-start`): a second on-chip copy of bytes the kernel's pipeline
+  brings in anyway, which XLA's cost model counts on top of the kernel's own reads. RMT-S's v5p
+  train step estimates at 32.8 ms with the constraint and 36.4 ms without
+  (`python -m rmt_jax.tpu_compile`); the HBM traffic is the same (24.3 ms either way with
+  memory-space assignment off). For Mosaic calls only: the Pallas interpreter does not take
+  memory-space constraints.
   """
   return [pltpu.with_memory_space_constraint(a, pltpu.HBM) for a in operands]
