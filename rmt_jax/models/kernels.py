@@ -3,12 +3,14 @@
 The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
 have a form written for one compiler (`cpu_forms.py` for XLA CPU; Pallas kernels for TPUs in
 `tpu_forms.py`, the attention, `tpu_projections.py`, MaSA's layer norm and q/k/v projections,
-and `tpu_feed_forward.py`, the FFN); every form computes the same function. Every module of the network carries one field, `kernels`, that says which to use:
+`tpu_feed_forward.py`, the FFN, and `tpu_block_tail.py`, a block's out_proj, residuals, norm
+and FFN); every form computes the same function. Every module of the network carries one field,
+`kernels`, that says which to use:
 
 - `'xla'`: the plain forms, for compilers that do well with them (GPU).
 - `'cpu'`: the XLA CPU forms.
-- `'tpu'`: the TPU forms where an operation has one (the decayed attention; the projections
-  and the FFN where their weights fit VMEM), else the plain ones.
+- `'tpu'`: the TPU forms where an operation has one (the decayed attention; the projections,
+  the block's second half and the FFN where they fit VMEM), else the plain ones.
 - `'auto'` (the default): all are staged out with `jax.lax.platform_dependent` and the one for
   the platform the computation is *lowered for* is compiled (the compiler never sees the other).
   A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.

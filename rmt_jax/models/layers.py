@@ -7,8 +7,8 @@ PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ..
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
 its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms of
 `cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` (attention), `tpu_projections.py`
-(MaSA's layer norm and q/k/v projections) and `tpu_feed_forward.py` (FFN) where they exist (see
-`kernels.py`).
+(MaSA's layer norm and q/k/v projections), `tpu_block_tail.py` (a block's second half) and
+`tpu_feed_forward.py` (FFN) where they exist (see `kernels.py`).
 """
 
 import functools
@@ -23,6 +23,7 @@ from rmt_jax.models import attention_maps
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
+from rmt_jax.models import tpu_block_tail
 from rmt_jax.models import tpu_feed_forward
 from rmt_jax.models import tpu_forms
 from rmt_jax.models import tpu_projections
@@ -409,8 +410,8 @@ class ManhattanSelfAttention(nn.Module):
   capture_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               norm: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, norm: tuple[jax.Array, jax.Array] | None = None,
+               project_output: bool = True) -> Any:
     """MaSA of x, or of LN(x) given the layer norm's parameters.
 
     Args:
@@ -418,9 +419,11 @@ class ManhattanSelfAttention(nn.Module):
       norm: None, or (scale, bias) of a `layer_norm` applied to x first (the block's
         `retention_layer_norm`, declared by the block): under `kernels='tpu'` the norm and the
         q/k/v projections are one kernel (`tpu_projections`) where its weights fit VMEM.
+      project_output: apply out_proj (True); or return the output before it with out_proj's
+        (kernel, bias), for a caller that applies it inside a larger function (`RetBlock`).
 
     Returns:
-      (b, h, w, C) in `dtype`.
+      (b, h, w, C) in `dtype`; or that before out_proj and out_proj's parameters.
     """
     batch, height, width, dim = x.shape
     heads, key_dim = self.num_heads, dim // self.num_heads
@@ -475,6 +478,8 @@ class ManhattanSelfAttention(nn.Module):
 
     out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
     out = out.astype(self.dtype) + lepe
+    if not project_output:  # for a caller that applies out_proj itself (`RetBlock`)
+      return out, LinearParams(dim, self.param_dtype, name='out_proj')(dim)
     return dense(dim, self.dtype, self.param_dtype, 'out_proj')(out)
 
 
@@ -491,28 +496,82 @@ class FeedForward(nn.Module):
   kernels: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, weights_only: bool = False) -> Any:
+    """FFN(x); or, with `weights_only`, its parameters in the compute dtype (fc1, dwconv, fc2),
+    for a caller that applies it inside a larger function (`RetBlock`'s second half)."""
     dim, hidden = x.shape[-1], self.hidden_dim
     cast = lambda params: tuple(p.astype(self.dtype) for p in params)
     fc1 = cast(LinearParams(hidden, self.param_dtype, name='fc1')(dim))
     dwconv = cast(DepthwiseConvParams(3, self.param_dtype, name='dwconv')(hidden))
     fc2 = cast(LinearParams(dim, self.param_dtype, name='fc2')(hidden))
+    if weights_only:
+      return fc1, dwconv, fc2
+    forms = feed_forward_forms(x.shape, hidden, self.dtype)
+    return kernels_lib.select(self.kernels, x.astype(self.dtype), fc1, dwconv, fc2, **forms)
 
-    def plain(x, fc1, dwconv, fc2, conv_forms='xla'):
-      u = gelu(jnp.dot(x, fc1[0]) + fc1[1])
-      u = u + depthwise_conv(u, *dwconv, conv_forms)
-      return jnp.dot(u, fc2[0]) + fc2[1]
 
-    # The kernel keeps the weights in VMEM: where they leave too little of it (the last stage
-    # of RMT-S, -B and -L, the third of RMT-B and -L), the TPU runs the plain form.
-    fits = tpu_feed_forward.fits_vmem(x.shape, hidden, jnp.dtype(self.dtype).itemsize)
-    return kernels_lib.select(self.kernels, x.astype(self.dtype), fc1, dwconv, fc2, xla=plain,
-                              cpu=functools.partial(plain, conv_forms='cpu'),
-                              tpu=tpu_feed_forward.feed_forward if fits else plain)
+def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
+                 dwconv: tuple[jax.Array, jax.Array], fc2: tuple[jax.Array, jax.Array],
+                 conv_forms: str = 'xla') -> jax.Array:
+  """`FeedForward`'s plain form: fc2(u + dwconv(u)), u = GELU(fc1(x)); (kernel, bias) pairs."""
+  u = gelu(jnp.dot(x, fc1[0]) + fc1[1])
+  u = u + depthwise_conv(u, *dwconv, conv_forms)
+  return jnp.dot(u, fc2[0]) + fc2[1]
+
+
+def feed_forward_forms(x_shape: Sequence[int], hidden: int,
+                       dtype: Dtype) -> dict[str, Callable[..., jax.Array]]:
+  """The FFN's forms for `kernels_lib.select` (xla, cpu, tpu), each (x, fc1, dwconv, fc2) -> y.
+
+  The TPU kernel keeps the weights in VMEM: where they leave too little of it (the last stage
+  of RMT-S, -B and -L, the third of RMT-B and -L), the TPU runs the plain form.
+  """
+  fits = tpu_feed_forward.fits_vmem(x_shape, hidden, jnp.dtype(dtype).itemsize)
+  return dict(xla=feed_forward, cpu=functools.partial(feed_forward, conv_forms='cpu'),
+              tpu=tpu_feed_forward.feed_forward if fits else feed_forward)
+
+
+def block_second_half(x1: jax.Array, o: jax.Array, out_proj: tuple[jax.Array, jax.Array],
+                      norm: tuple[jax.Array, jax.Array], ffn: Any,
+                      gammas: tuple[jax.Array, jax.Array] | None,
+                      drop_scales: jax.Array | None, *,
+                      ffn_form: Callable[..., jax.Array] = feed_forward) -> jax.Array:
+  """`RetBlock`'s second half in plain form: x2 + s2 gamma2 FFN(LN(x2)), x2 = x1 + s1 gamma1
+  out_proj(o) (`tpu_block_tail.block_second_half` is its TPU form).
+
+  Args:
+    x1: (b, h, w, C), the residual stream after `pos`.
+    o: MaSA's output before out_proj, in the compute dtype.
+    out_proj, norm: (kernel, bias) and (scale, bias).
+    ffn: (fc1, dwconv, fc2) in the compute dtype, applied by `ffn_form`.
+    gammas: layerscale's (gamma_1, gamma_2) in the compute dtype, or None.
+    drop_scales: drop path's per-image scales (2, b) float32 (0 or 1 / keep probability:
+      `nn.Dropout`'s scaling of a kept input), or None.
+  """
+  dt = o.dtype
+
+  def branch(y, i):
+    if gammas is not None:
+      y = y * gammas[i]
+    if drop_scales is not None:  # in float32: 1 / keep probability is not a bfloat16 number
+      y = (y.astype(jnp.float32) * drop_scales[i][:, None, None, None]).astype(dt)
+    return y
+
+  # Named as the official modules, for `rmt_jax.tpu_traffic`'s accounting.
+  with jax.named_scope('out_proj'):
+    x2 = x1 + branch(jnp.dot(o, out_proj[0].astype(dt)) + out_proj[1].astype(dt), 0)
+  with jax.named_scope('final_layer_norm'):
+    xn = apply_layer_norm(x2, *norm).astype(dt)
+  with jax.named_scope('ffn'):
+    y = ffn_form(xn, *ffn)
+  return x2 + branch(y, 1)
 
 
 class RetBlock(nn.Module):
   """x += DWConv3x3(x); x += DropPath(gamma_1 * MaSA(LN(x))); x += DropPath(gamma_2 * FFN(LN(x))).
+
+  The second half (from MaSA's out_proj on) is `block_second_half`, one function of MaSA's
+  unprojected output, which the TPU runs as one kernel pair (`tpu_block_tail`).
 
   Attributes:
     drop_path: stochastic depth rate of this block (drawn from the 'dropout' rng stream).
@@ -543,18 +602,32 @@ class RetBlock(nn.Module):
     # The norm's parameters are the block's; MaSA applies it (inside its projection kernel on
     # TPUs).
     norm = LayerNormParams(self.param_dtype, name='retention_layer_norm')(dim)
-    y = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range, self.axial,
-                               name='retention', capture_attention=self.capture_attention,
-                               **common)(x, norm)
-    if self.layerscale:
-      y = y * self._gamma('gamma_1', dim)
-    x = x + drop(y)
-
-    y = FeedForward(int(self.mlp_ratio * dim), name='ffn', **common)(
-        layer_norm('final_layer_norm', self.param_dtype)(x))
-    if self.layerscale:
-      y = y * self._gamma('gamma_2', dim)
-    return x + drop(y)
+    masa = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range,
+                                  self.axial, name='retention',
+                                  capture_attention=self.capture_attention, **common)
+    hidden = int(self.mlp_ratio * dim)
+    # The second half is one function of MaSA's unprojected output, the parameters and drop
+    # path's per-image scales, so that the TPU runs it as one kernel pair
+    # (`tpu_block_tail`). Parameter names and the dropout rng's use are those of the official
+    # block's `x + drop_path(gamma * f(x))`.
+    o, out_proj = masa(x, norm, project_output=False)
+    final_norm = LayerNormParams(self.param_dtype, name='final_layer_norm')(dim)
+    ffn = FeedForward(hidden, name='ffn', **common)(x, weights_only=True)
+    gammas = ((self._gamma('gamma_1', dim), self._gamma('gamma_2', dim))
+              if self.layerscale else None)
+    drop_scales = None
+    if train and self.drop_path > 0:
+      ones = jnp.ones((x.shape[0], 1, 1, 1), jnp.float32)
+      drop_scales = jnp.stack([drop(ones), drop(ones)]).reshape(2, -1)
+    ffn_forms = feed_forward_forms(x.shape, hidden, self.dtype)
+    forms = {form: functools.partial(block_second_half, ffn_form=ffn_forms[form])
+             for form in ('xla', 'cpu', 'tpu')}
+    if tpu_block_tail.fits_vmem(x.shape, hidden, jnp.dtype(self.dtype).itemsize,
+                                x.dtype.itemsize):
+      forms['tpu'] = tpu_block_tail.block_second_half
+    with jax.named_scope('second_half'):
+      return kernels_lib.select(self.kernels, x, o.astype(self.dtype), out_proj, final_norm,
+                                ffn, gammas, drop_scales, **forms)
 
   def _gamma(self, name: str, dim: int) -> jax.Array:
     init = nn.initializers.constant(self.layer_init_values)

@@ -126,11 +126,12 @@ class Neighbours:
 def with_halo(padded_ref, ref, halo_tokens: int) -> None:
   """padded_ref = [zeros(halo); ref; zeros(halo)] (VMEM scratch): every band reads its halo
   from one array, the block's edges reading zeros (which the masks never use)."""
-  tokens = ref.shape[0]
-  zeros = jnp.zeros((halo_tokens, ref.shape[1]), padded_ref.dtype)
+  channels = ref.shape[-1]
+  tokens = ref.size // channels  # (tokens, C), or (rows, width, C) flattened here
+  zeros = jnp.zeros((halo_tokens, channels), padded_ref.dtype)
   padded_ref[pl.ds(0, halo_tokens), :] = zeros
   padded_ref[pl.ds(halo_tokens + tokens, halo_tokens), :] = zeros
-  padded_ref[pl.ds(halo_tokens, tokens), :] = ref[...]
+  padded_ref[pl.ds(halo_tokens, tokens), :] = ref[...].reshape(tokens, channels)
 
 
 def for_each_band(tokens: int, band: int, body: Callable[[jax.Array | int], None]) -> None:

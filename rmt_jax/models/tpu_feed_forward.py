@@ -269,32 +269,53 @@ def _backward_kernel(x_ref, w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, dy_ref,
     near = tpu_bands.Neighbours(band + 2 * halo, height, width, first - halo)
     dx = jnp.zeros((band, x.shape[1]), jnp.float32)
     for start in range(0, w1_ref.shape[1], chunk):
-      channels = pl.ds(start, chunk)
-      a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels)
-      dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept],
-                                                     _TRANS_A,
-                                                     preferred_element_type=jnp.float32)
-      # dz over the whole band with its halo: the conv's transpose reads it at neighbours.
-      dz = jax.lax.dot_general(dy, w2_ref[channels, :], _TRANS_B,
-                               preferred_element_type=jnp.float32)
-      dbias_ref[0, :, channels] += dz[kept].sum(axis=0, keepdims=True)
-      # Each shift's transpose is the opposite shift (and mask): tap (i, j)'s gradient is the
-      # sum over tokens of dz moved back by row tap i times u moved by column tap j.
-      moved_rows = near.conv_transpose_rows(dz, 1)
-      dtaps = [(moved_rows[i][kept] * columns[j][kept]).sum(axis=0, keepdims=True)
-               for i in range(3) for j in range(3)]
-      dtaps_ref[0, :, channels] += jnp.concatenate(dtaps, axis=0)
-      du = dz[kept] + near.conv_transpose(moved_rows, taps)[kept]
-      da32 = du * _gelu_derivative(a[kept])
-      db1_ref[0, :, channels] += da32.sum(axis=0, keepdims=True)
-      da = da32.astype(x.dtype)
-      dw1_ref[0, :, channels] += jax.lax.dot_general(x[kept], da, _TRANS_A,
-                                                     preferred_element_type=jnp.float32)
-      dx = dx + jax.lax.dot_general(da, w1_ref[:, channels], _TRANS_B,
-                                    preferred_element_type=jnp.float32)
+      dx = dx + backward_chunk(x, dy, near, kept, pl.ds(start, chunk),
+                               (w1_ref, b1_ref, taps_ref, bias_ref, w2_ref),
+                               (dw1_ref, db1_ref, dtaps_ref, dbias_ref, dw2_ref))[0]
     dx_ref[pl.ds(first, band), :] = dx.astype(dx_ref.dtype)
 
   tpu_bands.for_each_band(tokens, band, body)
+
+
+def backward_chunk(x, dy, near, kept, channels, weights, gradients):
+  """The FFN's backward over one band for one chunk of hidden channels (kernel code, shared with
+  `tpu_block_tail`).
+
+  Args:
+    x, dy: the band with its halos, (band + 2 halo, C), in the compute dtype.
+    near: the band's `tpu_bands.Neighbours`.
+    kept: the band's own tokens among them (a slice).
+    channels: the chunk of hidden channels (a `pl.ds`).
+    weights: refs of fc1's kernel and bias, the conv's taps and bias, fc2's kernel.
+    gradients: refs of their float32 sums (1, ...) to add this chunk's gradients into.
+
+  Returns:
+    The chunk's part of dx, (band, C) float32, and z = u + dwconv(u) + bias, the chunk's input
+    of fc2 over the band with its halos (float32), for a caller that also needs y.
+  """
+  w1_ref, b1_ref, taps_ref, bias_ref, w2_ref = weights
+  dw1_ref, db1_ref, dtaps_ref, dbias_ref, dw2_ref = gradients
+  a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels)
+  dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept], _TRANS_A,
+                                                 preferred_element_type=jnp.float32)
+  # dz over the whole band with its halo: the conv's transpose reads it at neighbours.
+  dz = jax.lax.dot_general(dy, w2_ref[channels, :], _TRANS_B,
+                           preferred_element_type=jnp.float32)
+  dbias_ref[0, :, channels] += dz[kept].sum(axis=0, keepdims=True)
+  # Each shift's transpose is the opposite shift (and mask): tap (i, j)'s gradient is the sum
+  # over tokens of dz moved back by row tap i times u moved by column tap j.
+  moved_rows = near.conv_transpose_rows(dz, 1)
+  dtaps = [(moved_rows[i][kept] * columns[j][kept]).sum(axis=0, keepdims=True)
+           for i in range(3) for j in range(3)]
+  dtaps_ref[0, :, channels] += jnp.concatenate(dtaps, axis=0)
+  du = dz[kept] + near.conv_transpose(moved_rows, taps)[kept]
+  da32 = du * _gelu_derivative(a[kept])
+  db1_ref[0, :, channels] += da32.sum(axis=0, keepdims=True)
+  da = da32.astype(x.dtype)
+  dw1_ref[0, :, channels] += jax.lax.dot_general(x[kept], da, _TRANS_A,
+                                                 preferred_element_type=jnp.float32)
+  dx = jax.lax.dot_general(da, w1_ref[:, channels], _TRANS_B, preferred_element_type=jnp.float32)
+  return dx, z
 
 
 def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
