@@ -101,9 +101,10 @@ def _edges(refs, arrays, blocks_per_image):
   return [(refs[2 * i], refs[2 * i + 1]) for i in range(arrays)], refs[2 * arrays:]
 
 
-def _second_half_input(o, x1, wo_ref, bo_ref, scale_ref, shift_ref, eps, s1=None, gamma1=None):
-  """x2 = x1 + out_proj(o) (out_proj's output rounded to o's dtype, as the plain form's
-  `nn.Dense`), and the norm: xhat, 1 / std and LN(x2) in the compute dtype."""
+def _second_half_input(o, x1, wo_ref, bo_ref, scale_ref, shift_ref, eps, s1, gamma1):
+  """x2 = x1 + s1 gamma1 out_proj(o) (out_proj's output rounded to o's dtype, as the plain
+  form's), and the norm: xhat, 1 / std and LN(x2) in the compute dtype; and out_proj's output
+  p (float32), for gamma1's gradient."""
   p = (jnp.dot(o, wo_ref[...], preferred_element_type=jnp.float32).astype(o.dtype)
        + bo_ref[...]).astype(jnp.float32)
   branch = p * gamma1 * s1
