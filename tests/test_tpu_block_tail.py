@@ -1,4 +1,4 @@
-"""The block's second half as Pallas kernels (`tpu_block_tail`) against the plain form
+"""The block's second half as Pallas kernels (`tpu_block_tail`) against the model's plain form
 (`layers.block_second_half`), in Pallas's interpreter; its plans, declared bytes, and its Mosaic
 compile for a v5p and a v4."""
 
@@ -14,13 +14,11 @@ from rmt_jax.models import from_official_kwargs, layers, tpu_block_tail, tpu_mem
 from rmt_jax.models.tpu_block_tail import Plan
 
 
-def _plain(x1, o, wo, bo, scale, shift, w1, b1, taps, bias, w2, b2):
-  dt = o.dtype
-  x2 = x1 + (jnp.dot(o, wo.astype(dt)) + bo.astype(dt))
-  xn = layers.apply_layer_norm(x2, scale, shift).astype(dt)
-  u = layers.gelu(jnp.dot(xn, w1.astype(dt)) + b1.astype(dt))
-  u = u + layers.depthwise_conv(u, taps.astype(dt), bias.astype(dt), 'xla')
-  return x2 + (jnp.dot(u, w2.astype(dt)) + b2.astype(dt))
+def _plain(x1, o, wo, bo, scale, shift, w1, b1, taps, bias, w2, b2, gammas=None, scales=None):
+  # The model's plain form; `RetBlock` hands it the FFN's weights in the compute dtype.
+  cast = lambda *a: tuple(w.astype(o.dtype) for w in a)
+  return layers.block_second_half(x1, o, (wo, bo), (scale, shift),
+                                  (cast(w1, b1), cast(taps, bias), cast(w2, b2)), gammas, scales)
 
 
 def _kernel(x1, o, wo, bo, scale, shift, w1, b1, taps, bias, w2, b2):
@@ -63,16 +61,6 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, hi
     assert relative_error(g, w) < 1e-5, name
 
 
-def _plain_scaled(x1, o, wo, bo, scale, shift, w1, b1, taps, bias, w2, b2, gammas, scales):
-  dt = o.dtype
-  per_image = lambda s: s[:, None, None, None]
-  x2 = x1 + per_image(scales[0]) * gammas[0] * (jnp.dot(o, wo.astype(dt)) + bo.astype(dt))
-  xn = layers.apply_layer_norm(x2, scale, shift).astype(dt)
-  u = layers.gelu(jnp.dot(xn, w1.astype(dt)) + b1.astype(dt))
-  u = u + layers.depthwise_conv(u, taps.astype(dt), bias.astype(dt), 'xla')
-  return x2 + per_image(scales[1]) * gammas[1] * (jnp.dot(u, w2.astype(dt)) + b2.astype(dt))
-
-
 @pytest.mark.parametrize('batch,height,width,dim,hidden,plan', [
     (8, 4, 6, 8, 16, Plan(16, 32, 128)),   # bands straddle images
     (4, 5, 6, 8, 24, Plan(10, 60, 128)),   # one band of two images
@@ -92,7 +80,7 @@ def test_drop_path_and_layerscale_equal_the_plain_form(batch, height, width, dim
         a[0], a[1], (a[2], a[3]), (a[4], a[5]), ((a[6], a[7]), (a[8], a[9]), (a[10], a[11])),
         gammas=(a[12][0], a[12][1]), drop_scales=scales)
 
-  plain = lambda *a: _plain_scaled(*a, scales)
+  plain = lambda *a: _plain(*a[:12], gammas=(a[12][0], a[12][1]), scales=scales)
   got, got_vjp = jax.vjp(kernel, *args, gammas)
   want, want_vjp = jax.vjp(plain, *args, gammas)
   assert relative_error(got, want) < 1e-5
