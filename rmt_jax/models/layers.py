@@ -23,6 +23,7 @@ from rmt_jax.models import attention_maps
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import kernels as kernels_lib
+from rmt_jax.models import tpu_block_head
 from rmt_jax.models import tpu_block_tail
 from rmt_jax.models import tpu_feed_forward
 from rmt_jax.models import tpu_forms
@@ -199,10 +200,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     kernel: (k, k, 1, C), k odd.
     bias: (C,).
     kernel_forms: the model's `kernels` field: XLA's grouped convolution, or
-      `cpu_forms.shifted_depthwise_conv` on XLA CPU. TPUs take XLA's: a Pallas form of
-      `pos` and LePE (forward and backward, in the FFN kernel's bands) made XLA's estimate of
+      `cpu_forms.shifted_depthwise_conv` on XLA CPU. TPUs take XLA's here: a Pallas kernel of
+      the conv alone (forward and backward, in the FFN kernel's bands) made XLA's estimate of
       an RMT-S block worse (stage 1: 2.62 -> 2.91 ms, stage 3: 0.72 -> 0.84 ms), the layout
-      copies around it and the fusions it breaks costing more than the convolutions.
+      copies around it and the fusions it breaks costing more than the convolutions; `pos`
+      runs inside the kernel of the block's first half instead (`tpu_block_head`, with the
+      norm and the q/k/v projections that read its output).
   """
   pad = kernel.shape[0] // 2
 
@@ -411,7 +414,8 @@ class ManhattanSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, norm: tuple[jax.Array, jax.Array] | None = None,
-               project_output: bool = True) -> Any:
+               project_output: bool = True,
+               pos: tuple[jax.Array, jax.Array] | None = None) -> Any:
     """MaSA of x, or of LN(x) given the layer norm's parameters.
 
     Args:
@@ -421,9 +425,14 @@ class ManhattanSelfAttention(nn.Module):
         q/k/v projections are one kernel (`tpu_projections`) where its weights fit VMEM.
       project_output: apply out_proj (True); or return the output before it with out_proj's
         (kernel, bias), for a caller that applies it inside a larger function (`RetBlock`).
+      pos: None, or the (kernel (3, 3, 1, C), bias (C,)) of the block's `pos` conv (declared by
+        the block), with a norm: MaSA then takes the stream before it, x1 = x + pos(x), as its
+        input and returns x1 first. Under `kernels='tpu'` the conv, the norm and the q/k/v
+        projections are one kernel (`tpu_block_head`) where it fits VMEM.
 
     Returns:
-      (b, h, w, C) in `dtype`; or that before out_proj and out_proj's parameters.
+      (b, h, w, C) in `dtype`; or that before out_proj and out_proj's parameters; with `pos`,
+      preceded by x1.
     """
     batch, height, width, dim = x.shape
     heads, key_dim = self.num_heads, dim // self.num_heads
@@ -446,9 +455,35 @@ class ManhattanSelfAttention(nn.Module):
       return tpu_projections.normalized_projections(
           x, norm, projections, scales, eps=_LAYER_NORM_EPS, dtype=self.dtype)
 
-    q, k, v = kernels_lib.select(
-        self.kernels, x, norm, projections, xla=plain_projections,
-        cpu=functools.partial(plain_projections, forms='cpu'), tpu=tpu_form)
+    if pos is None:
+      q, k, v = kernels_lib.select(
+          self.kernels, x, norm, projections, xla=plain_projections,
+          cpu=functools.partial(plain_projections, forms='cpu'), tpu=tpu_form)
+    else:
+      if norm is None:
+        raise ValueError('MaSA takes the pos conv together with the layer norm only')
+
+      def plain_pos(x, pos, forms):
+        # Named as the block's own module, for `rmt_jax.tpu_traffic`'s accounting.
+        with jax.named_scope('pos'):
+          return x + depthwise_conv(x.astype(self.dtype), *(p.astype(self.dtype) for p in pos),
+                                    forms)
+
+      def plain_first_half(x, pos, norm, projections, forms='xla'):
+        x1 = plain_pos(x, pos, forms)
+        return (x1, *plain_projections(x1, norm, projections, forms))
+
+      def tpu_first_half(x, pos, norm, projections):
+        if not tpu_block_head.fits_vmem(x.shape, len(projections),
+                                        jnp.dtype(self.dtype).itemsize, x.dtype.itemsize):
+          x1 = plain_pos(x, pos, 'xla')
+          return (x1, *tpu_form(x1, norm, projections))
+        return tpu_block_head.block_first_half(x, pos, norm, projections, scales,
+                                               eps=_LAYER_NORM_EPS, dtype=self.dtype)
+
+      x1, q, k, v = kernels_lib.select(
+          self.kernels, x, pos, norm, projections, xla=plain_first_half,
+          cpu=functools.partial(plain_first_half, forms='cpu'), tpu=tpu_first_half)
     lepe = DepthwiseConv(5, self.kernels, self.dtype, self.param_dtype, name='lepe')(v)
 
     rates = (self.num_heads, self.initial_value, self.heads_range)
@@ -478,9 +513,13 @@ class ManhattanSelfAttention(nn.Module):
 
     out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
     out = out.astype(self.dtype) + lepe
-    if not project_output:  # for a caller that applies out_proj itself (`RetBlock`)
-      return out, LinearParams(dim, self.param_dtype, name='out_proj')(dim)
-    return dense(dim, self.dtype, self.param_dtype, 'out_proj')(out)
+    if project_output:
+      results = (dense(dim, self.dtype, self.param_dtype, 'out_proj')(out),)
+    else:  # for a caller that applies out_proj itself (`RetBlock`)
+      results = (out, LinearParams(dim, self.param_dtype, name='out_proj')(dim))
+    if pos is not None:
+      results = (x1, *results)
+    return results[0] if len(results) == 1 else results
 
 
 class FeedForward(nn.Module):
@@ -597,10 +636,9 @@ class RetBlock(nn.Module):
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                   kernels=self.kernels)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
-    x = x + DepthwiseConv(3, self.kernels, self.dtype, self.param_dtype, name='pos')(x)
-
-    # The norm's parameters are the block's; MaSA applies it (inside its projection kernel on
-    # TPUs).
+    # x1 = x + pos(x); the conv's and the norm's parameters are the block's, MaSA applies them
+    # (on TPUs in one kernel with its projections, `tpu_block_head`).
+    pos = DepthwiseConvParams(3, self.param_dtype, name='pos')(dim)
     norm = LayerNormParams(self.param_dtype, name='retention_layer_norm')(dim)
     masa = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range,
                                   self.axial, name='retention',
@@ -610,7 +648,7 @@ class RetBlock(nn.Module):
     # path's per-image scales, so that the TPU runs it as one kernel pair
     # (`tpu_block_tail`). Parameter names and the dropout rng's use are those of the official
     # block's `x + drop_path(gamma * f(x))`.
-    o, out_proj = masa(x, norm, project_output=False)
+    x, o, out_proj = masa(x, norm, project_output=False, pos=pos)
     final_norm = LayerNormParams(self.param_dtype, name='final_layer_norm')(dim)
     ffn = FeedForward(hidden, name='ffn', **common)(x, weights_only=True)
     gammas = ((self._gamma('gamma_1', dim), self._gamma('gamma_2', dim))

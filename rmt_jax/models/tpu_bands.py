@@ -16,6 +16,9 @@ Here:
   shifts, per-row tap sums and row shifts (`conv`); its transpose is the opposite shifts
   (`conv_transpose`).
 - `with_halo` and `for_each_band`: the VMEM copy and the loop over bands.
+- `with_halo_rows`, `block_offset`, `split_edges`: the same for kernels whose grid steps take
+  image rows, either whole images or part of one image with the rows above and below it read
+  as blocks of one row (`tpu_block_head`, `tpu_block_tail`).
 """
 
 from typing import Callable, Sequence
@@ -132,6 +135,40 @@ def with_halo(padded_ref, ref, halo_tokens: int) -> None:
   padded_ref[pl.ds(0, halo_tokens), :] = zeros
   padded_ref[pl.ds(halo_tokens + tokens, halo_tokens), :] = zeros
   padded_ref[pl.ds(halo_tokens, tokens), :] = ref[...].reshape(tokens, channels)
+
+
+def with_halo_rows(padded_ref, ref, edge, halo, width):
+  """padded_ref = the block's tokens with `halo` tokens either side: zeros
+  (`with_halo`), or, for a block of part of an image (`edge` = the refs of the rows
+  above and below it), those rows next to the block and zeros beyond them. A halo of an image's
+  edge holds another image's row (or a repeated one): the masks never read it."""
+  if edge is None:
+    with_halo(padded_ref, ref, halo)
+    return
+  channels = ref.shape[-1]
+  tokens = ref.size // channels
+  above, below = edge
+  zeros = jnp.zeros((halo - width, channels), padded_ref.dtype)
+  padded_ref[pl.ds(0, halo - width), :] = zeros
+  padded_ref[pl.ds(halo - width, width), :] = above[...].reshape(width, channels)
+  padded_ref[pl.ds(halo, tokens), :] = ref[...].reshape(tokens, channels)
+  padded_ref[pl.ds(halo + tokens, width), :] = below[...].reshape(width, channels)
+  padded_ref[pl.ds(halo + tokens + width, halo - width), :] = zeros
+
+
+def block_offset(block, blocks_per_image, tokens):
+  """The block's first token within its image: 0 for blocks of whole images."""
+  if blocks_per_image == 1:
+    return 0
+  return jax.lax.rem(block, blocks_per_image) * tokens
+
+
+def split_edges(refs, arrays, blocks_per_image):
+  """Splits a kernel's trailing refs: the (above, below) row refs of each of `arrays` token
+  inputs when a block is part of an image, and the rest."""
+  if blocks_per_image == 1:
+    return [None] * arrays, refs
+  return [(refs[2 * i], refs[2 * i + 1]) for i in range(arrays)], refs[2 * arrays:]
 
 
 def for_each_band(tokens: int, band: int, body: Callable[[jax.Array | int], None]) -> None:

@@ -67,40 +67,6 @@ def _token_scales(scales_ref, row, images, block, block_images, pixels, first, t
   return out
 
 
-def _with_halo(padded_ref, ref, edge, halo, width):
-  """padded_ref = the block's tokens with `halo` tokens either side: zeros
-  (`tpu_bands.with_halo`), or, for a block of part of an image (`edge` = the refs of the rows
-  above and below it), those rows next to the block and zeros beyond them. A halo of an image's
-  edge holds another image's row (or a repeated one): the masks never read it."""
-  if edge is None:
-    tpu_bands.with_halo(padded_ref, ref, halo)
-    return
-  channels = ref.shape[-1]
-  tokens = ref.size // channels
-  above, below = edge
-  zeros = jnp.zeros((halo - width, channels), padded_ref.dtype)
-  padded_ref[pl.ds(0, halo - width), :] = zeros
-  padded_ref[pl.ds(halo - width, width), :] = above[...].reshape(width, channels)
-  padded_ref[pl.ds(halo, tokens), :] = ref[...].reshape(tokens, channels)
-  padded_ref[pl.ds(halo + tokens, width), :] = below[...].reshape(width, channels)
-  padded_ref[pl.ds(halo + tokens + width, halo - width), :] = zeros
-
-
-def _block_offset(block, blocks_per_image, tokens):
-  """The block's first token within its image: 0 for blocks of whole images."""
-  if blocks_per_image == 1:
-    return 0
-  return jax.lax.rem(block, blocks_per_image) * tokens
-
-
-def _edges(refs, arrays, blocks_per_image):
-  """Splits a kernel's trailing refs: the (above, below) row refs of each of `arrays` token
-  inputs when a block is part of an image, and the rest."""
-  if blocks_per_image == 1:
-    return [None] * arrays, refs
-  return [(refs[2 * i], refs[2 * i + 1]) for i in range(arrays)], refs[2 * arrays:]
-
-
 def _second_half_input(o, x1, wo_ref, bo_ref, scale_ref, shift_ref, eps, s1, gamma1):
   """x2 = x1 + s1 gamma1 out_proj(o) (out_proj's output rounded to o's dtype, as the plain
   form's), and the norm: xhat, 1 / std and LN(x2) in the compute dtype; and out_proj's output
@@ -120,14 +86,15 @@ def _second_half_input(o, x1, wo_ref, bo_ref, scale_ref, shift_ref, eps, s1, gam
 def _forward_kernel(scales_ref, o_ref, x1_ref, wo_ref, bo_ref, scale_ref, shift_ref, w1_ref,
                     b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, gamma_ref, *refs, height, width,
                     band, halo, chunk, eps, images, block_images, blocks_per_image):
-  edges, (x3_ref, o_padded, x1_padded, x3_flat) = _edges(refs, 2, blocks_per_image)
+  edges, (x3_ref, o_padded, x1_padded, x3_flat) = tpu_bands.split_edges(refs, 2,
+                                                                     blocks_per_image)
   dim = o_ref.shape[-1]
   tokens = o_ref.size // dim
-  _with_halo(o_padded, o_ref, edges[0], halo, width)
-  _with_halo(x1_padded, x1_ref, edges[1], halo, width)
+  tpu_bands.with_halo_rows(o_padded, o_ref, edges[0], halo, width)
+  tpu_bands.with_halo_rows(x1_padded, x1_ref, edges[1], halo, width)
   kept = slice(halo, halo + band)
   block = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)  # grid step: image block
-  offset = _block_offset(block, blocks_per_image, tokens)
+  offset = tpu_bands.block_offset(block, blocks_per_image, tokens)
 
   def body(first):
     extended = pl.ds(first, band + 2 * halo)
@@ -156,7 +123,7 @@ def _backward_kernel(scales_ref, o_ref, x1_ref, dx3_ref, wo_ref, bo_ref, scale_r
                      w1_ref, b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, gamma_ref,
                      *refs, height, width, band, halo, chunk, eps, images, block_images,
                      blocks_per_image, layerscale):
-  edges, refs = _edges(refs, 3, blocks_per_image)
+  edges, refs = tpu_bands.split_edges(refs, 3, blocks_per_image)
   (dx1_ref, do_ref, dwo_ref, dbo_ref, dscale_ref, dshift_ref, dw1_ref, db1_ref, dtaps_ref,
    dbias_ref, dw2_ref, db2_ref, dgamma_ref, o_padded, x1_padded, dx3_padded, dx1_flat,
    do_flat) = refs
@@ -170,14 +137,14 @@ def _backward_kernel(scales_ref, o_ref, x1_ref, dx3_ref, wo_ref, bo_ref, scale_r
 
   dim = o_ref.shape[-1]
   tokens = o_ref.size // dim
-  _with_halo(o_padded, o_ref, edges[0], halo, width)
-  _with_halo(x1_padded, x1_ref, edges[1], halo, width)
-  _with_halo(dx3_padded, dx3_ref, edges[2], halo, width)
+  tpu_bands.with_halo_rows(o_padded, o_ref, edges[0], halo, width)
+  tpu_bands.with_halo_rows(x1_padded, x1_ref, edges[1], halo, width)
+  tpu_bands.with_halo_rows(dx3_padded, dx3_ref, edges[2], halo, width)
   kept = slice(halo, halo + band)
   compute = o_ref.dtype
   gamma1, gamma2 = gamma_ref[0:1, :], gamma_ref[1:2, :]
   block = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)  # grid step: image block
-  offset = _block_offset(block, blocks_per_image, tokens)
+  offset = tpu_bands.block_offset(block, blocks_per_image, tokens)
 
   def body(first):
     extended = pl.ds(first, band + 2 * halo)

@@ -1,0 +1,206 @@
+"""The block's first half up to the attention as Pallas kernels (`tpu_block_head`: x1 = x +
+pos(x) and MaSA's q, k, v) against the plain form, in Pallas's interpreter; its plans, declared
+bytes, and its Mosaic compile for a v5p and a v4."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4, needs_libtpu, official_case,
+                      pallas_calls, relative_error)
+from rmt_jax import convert
+from rmt_jax.models import from_official_kwargs, layers, tpu_block_head, tpu_memory
+from rmt_jax.models.tpu_block_head import Plan
+
+SCALES = (1.0, 0.25, 1.0)
+
+
+def _plain(x, taps, conv_bias, scale, shift, *weights, dtype=jnp.float32):
+  # The model's plain forms: `DepthwiseConv`'s conv in the compute dtype, then MaSA's norm and
+  # projections (`tpu_projections`' reference).
+  cast = lambda a: a.astype(dtype)
+  x1 = x + layers.depthwise_conv(cast(x), cast(taps), cast(conv_bias), 'xla')
+  xn = layers.apply_layer_norm(x1, scale, shift).astype(dtype)
+  return (x1, *((jnp.dot(xn, cast(w)) + cast(b)) * jnp.asarray(s, dtype)
+                for w, b, s in zip(weights[::2], weights[1::2], SCALES)))
+
+
+def _kernel(x, taps, conv_bias, scale, shift, *weights, dtype=jnp.float32):
+  return tpu_block_head.block_first_half(
+      x, (taps, conv_bias), (scale, shift), tuple(zip(weights[::2], weights[1::2])), SCALES,
+      eps=1e-6, dtype=dtype, interpret=True)
+
+
+def _inputs(batch, height, width, dim, seed=0):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, s=1.0: jnp.asarray(s * rng.normal(size=shape), jnp.float32)
+  args = (normal(batch, height, width, dim), normal(3, 3, 1, dim, s=0.3), normal(dim, s=0.1),
+          1 + normal(dim, s=0.1), normal(dim, s=0.1))
+  for _ in SCALES:
+    args += (normal(dim, dim, s=dim ** -0.5), normal(dim, s=0.1))
+  cotangents = tuple(normal(batch, height, width, dim) for _ in range(4))
+  return args, cotangents
+
+
+NAMES = ('x', 'pos kernel', 'pos bias', 'norm scale', 'norm bias', 'q kernel', 'q bias',
+         'k kernel', 'k bias', 'v kernel', 'v bias')
+
+
+@pytest.mark.parametrize('batch,height,width,dim,plan', [
+    (2, 5, 6, 8, Plan(10, 60)),   # two images a step, one band
+    (8, 4, 6, 8, Plan(16, 32)),   # bands straddle images
+    (4, 8, 8, 16, Plan(8, 32)),   # one image a step, in two bands
+    # Blocks of part of an image (the rows above and below read as halos): half an image a
+    # step; a quarter of one, in bands shorter than the halo.
+    (2, 8, 8, 16, Plan(4, 32)),
+    (3, 8, 8, 8, Plan(2, 16))])
+def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, plan,
+                                                   monkeypatch):
+  monkeypatch.setattr(tpu_block_head.Shape, 'plan', property(lambda self: plan))
+  args, cotangents = _inputs(batch, height, width, dim)
+  got, got_vjp = jax.vjp(_kernel, *args)
+  want, want_vjp = jax.vjp(_plain, *args)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    assert relative_error(g, w) < 1e-5
+  for name, g, w in zip(NAMES, got_vjp(cotangents), want_vjp(cotangents)):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert relative_error(g, w) < 1e-5, name
+
+
+def test_bfloat16_within_its_rounding_of_the_plain_form():
+  # bfloat16 compute, float32 stream as in the official recipe.
+  args, cotangents = _inputs(4, 4, 4, 16, seed=6)
+
+  def both(dtype):
+    cts = (cotangents[0], *(c.astype(dtype) for c in cotangents[1:]))
+    got, got_vjp = jax.vjp(lambda *a: _kernel(*a, dtype=dtype), *args)
+    want, want_vjp = jax.vjp(lambda *a: _plain(*a, dtype=dtype), *args)
+    return (*got, *got_vjp(cts)), (*want, *want_vjp(cts))
+
+  exact, _ = both(jnp.float32)
+  got, want = both(jnp.bfloat16)
+  for i, (g, w, e) in enumerate(zip(got, want, exact)):
+    # Sums in float32 where the plain form rounds some to bfloat16 (its bias gradients are 2-12
+    # times farther from the float32 result): no farther from that than the plain form, and
+    # within two bfloat16 ulps of it.
+    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, i
+    assert relative_error(g, e) < 2 ** -7, i
+
+
+def test_split_over_a_mesh_equals_one_device():
+  # x1, q, k, v and the 11 gradients; each device's images, the weight gradients summed.
+  from conftest import assert_split_over_a_mesh_equals_one_device
+  assert_split_over_a_mesh_equals_one_device('''
+    from rmt_jax.models import tpu_block_head
+    shapes = [(8, 4, 4, 8), (3, 3, 1, 8), (8,), (8,), (8,)] + [(8, 8), (8,)] * 3
+    args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
+    dy = tuple(jnp.asarray(rng.normal(size=shapes[0]), jnp.float32) for _ in range(4))
+    f = lambda x, t, cb, s, b, wq, bq, wk, bk, wv, bv: tpu_block_head.block_first_half(
+        x, (t, cb), (s, b), ((wq, bq), (wk, bk), (wv, bv)), (1.0, 0.5, 1.0), eps=1e-6,
+        dtype=jnp.float32, interpret=True)
+    def step(*args):
+      y, vjp = jax.vjp(f, *args)
+      return y, vjp(dy)
+  ''', 15)
+
+
+# (height, width, dim): the stages of RMT-T, -S, -B and -L at 224 px.
+STAGES = [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512), (56, 56, 80),
+          (28, 28, 160), (14, 14, 320), (56, 56, 112), (28, 28, 224), (14, 14, 448),
+          (7, 7, 640)]
+
+
+@pytest.mark.parametrize('stream', [4, 2])
+def test_plans(stream):
+  # Which stages get a plan within the budget (64 images per device, bfloat16 compute): all but
+  # the last two of RMT-L (its weights with their float32 gradients leave too little VMEM);
+  # stage 1 in blocks of part of an image.
+  unplanned = []
+  for height, width, dim in STAGES:
+    shape = tpu_block_head.Shape(64, height, width, dim, 3, 2, stream)
+    plan = shape.plan
+    assert tpu_block_head.fits_vmem((64, height, width, dim), 3, 2, stream) == (plan is not None)
+    if plan is None:
+      unplanned.append((height, dim))
+      continue
+    assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+    rows = plan.block_rows
+    assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
+    assert rows * width % plan.band == 0
+    assert rows < height or height != 56, (height, dim, plan)
+  assert unplanned == [(14, 448), (7, 640)]
+
+
+def test_a_block_under_tpu_kernels_equals_the_plain_forms():
+  # A small block: the head kernel runs (plan), the same parameters as the block's other path.
+  block = lambda kernels: layers.RetBlock(4, 2.0, 4.0, True, 3.0, kernels=kernels)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 32)), jnp.float32)
+  variables = block('xla').init(jax.random.key(0), x)
+  assert tpu_block_head.fits_vmem(x.shape, 3, 4, 4)
+  want, want_vjp = jax.vjp(lambda v, x: block('xla').apply(v, x), variables, x)
+  got, got_vjp = jax.vjp(lambda v, x: block('tpu').apply(v, x), variables, x)
+  assert relative_error(got, want) < 1e-5
+  g, w = got_vjp(x), want_vjp(x)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+    assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('stream', [4, 2])
+@pytest.mark.parametrize('images,size,c', [
+    (16, 14, 32),   # whole images
+    (4, 56, 64)])   # RMT-S stage 1: blocks of part of an image's 56 rows
+def test_declared_bytes_are_every_array_and_weight_once(stream, images, size, c):
+  # bfloat16 compute.
+  n = images * size * size
+  shape = tpu_block_head.Shape(images, size, size, c, 3, 2, stream)
+  forward, backward = tpu_block_head.cost_estimates(shape)
+  weights = (3 * c * c + 3 * c + 10 * c) * 2 + 2 * c * 4
+  gradients = shape.cores * (3 * c * c + 3 * c + 12 * c) * 4
+  # A block of part of an image reads the row above and the row below it of each input.
+  rows = shape.plan.block_rows
+  edges = 0 if rows >= size else 2 * (images * size // rows) * size * c
+  assert (edges > 0) == (size == 56)
+  assert forward.bytes_accessed == n * c * (2 * stream + 3 * 2) + weights + edges * stream
+  assert backward.bytes_accessed == (n * c * (4 * stream + 3 * 2) + weights + gradients
+                                     + edges * (3 * stream + 3 * 2))
+  assert backward.flops > forward.flops > 2 * n * c * 3 * c
+
+
+@needs_libtpu
+def test_kernels_compile_for_a_v5p_and_a_v4():
+  # RMT-S stages 1 (blocks of part of an image's 56 rows), 2 and 3 (float32 stream, bfloat16
+  # compute), 2, 8 and 16 images per chip; per chip of the mesh 4 images of 14 rows of 14
+  # tokens: rows arrays of (56, 14, 32).
+  assert_kernels_compile_for_a_v5p_and_a_v4('''
+    from rmt_jax.models import tpu_block_head
+    def step(x, t, cb, s, b, wq, bq, wk, bk, wv, bv):
+      f = lambda x, t, cb, s, b, wq, bq, wk, bk, wv, bv: tpu_block_head.block_first_half(
+          x, (t, cb), (s, b), ((wq, bq), (wk, bk), (wv, bv)), (1.0, 0.25, 1.0), eps=1e-6,
+          dtype=jnp.bfloat16)
+      y, vjp = jax.vjp(f, x, t, cb, s, b, wq, bq, wk, bk, wv, bv)
+      return y, vjp(y)
+    def args(mesh, x_spec, batch, size, dim):
+      arrays = [((batch, size, size, dim), x_spec, jnp.float32), ((3, 3, 1, dim),), ((dim,),),
+                ((dim,),), ((dim,),)] + [((dim, dim),), ((dim,),)] * 3
+      return [jax.ShapeDtypeStruct(a[0], a[2] if len(a) > 2 else jnp.float32,
+                                   sharding=NamedSharding(mesh, a[1] if len(a) > 1
+                                                          else PartitionSpec()))
+              for a in arrays]
+  ''', [(2, 56, 64), (8, 28, 128), (16, 14, 256)], (16, 14, 32), 'f32[56,14,32]')
+
+
+def test_the_official_fixtures_run_it_in_every_block():
+  # test_model.py's parity with the official outputs under kernels='tpu' goes through this
+  # kernel: every block of the fixtures' models has a plan. A forward kernel is the call with
+  # 11 blocks (x, 6 weights, x1, q, k, v), staged twice by `platform_dependent` (Mosaic,
+  # interpreter).
+  ref = official_case('b')
+  model = from_official_kwargs(**ref['kwargs'], kernels='tpu')
+  variables = convert.torch_to_flax(ref['state_dict'], model)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
+  heads = [eqn for eqn in pallas_calls(jaxpr.jaxpr)
+           if eqn.params['grid_mapping'].num_index_operands == 0
+           and len(eqn.params['grid_mapping'].block_mappings) == 11]
+  assert len(heads) == 2 * sum(ref['kwargs']['depths'])
