@@ -27,6 +27,7 @@ from rmt_jax.models import tpu_block_head
 from rmt_jax.models import tpu_block_tail
 from rmt_jax.models import tpu_feed_forward
 from rmt_jax.models import tpu_forms
+from rmt_jax.models import tpu_lepe
 from rmt_jax.models import tpu_projections
 from rmt_jax.models.batch_norm import BatchNorm
 
@@ -484,7 +485,7 @@ class ManhattanSelfAttention(nn.Module):
       x1, q, k, v = kernels_lib.select(
           self.kernels, x, pos, norm, projections, xla=plain_first_half,
           cpu=functools.partial(plain_first_half, forms='cpu'), tpu=tpu_first_half)
-    lepe = DepthwiseConv(5, self.kernels, self.dtype, self.param_dtype, name='lepe')(v)
+    lepe = DepthwiseConvParams(5, self.param_dtype, name='lepe')(dim)
 
     rates = (self.num_heads, self.initial_value, self.heads_range)
 
@@ -512,7 +513,21 @@ class ManhattanSelfAttention(nn.Module):
       return _tpu_attention(q, k, v, heads, self.axial, rates, self.dtype)
 
     out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
-    out = out.astype(self.dtype) + lepe
+
+    def plain_lepe(out, v, lepe, forms='xla'):
+      # Named as the official module, for `rmt_jax.tpu_traffic`'s accounting.
+      with jax.named_scope('lepe'):
+        kernel, bias = (p.astype(self.dtype) for p in lepe)
+        return out.astype(self.dtype) + depthwise_conv(v.astype(self.dtype), kernel, bias, forms)
+
+    def tpu_lepe_form(out, v, lepe):
+      if not tpu_lepe.fits_vmem(v.shape, jnp.dtype(self.dtype).itemsize):
+        return plain_lepe(out, v, lepe)
+      return tpu_lepe.lepe_add(out.astype(self.dtype), v.astype(self.dtype), *lepe)
+
+    # o = attention + LePE(v); on TPUs one kernel (`tpu_lepe`).
+    out = kernels_lib.select(self.kernels, out, v, lepe, xla=plain_lepe,
+                             cpu=functools.partial(plain_lepe, forms='cpu'), tpu=tpu_lepe_form)
     if project_output:
       results = (dense(dim, self.dtype, self.param_dtype, 'out_proj')(out),)
     else:  # for a caller that applies out_proj itself (`RetBlock`)
