@@ -69,6 +69,29 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, pl
     assert relative_error(g, w) < 1e-5, name
 
 
+@pytest.mark.parametrize('uses', [(2, 2, 2), (1, 1, 2)])
+def test_the_cotangents_of_several_uses_are_summed(uses, monkeypatch):
+  # MaSA's q, k, v each for two consumers (axial), or v alone (whole attention): each use's
+  # cotangent apart, summed in the backward kernel; half an image a step.
+  monkeypatch.setattr(tpu_block_head.Shape, 'plan', property(lambda self: Plan(4, 32)))
+  args, (dx1, *dys) = _inputs(2, 8, 8, 16, seed=2)
+  rng = np.random.default_rng(3)
+  kernel = lambda *a: tpu_block_head.block_first_half(
+      a[0], (a[1], a[2]), (a[3], a[4]), tuple(zip(a[5::2], a[6::2])), SCALES, eps=1e-6,
+      dtype=jnp.float32, uses=uses, interpret=True)
+  got, got_vjp = jax.vjp(kernel, *args)
+  assert [len(out) for out in got[1:]] == list(uses)
+  assert all(bool((t == out[0]).all()) for out in got[1:] for t in out)
+  cotangents = [tuple(jnp.asarray(rng.normal(size=dy.shape), jnp.float32) for _ in range(n))
+                for dy, n in zip(dys, uses)]
+  want, want_vjp = jax.vjp(_plain, *args)
+  for g, w in zip((got[0], *(out[0] for out in got[1:])), want):
+    assert relative_error(g, w) < 1e-5
+  summed = (dx1, *(sum(c) for c in cotangents))
+  for name, g, w in zip(NAMES, got_vjp((dx1, *cotangents)), want_vjp(summed)):
+    assert relative_error(g, w) < 1e-5, name
+
+
 def test_bfloat16_within_its_rounding_of_the_plain_form():
   # bfloat16 compute, float32 stream as in the official recipe.
   args, cotangents = _inputs(4, 4, 4, 16, seed=6)
@@ -114,23 +137,31 @@ STAGES = [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512), (56, 56, 80),
 
 @pytest.mark.parametrize('stream', [4, 2])
 def test_plans(stream):
-  # Which stages get a plan within the budget (64 images per device, bfloat16 compute): all but
-  # the last two of RMT-L (its weights with their float32 gradients leave too little VMEM);
-  # stage 1 in blocks of part of an image.
-  unplanned = []
-  for height, width, dim in STAGES:
-    shape = tpu_block_head.Shape(64, height, width, dim, 3, 2, stream)
-    plan = shape.plan
-    assert tpu_block_head.fits_vmem((64, height, width, dim), 3, 2, stream) == (plan is not None)
-    if plan is None:
-      unplanned.append((height, dim))
-      continue
-    assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
-    rows = plan.block_rows
-    assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
-    assert rows * width % plan.band == 0
-    assert rows < height or height != 56, (height, dim, plan)
-  assert unplanned == [(14, 448), (7, 640)]
+  # Which stages get a plan within the budget (64 images per device, bfloat16 compute) with one
+  # cotangent per projection, with v's two (whole attention: v for the attention and LePE) and
+  # with each of q, k, v's two (axial): all but RMT-L's last two (its weights with their float32
+  # gradients leave too little VMEM), and with more cotangents fewer. MaSA takes the most uses
+  # that fit (`layers.ManhattanSelfAttention`). Stage 1 in blocks of part of an image.
+  unplanned = {}
+  for uses in ((1, 1, 1), (1, 1, 2), (2, 2, 2)):
+    unplanned[uses] = []
+    for height, width, dim in STAGES:
+      shape = tpu_block_head.Shape(64, height, width, dim, 3, 2, stream, sum(uses))
+      plan = shape.plan
+      assert tpu_block_head.fits_vmem((64, height, width, dim), 3, 2, stream, uses) == (
+          plan is not None)
+      if plan is None:
+        unplanned[uses].append((height, dim))
+        continue
+      assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+      rows = plan.block_rows
+      assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
+      assert rows * width % plan.band == 0
+      assert rows < height or height != 56, (height, dim, plan)
+  rmt_l = [(14, 448), (7, 640)]
+  assert unplanned[(1, 1, 1)] == rmt_l
+  assert unplanned[(1, 1, 2)] == ([(14, 320)] if stream == 4 else []) + rmt_l
+  assert unplanned[(2, 2, 2)] == [(7, 512)] + ([(14, 320)] if stream == 4 else []) + rmt_l
 
 
 def test_a_block_under_tpu_kernels_equals_the_plain_forms():
@@ -171,14 +202,14 @@ def test_declared_bytes_are_every_array_and_weight_once(stream, images, size, c)
 @needs_libtpu
 def test_kernels_compile_for_a_v5p_and_a_v4():
   # RMT-S stages 1 (blocks of part of an image's 56 rows), 2 and 3 (float32 stream, bfloat16
-  # compute), 2, 8 and 16 images per chip; per chip of the mesh 4 images of 14 rows of 14
+  # compute, two uses of each projection as MaSA's axial stages), 2, 8 and 16 images per chip; per chip of the mesh 4 images of 14 rows of 14
   # tokens: rows arrays of (56, 14, 32).
   assert_kernels_compile_for_a_v5p_and_a_v4('''
     from rmt_jax.models import tpu_block_head
     def step(x, t, cb, s, b, wq, bq, wk, bk, wv, bv):
       f = lambda x, t, cb, s, b, wq, bq, wk, bk, wv, bv: tpu_block_head.block_first_half(
           x, (t, cb), (s, b), ((wq, bq), (wk, bk), (wv, bv)), (1.0, 0.25, 1.0), eps=1e-6,
-          dtype=jnp.bfloat16)
+          dtype=jnp.bfloat16, uses=(2, 2, 2))
       y, vjp = jax.vjp(f, x, t, cb, s, b, wq, bq, wk, bk, wv, bv)
       return y, vjp(y)
     def args(mesh, x_spec, batch, size, dim):

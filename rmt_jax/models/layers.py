@@ -347,7 +347,8 @@ def _whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int,
 
 
 def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: bool,
-                   rates: tuple[int, float, float], dtype: Dtype) -> jax.Array:
+                   rates: tuple[int, float, float], dtype: Dtype,
+                   columns: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
 
   The Pallas kernel takes (problems, tokens, heads * d) with heads on the lane axis, the
@@ -363,6 +364,8 @@ def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: 
     axial: row then column attention (True) or whole-map attention (False).
     rates: (num_heads, initial_value, heads_range) of `decay.log_gamma`.
     dtype: compute dtype (of the rotary tables).
+    columns: the column pass' q and k, if not q and k themselves: the same values from a
+      producer that takes their cotangents apart (`tpu_block_head`'s uses).
 
   Returns:
     (b, h, w, heads * d) in v's dtype.
@@ -380,8 +383,9 @@ def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: 
   # Row pass: problem b * h + y takes the tables of row y; column pass: b * w + x, column x.
   rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
   out = tpu_forms.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
+  column_q, column_k = (q, k) if columns is None else columns
   columns = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
-             for t in (q, k, out)]
+             for t in (column_q, column_k, out)]
   out = tpu_forms.decayed_attention(*columns, log_gamma,
                                     rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
   return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
@@ -460,6 +464,7 @@ class ManhattanSelfAttention(nn.Module):
       q, k, v = kernels_lib.select(
           self.kernels, x, norm, projections, xla=plain_projections,
           cpu=functools.partial(plain_projections, forms='cpu'), tpu=tpu_form)
+      uses = (q,), (k,), (v,)
     else:
       if norm is None:
         raise ValueError('MaSA takes the pos conv together with the layer norm only')
@@ -470,21 +475,35 @@ class ManhattanSelfAttention(nn.Module):
           return x + depthwise_conv(x.astype(self.dtype), *(p.astype(self.dtype) for p in pos),
                                     forms)
 
+      # Each form gives x1 and q, k, v once per use: q and k for the row and the column pass
+      # (axial), v for the attention and LePE; the TPU kernel's backward sums their cotangents
+      # itself.
+      counts = (2, 2, 2) if self.axial else (1, 1, 2)
+      repeat = lambda outs: tuple((t,) * n for t, n in zip(outs, counts))
+
       def plain_first_half(x, pos, norm, projections, forms='xla'):
         x1 = plain_pos(x, pos, forms)
-        return (x1, *plain_projections(x1, norm, projections, forms))
+        return (x1, *repeat(plain_projections(x1, norm, projections, forms)))
 
       def tpu_first_half(x, pos, norm, projections):
-        if not tpu_block_head.fits_vmem(x.shape, len(projections),
-                                        jnp.dtype(self.dtype).itemsize, x.dtype.itemsize):
-          x1 = plain_pos(x, pos, 'xla')
-          return (x1, *tpu_form(x1, norm, projections))
-        return tpu_block_head.block_first_half(x, pos, norm, projections, scales,
-                                               eps=_LAYER_NORM_EPS, dtype=self.dtype)
+        # The kernel taking every use's cotangent where that fits VMEM, else one of each (and
+        # autodiff adds the others'), else `pos` plainly and the projections' kernel.
+        for kernel_uses in (counts, (1,) * len(counts)):
+          if tpu_block_head.fits_vmem(x.shape, len(projections), jnp.dtype(self.dtype).itemsize,
+                                      x.dtype.itemsize, uses=kernel_uses):
+            x1, *outs = tpu_block_head.block_first_half(
+                x, pos, norm, projections, scales, eps=_LAYER_NORM_EPS, dtype=self.dtype,
+                uses=kernel_uses)
+            return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, counts)))
+        x1 = plain_pos(x, pos, 'xla')
+        return (x1, *repeat(tpu_form(x1, norm, projections)))
 
-      x1, q, k, v = kernels_lib.select(
+      x1, *uses = kernels_lib.select(
           self.kernels, x, pos, norm, projections, xla=plain_first_half,
           cpu=functools.partial(plain_first_half, forms='cpu'), tpu=tpu_first_half)
+    # Each projection's first use is the attention's (the row pass'); the last, the column
+    # pass' (q, k) and LePE's (v).
+    q, k, v = (u[0] for u in uses)
     lepe = DepthwiseConvParams(5, self.param_dtype, name='lepe')(dim)
 
     rates = (self.num_heads, self.initial_value, self.heads_range)
@@ -507,12 +526,15 @@ class ManhattanSelfAttention(nn.Module):
       attend = _axial_attention if self.axial else _whole_attention
       return attend(q, k, v, rates, self.dtype).reshape(batch, height, width, dim)
 
-    def tpu(q, k, v):
+    def tpu(q, k, v, column_q, column_k):
       # Heads stay on the lane axis with their channels: (b, h, w, heads * d) throughout; the
       # kernels rotate q and k.
-      return _tpu_attention(q, k, v, heads, self.axial, rates, self.dtype)
+      return _tpu_attention(q, k, v, heads, self.axial, rates, self.dtype,
+                            columns=(column_q, column_k))
 
-    out = kernels_lib.select(self.kernels, q, k, v, xla=plain, cpu=plain, tpu=tpu)
+    out = kernels_lib.select(self.kernels, q, k, v, uses[0][-1], uses[1][-1],
+                             xla=lambda q, k, v, *_: plain(q, k, v),
+                             cpu=lambda q, k, v, *_: plain(q, k, v), tpu=tpu)
 
     def plain_lepe(out, v, lepe, forms='xla'):
       # Named as the official module, for `rmt_jax.tpu_traffic`'s accounting.
@@ -526,7 +548,7 @@ class ManhattanSelfAttention(nn.Module):
       return tpu_lepe.lepe_add(out.astype(self.dtype), v.astype(self.dtype), *lepe)
 
     # o = attention + LePE(v); on TPUs one kernel (`tpu_lepe`).
-    out = kernels_lib.select(self.kernels, out, v, lepe, xla=plain_lepe,
+    out = kernels_lib.select(self.kernels, out, uses[2][-1], lepe, xla=plain_lepe,
                              cpu=functools.partial(plain_lepe, forms='cpu'), tpu=tpu_lepe_form)
     if project_output:
       results = (dense(dim, self.dtype, self.param_dtype, 'out_proj')(out),)

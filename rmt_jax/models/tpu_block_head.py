@@ -33,7 +33,7 @@ device under a context mesh (`shard_map` over images) and keep their operands in
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,8 @@ class Shape:
     outputs: number of projections.
     itemsize: bytes per element of the compute dtype (q, k, v, the weights).
     stream_itemsize: bytes per element of x and x1.
+    cotangents: the backward's cotangents of the projections' outputs: one per output and use
+      (see `block_first_half`'s `uses`).
   """
   images: int
   height: int
@@ -82,6 +84,7 @@ class Shape:
   outputs: int
   itemsize: int
   stream_itemsize: int
+  cotangents: int = 3
 
   @property
   def tokens(self) -> int:
@@ -93,20 +96,20 @@ class Shape:
 
   def vmem_bytes(self, plan: Plan) -> int:
     """The backward kernel's VMEM (the larger) under `plan`: x, x1, dx1 (stream dtype) and the
-    outputs' cotangents (compute dtype) in, dx out, as double-buffered (rows, width padded to
-    the sublane tile, C) blocks (two rows more for part of an image); flat copies of the inputs
-    with halos and of dx; the weights once and their float32 gradient sums twice; float32
-    temporaries: twelve (band + 2 halo, C) and one (C, C) product."""
+    outputs' cotangents (compute dtype, one per use) in, dx out, as double-buffered (rows,
+    width padded to the sublane tile, C) blocks (two rows more for part of an image); flat
+    copies of the inputs with halos and of dx; the weights once and their float32 gradient
+    sums twice; float32 temporaries: twelve (band + 2 halo, C) and one (C, C) product."""
     rows = plan.block_rows + (2 if plan.block_rows < self.height else 0)
     tokens = plan.block_rows * self.width
     extended = plan.band + 2 * self.halo
     lanes = tpu_bands.lanes(self.dim)
     padded = lambda itemsize: -(-self.width // (32 // itemsize)) * (32 // itemsize)
-    compute, stream, n = self.itemsize, self.stream_itemsize, self.outputs
+    compute, stream, n = self.itemsize, self.stream_itemsize, self.cotangents
     blocks = 2 * rows * lanes * (padded(compute) * n * compute + padded(stream) * 4 * stream)
     flat = lanes * ((tokens + 2 * self.halo) * (n * compute + 3 * stream) + tokens * stream)
-    matrices = self.dim * n * lanes
-    vectors = 16 * (n + 6) * lanes
+    matrices = self.dim * self.outputs * lanes
+    vectors = 16 * (self.outputs + 6) * lanes
     weights = (matrices + vectors) * (compute + 2 * 4)
     temporaries = 12 * lanes * extended * 4 + self.dim * lanes * 4
     return blocks + flat + weights + temporaries
@@ -146,16 +149,18 @@ class Shape:
     return max(self.height // self.plan.block_rows, 1)
 
 
-def fits_vmem(x_shape: Sequence[int], outputs: int, itemsize: int, stream_itemsize: int) -> bool:
+def fits_vmem(x_shape: Sequence[int], outputs: int, itemsize: int, stream_itemsize: int,
+              uses: Sequence[int] | None = None) -> bool:
   """Whether `block_first_half` has a plan within `tpu_memory.BUDGET` for x of `x_shape`
-  (b, h, w, C) and `outputs` projections, the batch split over the context mesh's devices."""
+  (b, h, w, C), `outputs` projections and `uses` consumers of each (default one), the batch
+  split over the context mesh's devices."""
   batch, height, width, dim = x_shape
   mesh = jax.sharding.get_abstract_mesh()
   devices = 1 if mesh.empty else mesh.size
   if batch % devices:
     raise ValueError(f'{batch} images do not split over {devices} devices')
-  return Shape(batch // devices, height, width, dim, outputs, itemsize,
-               stream_itemsize).plan is not None
+  return Shape(batch // devices, height, width, dim, outputs, itemsize, stream_itemsize,
+               sum(uses or (1,) * outputs)).plan is not None
 
 
 def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
@@ -164,13 +169,15 @@ def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
   Flops: forward, the conv's 2 x 9 C per token on the bands with their halos, the residual
   and the conv's bias 2 C, the norm's 8 C and the projections' 2 C^2 each per token; backward,
   on the bands with their halos the norm (8 C) and its transpose (12 C), the projections' input
-  gradients (2 C^2 each) and the residual (C), and per token the weight gradients (2 C^2 each),
-  the conv's transpose and its taps' gradient (2 x 2 x 9 C) and the residual (C).
-  Transcendentals: a reciprocal square root per token (backward: with the halos). Bytes: every
-  block read or written once, the rows above and below a block of part of an image, the weights
+  gradients (2 C^2 each), the residual (C) and the sum of each output's cotangents over its
+  uses, and per token the weight gradients (2 C^2 each), the conv's transpose and its taps'
+  gradient (2 x 2 x 9 C) and the residual (C). Transcendentals: a reciprocal square root per
+  token (backward: with the halos). Bytes: every block read or written once (the backward's
+  cotangents once per use), the rows above and below a block of part of an image, the weights
   once, and the backward's float32 gradient sums once per core.
   """
   n, c, k, plan = shape.tokens, shape.dim, shape.outputs, shape.plan
+  extra = shape.cotangents - k  # cotangents beyond one per output: added in the kernel
   extended = n // plan.band * (plan.band + 2 * shape.halo)
   compute, stream = shape.itemsize, shape.stream_itemsize
   weights_count = c * c * k + c * k + 10 * c  # projections; taps and the conv's bias
@@ -182,9 +189,11 @@ def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
       transcendentals=n,
       bytes_accessed=(array + edge) * stream + array * (stream + k * compute) + weights)
   backward = pl.CostEstimate(
-      flops=(21 * c + 2 * c * c * k) * extended + (2 * c * c * k + 37 * c) * n,
+      flops=(21 * c + 2 * c * c * k + extra * c) * extended
+      + (2 * c * c * k + 37 * c) * n,
       transcendentals=extended,
-      bytes_accessed=(array + edge) * (3 * stream + k * compute) + array * stream + weights
+      bytes_accessed=(array + edge) * (3 * stream + shape.cotangents * compute) + array * stream
+      + weights
       + shape.cores * (weights_count + 2 * c) * 4)
   return forward, backward
 
@@ -244,14 +253,15 @@ def _forward_kernel(x_ref, taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_r
 
 
 def _backward_kernel(x_ref, x1_ref, dx1_ref, *refs, height, width, band, halo, eps, scales,
-                     blocks_per_image):
+                     blocks_per_image, uses):
   outputs = len(scales)
-  dy_refs = refs[:outputs]
-  taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_ref = refs[outputs:outputs + 6]
-  edges, refs = tpu_bands.split_edges(refs[outputs + 6:], 3 + outputs, blocks_per_image)
+  cotangents = sum(uses)  # each output's uses' in turn
+  dy_refs = refs[:cotangents]
+  taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_ref = refs[cotangents:cotangents + 6]
+  edges, refs = tpu_bands.split_edges(refs[cotangents + 6:], 3 + cotangents, blocks_per_image)
   (dx_ref, dtaps_ref, dcbias_ref, dscale_ref, dshift_ref, dw_ref, db_ref), refs = (
       refs[:7], refs[7:])
-  padded, dx_flat = refs[:3 + outputs], refs[3 + outputs]
+  padded, dx_flat = refs[:3 + cotangents], refs[3 + cotangents]
   sums = (dtaps_ref, dcbias_ref, dscale_ref, dshift_ref, dw_ref, db_ref)
 
   @pl.when(pl.program_id(1) == 0)
@@ -277,9 +287,14 @@ def _backward_kernel(x_ref, x1_ref, dx1_ref, *refs, height, width, band, halo, e
     xhat, rstd = _normalise(x1_padded[extended, :].astype(jnp.float32), eps)
     xn = (xhat * scale + shift_ref[...]).astype(compute)
     dxn = jnp.zeros(xhat.shape, jnp.float32)
-    for i, (ref, s) in enumerate(zip(dy_padded, scales)):
+    for i, s in enumerate(scales):
       columns = slice(i * dim, (i + 1) * dim)
-      dy = ref[extended, :]
+      first_use = sum(uses[:i])
+      dy = dy_padded[first_use][extended, :]
+      if uses[i] > 1:  # the uses' cotangents summed in the compute dtype, as autodiff sums them
+        dy = sum(dy_padded[first_use + u][extended, :].astype(jnp.float32)
+                 for u in range(1, uses[i])) + dy.astype(jnp.float32)
+        dy = dy.astype(compute)
       if s != 1.0:
         dy = dy * jnp.asarray(s, compute)
       dw_ref[0, :, columns] += jax.lax.dot_general(xn[kept], dy[kept], _TRANS_A,
@@ -365,10 +380,10 @@ def _call(kernel, shape, arrays, weights, out_shapes, cost, interpret, **static)
   )(*(operands if interpret else tpu_memory.in_hbm(operands)))
 
 
-def _shape(x, w, height, width, outputs):
+def _shape(x, w, height, width, outputs, uses):
   dim = x.shape[-1]
   shape = Shape(x.shape[0] // height, height, width, dim, outputs, w.dtype.itemsize,
-                x.dtype.itemsize)
+                x.dtype.itemsize, sum(uses))
   if shape.plan is None:
     raise ValueError(f'the block-head kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB '
                      f'of VMEM for {dim} channels on {height} x {width} images (see '
@@ -398,36 +413,39 @@ def _per_device(function, arrays, weights, backward):
                        out_specs=out_specs, check_vma=False)(arrays, weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _head(x, weights, height, width, eps, scales, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _head(x, weights, height, width, eps, scales, interpret, uses):
   def forward(arrays, weights):
     (x,) = arrays
-    shape = _shape(x, weights[4], height, width, len(scales))
+    shape = _shape(x, weights[4], height, width, len(scales), uses)
     rows = lambda dtype: ('rows', jax.ShapeDtypeStruct(x.shape, dtype))
     out = [rows(x.dtype)] + [rows(weights[4].dtype)] * len(scales)
     return tuple(_call(_forward_kernel, shape, (x,), weights, out, cost_estimates(shape)[0],
                        interpret, eps=eps, scales=scales))
 
-  return _per_device(forward, (x,), weights, backward=False)
+  x1, *outs = _per_device(forward, (x,), weights, backward=False)
+  # The same array once per use: the cotangents come back apart.
+  return (x1, *((out,) * n for out, n in zip(outs, uses)))
 
 
-def _head_fwd(x, weights, height, width, eps, scales, interpret):
-  out = _head(x, weights, height, width, eps, scales, interpret)
+def _head_fwd(x, weights, height, width, eps, scales, interpret, uses):
+  out = _head(x, weights, height, width, eps, scales, interpret, uses)
   return out, (x, out[0], weights)
 
 
-def _head_bwd(height, width, eps, scales, interpret, residuals, cotangents):
+def _head_bwd(height, width, eps, scales, interpret, uses, residuals, cotangents):
   x, x1, weights = residuals
   dx1, *dys = cotangents
+  dys = [dy for out in dys for dy in out]  # each output's uses' in turn
 
   def backward(arrays, weights):
     x = arrays[0]
-    shape = _shape(x, weights[4], height, width, len(scales))
+    shape = _shape(x, weights[4], height, width, len(scales), uses)
     out = [('rows', jax.ShapeDtypeStruct(x.shape, x.dtype))]
     out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
             for w in weights]
     dx, *grads = _call(_backward_kernel, shape, arrays, weights, out, cost_estimates(shape)[1],
-                       interpret, eps=eps, scales=scales)
+                       interpret, eps=eps, scales=scales, uses=uses)
     return dx, tuple(g.sum(axis=0) for g in grads)
 
   compute = weights[4].dtype
@@ -443,7 +461,8 @@ def block_first_half(x: jax.Array, pos: tuple[jax.Array, jax.Array],
                      norm: tuple[jax.Array, jax.Array],
                      projections: Sequence[tuple[jax.Array, jax.Array]],
                      scales: Sequence[float], *, eps: float, dtype: jnp.dtype,
-                     interpret: bool | None = None) -> tuple[jax.Array, ...]:
+                     uses: Sequence[int] | None = None,
+                     interpret: bool | None = None) -> tuple[Any, ...]:
   """x1 = x + pos(x) and (LN(x1) @ kernel_i + bias_i) * scales[i] for each projection, as a
   Pallas kernel pair.
 
@@ -456,11 +475,16 @@ def block_first_half(x: jax.Array, pos: tuple[jax.Array, jax.Array],
     scales: a constant per projection (1.0, or k's key_dim ** -0.5), applied in `dtype`.
     eps: the layer norm's epsilon.
     dtype: the compute dtype: of the conv, the matmuls and the projections' outputs.
+    uses: consumers of each projection's output (default one each): the output comes back as
+      a tuple of that many (the same array), and the backward kernel reads the cotangent of
+      each and sums them in VMEM, where autodiff would add them in passes over HBM of their
+      own (MaSA: q and k for the row and the column pass, v for the attention and LePE).
     interpret: Pallas's interpreter (True), Mosaic (False), or by the platform the computation
       is lowered for (None).
 
   Returns:
-    (x1, *projections' outputs), each (b, h, w, C). Differentiable in x and every parameter.
+    (x1, *projections' outputs), each (b, h, w, C); with `uses`, each output a tuple of its
+    uses. Differentiable in x and every parameter.
   """
   batch, height, width, dim = x.shape
   (taps, conv_bias), (scale, shift) = pos, norm
@@ -476,6 +500,11 @@ def block_first_half(x: jax.Array, pos: tuple[jax.Array, jax.Array],
              scale.reshape(1, dim).astype(jnp.float32), shift.reshape(1, dim).astype(jnp.float32),
              jnp.concatenate([w.astype(dtype) for w, _ in projections], axis=1),
              jnp.concatenate([b.astype(dtype) for _, b in projections]).reshape(1, -1))
-  outs = _head(x.reshape(batch * height, width, dim), weights, height, width, float(eps),
-               tuple(float(s) for s in scales), interpret)
-  return tuple(o.reshape(batch, height, width, dim) for o in outs)
+  count = (1,) * len(projections) if uses is None else tuple(uses)
+  if len(count) != len(projections) or min(count) < 1:
+    raise ValueError(f'a number of uses (at least one) per projection expected, got {uses}')
+  x1, *outs = _head(x.reshape(batch * height, width, dim), weights, height, width, float(eps),
+                    tuple(float(s) for s in scales), interpret, count)
+  image = lambda a: a.reshape(batch, height, width, dim)
+  outs = [tuple(map(image, out)) for out in outs]
+  return (image(x1), *(outs if uses is not None else (out[0] for out in outs)))
