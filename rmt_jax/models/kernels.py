@@ -2,15 +2,17 @@
 
 The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
 have a form written for one compiler (`cpu_forms.py` for XLA CPU; Pallas kernels for TPUs in
-`tpu_forms.py`, the attention, `tpu_projections.py`, MaSA's layer norm and q/k/v projections,
-`tpu_feed_forward.py`, the FFN, and `tpu_block_tail.py`, a block's out_proj, residuals, norm
-and FFN); every form computes the same function. Every module of the network carries one field,
+`tpu_forms.py`, the attention, `tpu_block_head.py`, a block's `pos` conv with MaSA's layer norm
+and q/k/v projections, `tpu_projections.py`, the norm and projections alone, `tpu_lepe.py`,
+LePE and its sum with the attention, `tpu_feed_forward.py`, the FFN, and `tpu_block_tail.py`,
+a block's out_proj, residuals, norm and FFN); every form computes the same function. Every module of the network carries one field,
 `kernels`, that says which to use:
 
 - `'xla'`: the plain forms, for compilers that do well with them (GPU).
 - `'cpu'`: the XLA CPU forms.
-- `'tpu'`: the TPU forms where an operation has one (the decayed attention; the projections,
-  the block's second half and the FFN where they fit VMEM), else the plain ones.
+- `'tpu'`: the TPU forms where an operation has one (the decayed attention and LePE; the
+  block's first half, the projections, the block's second half and the FFN where they fit
+  VMEM), else the plain ones.
 - `'auto'` (the default): all are staged out with `jax.lax.platform_dependent` and the one for
   the platform the computation is *lowered for* is compiled (the compiler never sees the other).
   A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.

@@ -19,12 +19,17 @@ moved a sixth of the RMT-S train step's bytes, `tpu_compile --traffic`). Here:
   a band reaches its neighbours through `tpu_bands.Neighbours`. The backward needs the
   cotangent of x1 on the band's halo (the conv's transpose reads it there): the norm's
   transpose and the projections' input gradient are recomputed on the halo tokens.
+- An output read by two consumers (MaSA's q and k by the row and the column pass, v by the
+  attention and LePE) comes back once per consumer (`uses`; the same array, nothing written
+  twice), so that their cotangents reach the backward kernel apart and are summed in VMEM:
+  autodiff would add them in passes over HBM of their own.
 - Roundings are the plain form's: the conv of x in the compute dtype (float32 sums), its bias
   added in the compute dtype, x1 in the stream's dtype; the norm and the projections as
   `tpu_projections`.
 - `Shape.plan` chooses rows per step and band within `tpu_memory.BUDGET` by its own estimate
-  (`Shape.vmem_bytes`); where none fits (`fits_vmem`), MaSA runs `pos` plainly and the
-  projections kernel (or the plain projections) after it.
+  (`Shape.vmem_bytes`). Where none fits with a cotangent per use, MaSA takes the kernel with
+  one per output (autodiff adds the others'); where none fits at all (`fits_vmem`), it runs
+  `pos` plainly and the projections kernel (or the plain projections) after it.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
 device under a context mesh (`shard_map` over images) and keep their operands in HBM

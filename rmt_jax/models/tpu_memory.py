@@ -1,6 +1,7 @@
-"""Where the Pallas TPU kernels' data lives: the VMEM that the kernels keeping their weights in
-VMEM plan for (`tpu_feed_forward`, `tpu_projections`), and every kernel's operands kept in HBM
-(`in_hbm`, all kernels).
+"""Where the Pallas TPU kernels' data lives: the VMEM that the kernels plan for (those keeping
+their weights in VMEM, `tpu_block_head`, `tpu_projections`, `tpu_feed_forward`,
+`tpu_block_tail`, and `tpu_lepe`), and every kernel's operands kept in HBM (`in_hbm`, all
+kernels).
 
 The budget is one number for every chip, a v4 TensorCore's 16 MiB (v5e, v5p and v6e have more),
 so that a program compiled for any of them fits all.

@@ -21,6 +21,9 @@ passes. Here:
   sum; the partial sums (and, under a mesh, the devices' sums) are added outside.
 - `Shape.plan` picks the rows per step that fit a v4's 16 MiB of VMEM; where none do, there is
   no plan (`fits_vmem`) and `layers.ManhattanSelfAttention` runs the plain form.
+- In a `RetBlock`, MaSA runs `tpu_block_head` (this kernel with the block's `pos` conv in
+  front) where that has a plan; this kernel serves MaSA on its own and the stages where the
+  larger one does not fit (RMT-L's third).
 
 Both kernels declare their true cost (`cost_estimates`). As `tpu_forms`, XLA does not partition
 Mosaic kernels: under a context mesh the calls run in a `shard_map` over rows; and the operands
