@@ -211,15 +211,13 @@ def _normalise(x, eps):
 
 
 def _pos(x, near, taps_ref, bias_ref, compute):
-  """The conv's input (x in the compute dtype, as float32) at its three column taps, the taps
-  (9, C) float32, and x + conv(x) + bias over the band with its halos as the plain form rounds
-  it (the conv's output and its bias in the compute dtype), float32; valid on the band."""
+  """x + conv(x) + bias over the band with its halos as the plain form rounds it (the conv of x
+  in the compute dtype, its output and its bias in the compute dtype), float32; valid on the
+  band."""
   xc = x.astype(compute).astype(jnp.float32)
-  taps = taps_ref[...].astype(jnp.float32)
-  columns = near.columns(xc, 1)
-  conv = near.conv(columns, taps).astype(compute)
+  conv = near.conv(near.columns(xc, 1), taps_ref[...].astype(jnp.float32)).astype(compute)
   c = (conv.astype(jnp.float32) + bias_ref[...].astype(jnp.float32)).astype(compute)
-  return columns, taps, x.astype(jnp.float32) + c.astype(jnp.float32)
+  return x.astype(jnp.float32) + c.astype(jnp.float32)
 
 
 def _forward_kernel(x_ref, taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_ref, *refs,
@@ -239,7 +237,7 @@ def _forward_kernel(x_ref, taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_r
   def body(first):
     x = x_padded[pl.ds(first, band + 2 * halo), :]
     near = tpu_bands.Neighbours(band + 2 * halo, height, width, first - halo + offset)
-    x1 = _pos(x, near, taps_ref, cbias_ref, compute)[2][kept].astype(x1_flat.dtype)
+    x1 = _pos(x, near, taps_ref, cbias_ref, compute)[kept].astype(x1_flat.dtype)
     x1_flat[pl.ds(first, band), :] = x1
     xhat, _ = _normalise(x1.astype(jnp.float32), eps)
     xn = (xhat * scale_ref[...] + shift_ref[...]).astype(compute)
