@@ -178,6 +178,26 @@ def test_a_block_under_tpu_kernels_equals_the_plain_forms():
     assert relative_error(a, b) < 1e-5
 
 
+def test_a_block_takes_one_cotangent_per_output_where_every_use_does_not_fit(monkeypatch):
+  # RMT-B's third stage with a float32 stream: the kernel with one cotangent per output, and
+  # autodiff adds the other uses' (the same function).
+  fits = tpu_block_head.fits_vmem
+  monkeypatch.setattr(tpu_block_head, 'fits_vmem',
+                      lambda *args, uses=None: fits(*args, uses=uses) and max(uses or (1,)) == 1)
+  block = lambda kernels: layers.RetBlock(4, 2.0, 4.0, True, 3.0, kernels=kernels)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 8, 8, 32)), jnp.float32)
+  variables = block('xla').init(jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda v: block('tpu').apply(v, x).sum()))(variables)
+  # The backward kernel: x, x1, dx1, one cotangent per output, six weights and the outputs.
+  assert any(len(eqn.params['grid_mapping'].block_mappings) == 3 + 3 + 6 + 7
+             for eqn in pallas_calls(jaxpr.jaxpr))
+  want, want_vjp = jax.vjp(lambda v, x: block('xla').apply(v, x), variables, x)
+  got, got_vjp = jax.vjp(lambda v, x: block('tpu').apply(v, x), variables, x)
+  assert relative_error(got, want) < 1e-5
+  for a, b in zip(jax.tree.leaves(got_vjp(x)), jax.tree.leaves(want_vjp(x))):
+    assert relative_error(a, b) < 1e-5
+
+
 @pytest.mark.parametrize('stream', [4, 2])
 @pytest.mark.parametrize('images,size,c', [
     (16, 14, 32),   # whole images
