@@ -47,10 +47,11 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
   for step in ('train', 'eval'):
     traffic = result[step]['traffic']
     layers = {row['layer']: row for row in traffic['by_layer']}
-    # The Pallas kernels (q/k/v projections and attention; the block's second half) and
-    # XLA's own operations.
-    assert {'retention (Pallas kernel)', 'second_half (Pallas kernel)', 'retention/lepe',
-            'patch_embed'} <= set(layers)
+    # The Pallas kernels (the block's first half, attention and LePE; the block's second half)
+    # and XLA's own operations; `pos` and LePE only inside the kernels.
+    assert {'retention (Pallas kernel)', 'second_half (Pallas kernel)', 'patch_embed'} <= set(
+        layers)
+    assert not {'pos', 'retention/lepe'} & set(layers)
     assert sum(r['forward_bytes'] + r['backward_bytes'] for r in traffic['by_layer']) == (
         traffic['bytes'])
     assert {row['stage'] for row in traffic['by_stage']} == {0, 1, 2}  # two stages
@@ -82,8 +83,9 @@ def test_one_block_compiles_for_one_device_and_reports_its_cost(tmp_path):
   assert (result['stage'], result['images'], result['kernels']) == (2, 4, 'tpu')
   assert result['estimated_seconds'] > 0 and result['flops'] > 0
   layers = {row['layer'] for row in result['traffic']['by_layer']}
-  # `pos` runs inside the first half's kernel (`tpu_block_head`), MaSA's.
-  assert {'retention (Pallas kernel)', 'retention/lepe'} <= layers and 'pos' not in layers
+  # `pos` and LePE run inside MaSA's kernels (`tpu_block_head`, `tpu_lepe`).
+  assert {'retention (Pallas kernel)', 'second_half (Pallas kernel)'} <= layers
+  assert not {'pos', 'retention/lepe'} & layers
   assert 'stage-2 block' in proc.stdout and 'not a measurement' in proc.stdout
 
 
