@@ -32,8 +32,8 @@ moved a sixth of the RMT-S train step's bytes, `tpu_compile --traffic`). Here:
   `pos` plainly and the projections kernel (or the plain projections) after it.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
-device under a context mesh (`shard_map` over images) and keep their operands in HBM
-(`tpu_memory.in_hbm`).
+device under a context mesh (`tpu_mesh.per_device`: a `shard_map` over images) and keep their
+operands in HBM (`tpu_memory.in_hbm`).
 """
 
 import dataclasses
@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.models import tpu_bands
 from rmt_jax.models import tpu_memory
+from rmt_jax.models import tpu_mesh
 
 # Tokens per grid step are kept at most this where whole images fit (as the FFN kernel's).
 _BLOCK_TOKENS = 2048
@@ -394,28 +394,6 @@ def _shape(x, w, height, width, outputs, uses):
   return shape
 
 
-def _per_device(function, arrays, weights, backward):
-  """`function(arrays, weights)` on each device's images under a context mesh of several
-  devices: the rows arrays split over every device of the mesh, the weights whole; a
-  backward's weight gradients summed over the mesh (`psum`)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(arrays, weights)
-  axes = tuple(mesh.axis_names)
-  split, replicated = PartitionSpec(axes), PartitionSpec()
-
-  def local(arrays, weights):
-    out = function(arrays, weights)
-    if backward:  # (dx, weight gradients)
-      return out[0], tuple(jax.lax.psum(g, axes) for g in out[1])
-    return out
-
-  out_specs = (split, (replicated,) * len(weights)) if backward else split
-  return jax.shard_map(local, mesh=mesh,
-                       in_specs=((split,) * len(arrays), (replicated,) * len(weights)),
-                       out_specs=out_specs, check_vma=False)(arrays, weights)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def _head(x, weights, height, width, eps, scales, interpret, uses):
   def forward(arrays, weights):
@@ -426,7 +404,7 @@ def _head(x, weights, height, width, eps, scales, interpret, uses):
     return tuple(_call(_forward_kernel, shape, (x,), weights, out, cost_estimates(shape)[0],
                        interpret, eps=eps, scales=scales))
 
-  x1, *outs = _per_device(forward, (x,), weights, backward=False)
+  x1, *outs = tpu_mesh.per_device(forward, (x,), weights, backward=False)
   # The same array once per use: the cotangents come back apart.
   return (x1, *((out,) * n for out, n in zip(outs, uses)))
 
@@ -453,7 +431,7 @@ def _head_bwd(height, width, eps, scales, interpret, uses, residuals, cotangents
 
   compute = weights[4].dtype
   arrays = (x, x1, dx1.astype(x1.dtype), *(dy.astype(compute) for dy in dys))
-  dx, grads = _per_device(backward, arrays, weights, backward=True)
+  dx, grads = tpu_mesh.per_device(backward, arrays, weights, backward=True)
   return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 

@@ -19,8 +19,8 @@ attention's output in another: LePE moved a tenth of the RMT-S train step's byte
   (`Shape.vmem_bytes`); where none fits (`fits_vmem`), MaSA runs the plain conv and add.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
-device under a context mesh (`shard_map` over images) and keep their operands in HBM
-(`tpu_memory.in_hbm`).
+device under a context mesh (`tpu_mesh.per_device`: a `shard_map` over images) and keep their
+operands in HBM (`tpu_memory.in_hbm`).
 """
 
 import dataclasses
@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.models import tpu_bands
 from rmt_jax.models import tpu_memory
+from rmt_jax.models import tpu_mesh
 
 # The conv's reach: 5 x 5 taps.
 _RADIUS = 2
@@ -270,28 +270,6 @@ def _shape(v, height, width):
   return shape
 
 
-def _per_device(function, arrays, weights, backward):
-  """`function(arrays, weights)` on each device's images under a context mesh of several
-  devices: the rows arrays split over every device of the mesh, the weights whole; a
-  backward's gradients summed over the mesh (`psum`)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(arrays, weights)
-  axes = tuple(mesh.axis_names)
-  split, replicated = PartitionSpec(axes), PartitionSpec()
-
-  def local(arrays, weights):
-    out = function(arrays, weights)
-    if backward:  # (dv, gradients)
-      return out[0], tuple(jax.lax.psum(g, axes) for g in out[1])
-    return out
-
-  out_specs = (split, (replicated,) * len(weights)) if backward else split
-  return jax.shard_map(local, mesh=mesh,
-                       in_specs=((split,) * len(arrays), (replicated,) * len(weights)),
-                       out_specs=out_specs, check_vma=False)(arrays, weights)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _lepe_add(attention, v, weights, height, width, interpret):
   def forward(arrays, weights):
@@ -300,7 +278,7 @@ def _lepe_add(attention, v, weights, height, width, interpret):
     return _call(_forward_kernel, shape, arrays, weights, out, cost_estimates(shape)[0],
                  interpret)[0]
 
-  return _per_device(forward, (v, attention), weights, backward=False)
+  return tpu_mesh.per_device(forward, (v, attention), weights, backward=False)
 
 
 def _lepe_add_fwd(attention, v, weights, height, width, interpret):
@@ -320,7 +298,7 @@ def _lepe_add_bwd(height, width, interpret, residuals, do):
     return dv, tuple(g.sum(axis=0) for g in grads)
 
   do = do.astype(v.dtype)
-  dv, grads = _per_device(backward, (v, do), weights, backward=True)
+  dv, grads = tpu_mesh.per_device(backward, (v, do), weights, backward=True)
   return do, dv, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 
