@@ -1,6 +1,7 @@
 """Shared test helpers: the official reference fixtures (tests/fixtures, see its README), and a
 tiny model trained on an image folder."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -87,6 +88,32 @@ def pallas_calls(jaxpr):
   yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
   for sub in jax.extend.core.subjaxprs(jaxpr):
     yield from pallas_calls(sub)
+
+
+@functools.cache
+def _official_model_kernels() -> tuple[list[tuple[int, int]], int]:
+  """The Pallas calls of the fixtures' case-'b' model under `kernels='tpu'` (layerscale in
+  stages 3 and 4), each as (scalar-prefetch operands, blocks), and the model's block count.
+  Traced once for the kernel modules' tests."""
+  from rmt_jax import convert  # pylint: disable=g-import-not-at-top
+  from rmt_jax.models import from_official_kwargs  # pylint: disable=g-import-not-at-top
+  ref = official_case('b')
+  model = from_official_kwargs(**ref['kwargs'], kernels='tpu')
+  variables = convert.torch_to_flax(ref['state_dict'], model)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
+  calls = [(eqn.params['grid_mapping'].num_index_operands,
+            len(eqn.params['grid_mapping'].block_mappings)) for eqn in pallas_calls(jaxpr.jaxpr)]
+  return calls, sum(ref['kwargs']['depths'])
+
+
+def assert_the_official_fixtures_run_a_kernel_in_every_block(prefetched: int,
+                                                            blocks: int) -> None:
+  """test_model.py's parity with the official outputs under `kernels='tpu'` goes through a
+  kernel: its forward call, known by its scalar-prefetch operands and its number of blocks,
+  appears twice per block of the fixtures' model (`platform_dependent` stages Mosaic and the
+  interpreter): every block has a plan."""
+  calls, depth = _official_model_kernels()
+  assert calls.count((prefetched, blocks)) == 2 * depth
 
 
 # The head and tail of `assert_split_over_a_mesh_equals_one_device`'s script. It runs in a fresh

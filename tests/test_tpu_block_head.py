@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4, needs_libtpu, official_case,
+from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
+                      assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
                       pallas_calls, relative_error)
-from rmt_jax import convert
-from rmt_jax.models import from_official_kwargs, layers, tpu_block_head, tpu_memory
+from rmt_jax.models import layers, tpu_block_head, tpu_memory
 from rmt_jax.models.tpu_block_head import Plan
 
 SCALES = (1.0, 0.25, 1.0)
@@ -222,8 +222,8 @@ def test_declared_bytes_are_every_array_and_weight_once(stream, images, size, c)
 @needs_libtpu
 def test_kernels_compile_for_a_v5p_and_a_v4():
   # RMT-S stages 1 (blocks of part of an image's 56 rows), 2 and 3 (float32 stream, bfloat16
-  # compute, two uses of each projection as MaSA's axial stages), 2, 8 and 16 images per chip; per chip of the mesh 4 images of 14 rows of 14
-  # tokens: rows arrays of (56, 14, 32).
+  # compute, two uses of each projection as MaSA's axial stages), 2, 8 and 16 images per chip;
+  # per chip of the mesh 4 images of 14 rows of 14 tokens: rows arrays of (56, 14, 32).
   assert_kernels_compile_for_a_v5p_and_a_v4('''
     from rmt_jax.models import tpu_block_head
     def step(x, t, cb, s, b, wq, bq, wk, bk, wv, bv):
@@ -243,15 +243,5 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
 
 
 def test_the_official_fixtures_run_it_in_every_block():
-  # test_model.py's parity with the official outputs under kernels='tpu' goes through this
-  # kernel: every block of the fixtures' models has a plan. A forward kernel is the call with
-  # 11 blocks (x, 6 weights, x1, q, k, v), staged twice by `platform_dependent` (Mosaic,
-  # interpreter).
-  ref = official_case('b')
-  model = from_official_kwargs(**ref['kwargs'], kernels='tpu')
-  variables = convert.torch_to_flax(ref['state_dict'], model)
-  jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
-  heads = [eqn for eqn in pallas_calls(jaxpr.jaxpr)
-           if eqn.params['grid_mapping'].num_index_operands == 0
-           and len(eqn.params['grid_mapping'].block_mappings) == 11]
-  assert len(heads) == 2 * sum(ref['kwargs']['depths'])
+  # The forward kernel: 11 blocks (x, 6 weights, x1, q, k, v).
+  assert_the_official_fixtures_run_a_kernel_in_every_block(0, 11)

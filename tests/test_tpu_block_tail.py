@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4, needs_libtpu, official_case,
-                      pallas_calls, relative_error)
-from rmt_jax import convert
-from rmt_jax.models import from_official_kwargs, layers, tpu_block_tail, tpu_memory
+from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
+                      assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
+                      relative_error)
+from rmt_jax.models import layers, tpu_block_tail, tpu_memory
 from rmt_jax.models.tpu_block_tail import Plan
 
 
@@ -232,15 +232,6 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
 
 
 def test_the_official_fixtures_run_it_in_every_block():
-  # test_model.py's parity with the official outputs under kernels='tpu' goes through this
-  # kernel: every block of the fixtures' models (case 'b': layerscale in stages 3 and 4) has a
-  # plan. A forward kernel is the one call with a scalar-prefetch operand (the drop scales) and
-  # 14 blocks (o, x1, 11 weights, x3), staged twice by `platform_dependent` (Mosaic, interpreter).
-  ref = official_case('b')
-  model = from_official_kwargs(**ref['kwargs'], kernels='tpu')
-  variables = convert.torch_to_flax(ref['state_dict'], model)
-  jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
-  tails = [eqn for eqn in pallas_calls(jaxpr.jaxpr)
-           if eqn.params['grid_mapping'].num_index_operands == 1
-           and len(eqn.params['grid_mapping'].block_mappings) == 14]
-  assert len(tails) == 2 * sum(ref['kwargs']['depths'])
+  # The forward kernel: a scalar-prefetch operand (the drop scales) and 14 blocks (o, x1, 11
+  # weights, x3).
+  assert_the_official_fixtures_run_a_kernel_in_every_block(1, 14)
