@@ -91,10 +91,10 @@ def pallas_calls(jaxpr):
 
 
 @functools.cache
-def _official_model_kernels() -> tuple[list[tuple[int, int]], int]:
+def official_model_kernels() -> tuple[list[tuple[int, int, int]], int]:
   """The Pallas calls of the fixtures' case-'b' model under `kernels='tpu'` (layerscale in
-  stages 3 and 4), each as (scalar-prefetch operands, blocks), and the model's block count.
-  Traced once for the kernel modules' tests."""
+  stages 3 and 4), each as (scalar-prefetch operands, blocks, rank of the first block), and the
+  model's block count. Traced once for the kernel modules' tests."""
   from rmt_jax import convert  # pylint: disable=g-import-not-at-top
   from rmt_jax.models import from_official_kwargs  # pylint: disable=g-import-not-at-top
   ref = official_case('b')
@@ -102,7 +102,9 @@ def _official_model_kernels() -> tuple[list[tuple[int, int]], int]:
   variables = convert.torch_to_flax(ref['state_dict'], model)
   jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
   calls = [(eqn.params['grid_mapping'].num_index_operands,
-            len(eqn.params['grid_mapping'].block_mappings)) for eqn in pallas_calls(jaxpr.jaxpr)]
+            len(eqn.params['grid_mapping'].block_mappings),
+            len(eqn.params['grid_mapping'].block_mappings[0].block_shape))
+           for eqn in pallas_calls(jaxpr.jaxpr)]
   return calls, sum(ref['kwargs']['depths'])
 
 
@@ -112,8 +114,8 @@ def assert_the_official_fixtures_run_a_kernel_in_every_block(prefetched: int,
   kernel: its forward call, known by its scalar-prefetch operands and its number of blocks,
   appears twice per block of the fixtures' model (`platform_dependent` stages Mosaic and the
   interpreter): every block has a plan."""
-  calls, depth = _official_model_kernels()
-  assert calls.count((prefetched, blocks)) == 2 * depth
+  calls, depth = official_model_kernels()
+  assert [call[:2] for call in calls].count((prefetched, blocks)) == 2 * depth
 
 
 # The head and tail of `assert_split_over_a_mesh_equals_one_device`'s script. It runs in a fresh

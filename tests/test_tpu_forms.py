@@ -18,8 +18,9 @@ import pytest
 from jax.experimental import pallas as pl
 
 from conftest import (KERNELS_IN_HBM, REPO, assert_tpu_form_equals_plain, libtpu_env,
-                      needs_libtpu, pallas_calls, relative_error)
-from rmt_jax.models import decay, layers, tpu_forms
+                      needs_libtpu, official_case, official_model_kernels, pallas_calls,
+                      relative_error)
+from rmt_jax.models import decay, layers, tpu_forms, tpu_memory
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
 
@@ -40,6 +41,12 @@ def _inputs(shape, dtype, seed=0):
   rng = np.random.default_rng(seed)
   # Logits of O(1..10), as trained q and k give: the softmax is neither flat nor one-hot.
   return [jnp.asarray(rng.normal(size=shape) * scale, dtype) for scale in (2.0, 1.0, 1.0, 1.0)]
+
+
+def _rotary_tables(*shape, seed):
+  rng = np.random.default_rng(seed)
+  angles = rng.uniform(-3, 3, size=shape)
+  return jnp.asarray(np.sin(angles), jnp.float32), jnp.asarray(np.cos(angles), jnp.float32)
 
 
 # (problems, tokens, heads, head_dim, width): a 1-d axis (|i - j|), and whole maps of 3 x 4 and
@@ -94,17 +101,17 @@ def test_masa_under_tpu_kernels_equals_the_plain_form(axial):
       layers.ManhattanSelfAttention(4, *RATES, axial=axial, kernels='xla'), x)
 
 
-@pytest.mark.parametrize('problems,length,heads,head_dim,width,dtype,tables', [
-    (3584, 56, 4, 16, None, jnp.bfloat16, 56),  # stage 1's row pass at batch 64
-    (64, 196, 8, 32, 14, jnp.bfloat16, 1),      # stage 3's whole attention at batch 64
-    (6, 7, 2, 8, None, jnp.float32, None)])
-def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, width, dtype,
-                                             tables):
-  shape = (problems, length, heads * head_dim)
+@pytest.mark.parametrize('shape,heads,width,dtype,tables', [
+    ((3584, 56, 64), 4, None, jnp.bfloat16, (56, 56, 64)),  # stage 1's row pass at batch 64
+    ((64, 56, 56, 64), 4, None, jnp.bfloat16, (56, 56, 64)),  # its column pass
+    ((64, 14, 14, 256), 8, None, jnp.float32, (14, 14, 256)),  # stage 3's column pass, f32
+    ((64, 196, 256), 8, 14, jnp.bfloat16, (1, 196, 256)),  # stage 3's whole attention
+    ((6, 7, 16), 2, None, jnp.float32, None)])
+def test_declared_costs_are_the_kernels_work(shape, heads, width, dtype, tables):
+  columns = len(shape) == 4  # the column layout: (images, tokens h, columns w, channels)
   args = [jax.ShapeDtypeStruct(shape, dtype)] * 3
   log_gamma = decay.log_gamma(heads, *RATES)
-  rotary = None if tables is None else (
-      jnp.zeros((tables, length, heads * head_dim), dtype),) * 2
+  rotary = None if tables is None else (jnp.zeros(tables, dtype),) * 2
   attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
                                                           rotary=rotary, interpret=False)
   jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(attention, q, k, v)[1](v))(*args)
@@ -112,27 +119,46 @@ def test_declared_costs_are_the_kernels_work(problems, length, heads, head_dim, 
   # dk, dv).
   forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
                              key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
-  array = problems * length * heads * head_dim * jnp.dtype(dtype).itemsize
-  # The two tables (sin with its sign, cos) are one block each, the same at every step.
-  table_bytes = 0 if tables is None else 2 * tables * array // problems
-  product = 2 * problems * heads * length * length * head_dim  # one L x L x d product
-  scores = problems * heads * length * length
+  itemsize = jnp.dtype(dtype).itemsize
+  array = np.prod(shape) * itemsize
+  # The two tables (sin with its sign, cos), each read once.
+  table_bytes = 0 if tables is None else 2 * np.prod(tables) * itemsize
+  length, channels = shape[1], shape[-1]
+  sequences = np.prod(shape) // (length * channels)
+  product = 2 * sequences * length * length * channels  # one L x L x d product, every head
+  scores = sequences * heads * length * length
   for eqn, products, arrays in ((forward, 2, 4), (backward, 5, 7)):
     cost = eqn.params['cost_estimate']
     assert (cost.flops, cost.transcendentals, cost.bytes_accessed) == (
         products * product, scores, arrays * array + table_bytes)
-    # Every block is read or written once: the grid tiles the problems exactly. The tables
-    # follow the inputs (q, k, v[, dout]) and are one block, the same at every step.
+    # Every block is read or written once: the grid tiles the arrays exactly (in the column
+    # layout, the columns on the outer axis where there are several steps of them). The
+    # tables follow the inputs (q, k, v[, dout]); their block is all of them, or a column
+    # step's share, and changes only with the outer axis: each is fetched once.
     mapping = eqn.params['grid_mapping']
     inputs = 3 if arrays == 4 else 4
     blocks = [tuple(getattr(size, 'block_size', size) for size in m.block_shape)
               for m in mapping.block_mappings]
     table_blocks = [] if tables is None else blocks[inputs:inputs + 2]
-    assert table_blocks == ([] if tables is None else [(tables, *shape[1:])] * 2)
     tiled = blocks[:inputs] + blocks[inputs + len(table_blocks):]
-    assert len(tiled) == arrays and len(mapping.grid) == 1
-    for block in tiled:
-      assert mapping.grid[0] * block[0] == problems and block[1:] == shape[1:]
+    assert len(tiled) == arrays and len(set(tiled)) == 1
+    block = tiled[0]
+    assert problems_tiled(mapping.grid, block, shape, columns)
+    assert table_blocks == ([] if tables is None else
+                            [block[1:] if columns else tables] * 2)
+
+
+def problems_tiled(grid, block, shape, columns) -> bool:
+  """Whether `grid` steps of `block` tile `shape` exactly, whole but for the leading axis (and
+  in the column layout, the columns: a multiple of 8 of them or all, the outer grid axis)."""
+  if not columns:
+    return grid == (shape[0] // block[0],) and block[1:] == shape[1:] and not shape[0] % block[0]
+  steps = (shape[0] // block[0],)
+  if block[2] != shape[2]:
+    steps = (shape[2] // block[2], *steps)
+  return (grid == steps and block[1] == shape[1] and block[3] == shape[3]
+          and block[2] % 8 in (0, shape[2] % 8) and not shape[2] % block[2]
+          and not shape[0] % block[0])
 
 
 _COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
@@ -147,10 +173,14 @@ _COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
     from rmt_jax.models import decay, tpu_forms
     device = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices[0]
     replicated = NamedSharding(Mesh(np.array([device]), ('d',)), PartitionSpec())
-    # With rotary tables applied in the kernels: 28 for 112 problems (4 images x 28 rows).
-    for shape, heads, width, tables in (((112, 56, 64), 4, None, 28), ((8, 49, 256), 8, 7, 1)):
+    # With rotary tables applied in the kernels: 28 for 112 problems (4 images x 28 rows); the
+    # column layout of 64 images of stage 1 (7 column steps) and of RMT-B's stage 2 (160
+    # channels: two 128-lane chunks).
+    for shape, heads, width, tables in (
+        ((112, 56, 64), 4, None, (28, 56, 64)), ((8, 49, 256), 8, 7, (1, 49, 256)),
+        ((64, 56, 56, 64), 4, None, (56, 56, 64)), ((64, 28, 28, 160), 5, None, (28, 28, 160))):
       log_gamma = decay.log_gamma(heads, 2.0, 4.0)
-      rotary = (jnp.ones((tables, *shape[1:]), jnp.bfloat16),) * 2
+      rotary = (jnp.ones(tables, jnp.bfloat16),) * 2
       attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
                                                               rotary=rotary)
       def step(q, k, v):
@@ -181,9 +211,10 @@ def test_kernels_compile_for_a_v5p():
   proc = subprocess.run([sys.executable, '-c', _COMPILE], cwd=REPO, env=libtpu_env(True),
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # Forward and backward kernel, for the axial and the whole layout, their operands in HBM.
-  assert proc.stdout.split('\n')[:3] == ['(112, 56, 64) 2 2', '(8, 49, 256) 2 2',
-                                         'sharded 2 False True']
+  # Forward and backward kernel, for the row, whole and column layouts, operands in HBM.
+  assert proc.stdout.split('\n')[:5] == [
+      '(112, 56, 64) 2 2', '(8, 49, 256) 2 2', '(64, 56, 56, 64) 2 2', '(64, 28, 28, 160) 2 2',
+      'sharded 2 False True']
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -197,12 +228,6 @@ def test_pairs_swapped_in_a_kernel_by_lane_rotation_as_by_reversal(dtype):
   got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
                        interpret=True)(x)
   np.testing.assert_array_equal(got, layers._reverse_pairs(x))
-
-
-def _rotary_tables(tables, length, channels, seed):
-  rng = np.random.default_rng(seed)
-  angles = rng.uniform(-3, 3, size=(tables, length, channels))
-  return jnp.asarray(np.sin(angles), jnp.float32), jnp.asarray(np.cos(angles), jnp.float32)
 
 
 @pytest.mark.parametrize('problems,length,heads,head_dim,width,tables', [
@@ -224,6 +249,110 @@ def test_rotary_applied_in_the_kernels_equals_theta_shift_before(problems, lengt
   assert relative_error(got, want) < 1e-5
   for name, g, w in zip('qkv', got_vjp(cotangent), want_vjp(cotangent)):
     assert relative_error(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize('images,height,width,heads,head_dim,dtype', [
+    (3, 5, 16, 4, 8, jnp.float32),    # 8 columns per step: two column steps, 3 image steps
+    (2, 4, 3, 2, 8, jnp.float32),     # all 3 columns in one step
+    (2, 3, 4, 10, 16, jnp.float32),   # 160 channels: two 128-lane chunks, heads split 8 + 2
+    (2, 5, 16, 4, 8, jnp.bfloat16)])
+def test_column_layout_equals_the_transposed_plain_form(images, height, width, heads, head_dim,
+                                                       dtype, monkeypatch):
+  # The column pass on the (b, h, w, C) map itself, against the plain form on its columns
+  # transposed into rows, (b * w, h, C), each with the table of its column. Blocks of 2 KiB:
+  # an image per step, and 8 columns where there are 16.
+  monkeypatch.setattr(tpu_forms, '_BLOCK_BYTES', 2048)
+  channels = heads * head_dim
+  shape = (images, height, width, channels)
+  inputs = _inputs(shape, jnp.float32, seed=6)
+  sin, cos = _rotary_tables(height, width, channels, seed=7)
+  log_gamma = decay.log_gamma(heads, *RATES)
+  problem = tpu_forms._problem(inputs[0], heads, None, (sin,))
+  assert problem.grid == (2, images) if width == 16 else len(problem.grid) == 1
+  assert len(tpu_forms._chunks(heads, head_dim)) == (2 if channels > 128 else 1)
+
+  def got(q, k, v):  # the tables in the compute dtype, as `layers._tpu_attention` gives them
+    rotary = tuple(t.astype(q.dtype) for t in (sin, cos))
+    return tpu_forms.decayed_attention(q, k, v, log_gamma, rotary=rotary, interpret=True)
+
+  columns = lambda t: t.transpose(0, 2, 1, 3).reshape(images * width, height, channels)
+  back = lambda t: t.reshape(images, width, height, channels).transpose(0, 2, 1, 3)
+
+  def rows(q, k, v):  # the kernel on the transposed columns, column x's tables
+    rotary = tuple(t.transpose(1, 0, 2).astype(q.dtype) for t in (sin, cos))
+    return back(tpu_forms.decayed_attention(*map(columns, (q, k, v)), log_gamma,
+                                            rotary=rotary, interpret=True))
+
+  def want(q, k, v):
+    table = lambda t: jnp.tile(t.transpose(1, 0, 2), (images, 1, 1)).astype(q.dtype)
+    rotate = lambda t: layers.theta_shift(columns(t), table(sin), table(cos))
+    return back(_plain(rotate(q), rotate(k), columns(v), heads, None))
+
+  def run(form, dtype):
+    q, k, v, cotangent = (x.astype(dtype) for x in inputs)
+    out, vjp = jax.vjp(form, q, k, v)
+    return (out, *vjp(cotangent))
+
+  exact = run(want, jnp.float32)
+  for name, g, r, w, e in zip(('out', 'dq', 'dk', 'dv'), run(got, dtype), run(rows, dtype),
+                              run(want, dtype), exact):
+    assert g.dtype == dtype and g.shape == shape, name
+    # The same arithmetic as the transposed form, bit for bit (float32 copies are exact).
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32), name)
+    if dtype == jnp.float32:
+      assert relative_error(g, w) < 1e-5, name
+    else:  # no farther from float32 than the plain form in bfloat16
+      assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, name
+
+
+def test_column_layout_split_over_a_mesh_equals_one_device():
+  # Under a mesh each device runs the kernels on its images (the leading axis) with the whole
+  # tables.
+  from conftest import assert_split_over_a_mesh_equals_one_device
+  assert_split_over_a_mesh_equals_one_device('''
+    from rmt_jax.models import decay, tpu_forms
+    shapes = [(8, 3, 4, 16)] * 4 + [(3, 4, 16)] * 2
+    q, k, v, dout, sin, cos = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    args = [q, k, v]
+    log_gamma = decay.log_gamma(2, 2.0, 4.0)
+    f = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, rotary=(sin, cos),
+                                                    interpret=True)
+    def step(*args):
+      y, vjp = jax.vjp(f, *args)
+      return y, vjp(dout)
+  ''', 4)
+
+
+def test_column_layout_plans_fit_vmem_for_every_axial_stage():
+  # Every axial stage of RMT-T/S/B/L at 224 pixels, 64 images per chip: the column layout
+  # where its VMEM estimate is within the budget, i.e. every bfloat16 plan; float32 maps of 28
+  # columns with more than 128 channels (RMT-B/L's stage 2) take the transposes.
+  stages = {(56, 64, 4), (28, 128, 4), (14, 256, 8), (56, 80, 5), (28, 160, 5), (14, 320, 10),
+            (56, 112, 7), (28, 224, 14), (14, 448, 28)}
+  for size, channels, heads in stages:
+    for itemsize in (2, 4):
+      fits = tpu_forms.columns_fit_vmem((64, size, size, channels), heads, itemsize)
+      assert fits == (itemsize == 2 or size != 28 or channels <= 128), (size, channels)
+      problem = tpu_forms.Problem(64, size, heads, channels // heads, None, itemsize, 1, size)
+      vmem = problem.column_vmem_bytes(problem.block, problem.column_block)
+      assert (vmem <= tpu_memory.BUDGET) == fits
+
+
+def test_masa_takes_the_transposes_where_the_column_layout_does_not_fit(monkeypatch):
+  monkeypatch.setattr(tpu_forms, 'columns_fit_vmem', lambda *args: False)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5, 32)), jnp.float32)
+  assert_tpu_form_equals_plain(
+      layers.ManhattanSelfAttention(4, *RATES, axial=True, kernels='xla'), x)
+
+
+def test_the_official_fixtures_run_the_column_layout_in_every_axial_block():
+  # test_model.py's parity under kernels='tpu': each axial block's column pass is a forward
+  # kernel on the (b, h, w, C) map itself (4-d blocks, q, k, v, sin, cos -> out), twice per
+  # block (`platform_dependent` stages Mosaic and the interpreter); no transposes around it.
+  calls, _ = official_model_kernels()
+  axial = sum(d for d, a in zip(official_case('b')['kwargs']['depths'],
+                                official_case('b')['kwargs']['chunkwise_recurrents']) if a)
+  assert axial == 4 and calls.count((0, 6, 4)) == 2 * axial
 
 
 def test_rotary_tables_must_fit_the_problems():

@@ -351,9 +351,10 @@ def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: 
                    columns: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
 
-  The Pallas kernel takes (problems, tokens, heads * d) with heads on the lane axis, the
-  layout the projections give: the row pass and the whole attention need no transpose, the
-  column pass the (b, w, h) order of q, k and the row pass' output (as in the plain form). The
+  The Pallas kernels take q, k, v in the layout the projections give, heads on the lane axis,
+  and no pass transposes them: the row pass and the whole attention as (problems, tokens,
+  heads * d), the column pass as the (b, h, w, heads * d) map itself (where its blocks fit
+  VMEM; else transposed into rows, as the plain form does). The
   kernels apply the rotary shift to q and k themselves (from the tables of
   `decay.rotary_tables`, in `dtype`, per row or column), so rotated copies of q and k are
   never written to memory.
@@ -380,13 +381,18 @@ def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: 
     tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
     return tpu_forms.decayed_attention(*flat, log_gamma, width=width, rotary=tables
                                        ).reshape(q.shape)
-  # Row pass: problem b * h + y takes the tables of row y; column pass: b * w + x, column x.
+  # Row pass: problem b * h + y takes the tables of row y. Column pass: the map as it is, the
+  # kernel attending along h in each column (column x takes the tables [:, x]).
   rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
   out = tpu_forms.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
   column_q, column_k = (q, k) if columns is None else columns
-  columns = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
-             for t in (column_q, column_k, out)]
-  out = tpu_forms.decayed_attention(*columns, log_gamma,
+  if tpu_forms.columns_fit_vmem(q.shape, heads, q.dtype.itemsize):
+    return tpu_forms.decayed_attention(column_q, column_k, out, log_gamma, rotary=(sin, cos))
+  # Where the column layout's blocks do not fit VMEM (float32 maps of 28 columns with more
+  # than 128 channels), the columns transposed into rows: problem b * w + x, column x's tables.
+  transposed = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
+                for t in (column_q, column_k, out)]
+  out = tpu_forms.decayed_attention(*transposed, log_gamma,
                                     rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
   return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
 

@@ -7,9 +7,16 @@ are tiny (axial: one per image, row and head with 14-56 tokens; whole: 49 or 196
 their scores outnumber q, k and v by L / d, so the plain form is bound by HBM traffic. Here each
 grid step holds a block of whole problems in VMEM and the scores never leave it:
 
-- q, k, v stay in the layout the projections give, (problems, tokens, heads * head_dim): heads
-  and channels share the lane axis, no transpose is needed for the row pass or the whole
-  attention, and the column pass needs the same (b, w, h, c) transposes as the plain form.
+- q, k, v stay in the layout the projections give, (b, h, w, heads * head_dim): heads and
+  channels share the lane axis, and no pass needs a transpose. The row pass and the whole
+  attention see it as (problems, tokens, channels). The column pass takes it as it is: a block
+  is a few images' tokens of a few columns, (images, h, columns, channels), which the grid's
+  DMA gathers from HBM; inside, each column's (h, d) slices are strided VMEM loads (one
+  sublane of each (8, 128) tile) from a float32 copy of the block (Mosaic loads a single row
+  of a packed bfloat16 tile, or at a dynamic row of more than one 128-lane tile, in neither
+  form: the copy is float32 and split into 128-lane chunks). In the plain form the column pass
+  transposes q, k, the row pass' output, its own output and all their cotangents: eight
+  copies of a stream-sized array per block and step, a third of a stage-1 block's estimate.
 - The decay, log(gamma_h) * distance, is computed inside the kernel from token positions (axial:
   |i - j|; whole: the Manhattan distance of raster positions), never read from memory: the same
   float32 products as `decay.axial_decay` / `decay.manhattan_decay`, bit for bit.
@@ -48,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from rmt_jax.models import tpu_memory
+from rmt_jax.models import tpu_bands, tpu_memory
 
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
@@ -57,13 +64,16 @@ _BLOCK_BYTES = 256 * 1024
 
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 
+_LANES = 128  # a vector register's (and a VMEM tile's) lane axis
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """The static description of a batch of decayed-attention problems.
 
   Attributes:
-    problems: independent sequences (images x rows, images x columns, or images).
+    problems: entries of the arrays' leading axis: sequences (images x rows, or images), or,
+      with `columns`, images of `columns` sequences each.
     length: tokens per sequence.
     heads: heads; head h has decay rate log_gamma[h] and channels [h*d, (h+1)*d).
     head_dim: channels per head, d.
@@ -71,7 +81,10 @@ class Problem:
       (length // W) x W map (Manhattan distance).
     itemsize: bytes per element of q, k, v (and of the outputs and their gradients).
     tables: None, or T, the number of rotary tables (T, tokens, heads * d) that the kernels
-      apply to q and k themselves (problem p takes table p % T; `decayed_attention`).
+      apply to q and k themselves (problem p takes table p % T; `decayed_attention`); with
+      `columns`, 1: the (tokens, columns, heads * d) tables of the map.
+    columns: None for (problems, tokens, heads * d) arrays; W for the column layout, (images,
+      tokens, W, heads * d): attention along the tokens of each of an image's W columns.
   """
   problems: int
   length: int
@@ -80,13 +93,67 @@ class Problem:
   width: int | None
   itemsize: int
   tables: int | None = None
+  columns: int | None = None
+
+  @property
+  def channels(self) -> int:
+    return self.heads * self.head_dim
+
+  def column_vmem_bytes(self, block: int, column_block: int) -> int:
+    """The column layout's backward kernel's VMEM (the larger) with `block` images of
+    `column_block` columns per step: q, k, v, dout in and dq, dk, dv out as double-buffered
+    blocks and the two tables' blocks (columns padded to the sublane tile, channels to 128
+    lanes), and the float32 copies (`_column_scratch`): one 128-lane chunk of one image's
+    block for each of the seven arrays, all of the step's tables."""
+    sublanes = 32 // self.itemsize
+    padded = -(-column_block // sublanes) * sublanes
+    lanes = tpu_bands.lanes(self.channels)
+    tile = self.length * padded * lanes * self.itemsize
+    copy = self.length * -(-column_block // 8) * 8 * _LANES * 4
+    return 2 * 7 * block * tile + 2 * 2 * tile + (7 + 2 * lanes // _LANES) * copy
+
+  @property
+  def column_block(self) -> int:
+    """Columns per grid step (column layout): the most that are a multiple of 8 (a sublane
+    tile) or all of them, with one image's block within `_BLOCK_BYTES` and the VMEM within
+    `tpu_memory.BUDGET`; else the fewest that are."""
+    per_column = self.length * self.channels * self.itemsize
+    legal = [c for c in range(1, self.columns + 1)
+             if self.columns % c == 0 and (c % 8 == 0 or c == self.columns)]
+    within = [c for c in legal if c * per_column <= _BLOCK_BYTES
+              and self.column_vmem_bytes(1, c) <= tpu_memory.BUDGET]
+    return max(within) if within else min(legal)
 
   @property
   def block(self) -> int:
-    """Problems per grid step: the largest divisor of `problems` within `_BLOCK_BYTES`."""
-    per_problem = self.length * self.heads * self.head_dim * self.itemsize
-    limit = max(1, _BLOCK_BYTES // per_problem)
-    return max(p for p in range(1, min(limit, self.problems) + 1) if self.problems % p == 0)
+    """Entries per grid step: the largest divisor of `problems` whose block is within
+    `_BLOCK_BYTES` (and in the column layout, whose VMEM is within `tpu_memory.BUDGET`), or
+    one."""
+    per_entry = self.length * self.channels * self.itemsize
+    if self.columns is not None:
+      per_entry *= self.column_block
+    limit = max(1, _BLOCK_BYTES // per_entry)
+    fits = lambda p: (self.columns is None or p == 1 or
+                      self.column_vmem_bytes(p, self.column_block) <= tpu_memory.BUDGET)
+    return max(p for p in range(1, min(limit, self.problems) + 1)
+               if self.problems % p == 0 and fits(p))
+
+  @property
+  def fits_vmem(self) -> bool:
+    """Whether the kernels' VMEM is within `tpu_memory.BUDGET` (the column layout's estimate;
+    the other layouts' blocks are `_BLOCK_BYTES` at most, which always fits)."""
+    return (self.columns is None or
+            self.column_vmem_bytes(self.block, self.column_block) <= tpu_memory.BUDGET)
+
+  @property
+  def grid(self) -> tuple[int, ...]:
+    """(entry steps,); in the column layout with more than one column block (column steps,
+    entry steps): the columns outermost, so that the rotary tables' block, which follows the
+    columns only, is fetched once per column step."""
+    steps = self.problems // self.block
+    if self.columns is None or self.column_block == self.columns:
+      return (steps,)
+    return (self.columns // self.column_block, steps)
 
 
 def cost_estimates(problem: Problem) -> tuple[pl.CostEstimate, pl.CostEstimate]:
@@ -97,12 +164,14 @@ def cost_estimates(problem: Problem) -> tuple[pl.CostEstimate, pl.CostEstimate]:
   recompute the scores); bytes every array's block read or written once per grid step, which
   covers each array exactly once (forward: q, k, v in, out; backward: q, k, v, dout in, dq, dk,
   dv out), and with rotary tables, the two tables once each (their block is all of them, the
-  same at every step, so it is fetched once).
+  same at every step, or in the column layout a column step's share of them, which changes
+  only with the grid's outer axis: each fetched once).
   """
-  pairs = problem.problems * problem.heads * problem.length ** 2
-  channels = problem.heads * problem.head_dim
-  array_bytes = problem.problems * problem.length * channels * problem.itemsize
-  table_bytes = 2 * (problem.tables or 0) * problem.length * channels * problem.itemsize
+  sequences = problem.problems * (problem.columns or 1)
+  pairs = sequences * problem.heads * problem.length ** 2
+  array_bytes = sequences * problem.length * problem.channels * problem.itemsize
+  tables = 0 if problem.tables is None else (problem.columns or problem.tables)
+  table_bytes = 2 * tables * problem.length * problem.channels * problem.itemsize
   product = 2 * pairs * problem.head_dim
   forward = pl.CostEstimate(flops=2 * product, transcendentals=pairs,
                             bytes_accessed=4 * array_bytes + table_bytes)
@@ -155,6 +224,28 @@ def _unrotate(dy: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array
   return dy * cos.astype(jnp.float32) + _swap_pairs(dy * signed_sin.astype(jnp.float32))
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array) -> jax.Array:
+  """softmax(q k^T + decay) v of one problem and head, inside a kernel (normalised last)."""
+  logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+  weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+  out = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out / weights.sum(axis=1, keepdims=True)
+
+
+def _attend_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
+                     decay: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """dq, dk, dv (float32) of `_attend` for the cotangent do, the probabilities recomputed."""
+  logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+  weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+  probs = weights * (1.0 / weights.sum(axis=1, keepdims=True))
+  dprobs = jax.lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+  dv = jnp.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+  dlogits = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True))
+  dq = jnp.dot(dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  dk = jnp.dot(dlogits.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+  return dq, dk, dv
+
+
 def _forward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
   q_ref, k_ref, v_ref = refs[:3]
   table_refs = refs[3:5] if rotary else ()
@@ -172,10 +263,7 @@ def _forward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
       if rotary:
         sin, cos = (ref[table, :, channels] for ref in table_refs)
         q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
-      logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
-      weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
-      out = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-      o_ref[p, :, channels] = (out / weights.sum(axis=1, keepdims=True)).astype(o_ref.dtype)
+      o_ref[p, :, channels] = _attend(q, k, v, decay).astype(o_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
@@ -198,14 +286,7 @@ def _backward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
       if rotary:
         sin, cos = (ref[table, :, channels] for ref in table_refs)
         q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
-      logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
-      weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
-      probs = weights * (1.0 / weights.sum(axis=1, keepdims=True))
-      dprobs = jax.lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-      dv = jnp.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-      dlogits = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True))
-      dq = jnp.dot(dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32)
-      dk = jnp.dot(dlogits.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+      dq, dk, dv = _attend_backward(q, k, v, do, decay)
       if rotary:
         dq, dk = _unrotate(dq, sin, cos), _unrotate(dk, sin, cos)
       dq_ref[p, :, channels] = dq.astype(dq_ref.dtype)
@@ -216,6 +297,82 @@ def _backward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
   jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
 
 
+def _chunks(heads: int, head_dim: int) -> list[tuple[int, int, list[int]]]:
+  """(first channel, channels, heads) of each 128-lane chunk of the channels: a column-layout
+  copy holds one chunk (a strided load at a dynamic column of a copy more than 128 lanes wide
+  does not compile). Heads of 16 or 32 channels never straddle two chunks."""
+  channels = heads * head_dim
+  return [(c, min(_LANES, channels - c),
+           [h for h in range(heads) if c <= h * head_dim < c + _LANES])
+          for c in range(0, channels, _LANES)]
+
+
+def _column_scratch(problem: Problem, arrays: int, tables: int) -> list[Any]:
+  """float32 VMEM copies for the column layout: one chunk of one image's block (tokens,
+  columns, lanes) for each of `arrays` inputs and outputs, then all chunks of the step's block
+  of each of `tables` tables."""
+  chunks = _chunks(problem.heads, problem.head_dim)
+  shape = (problem.length, problem.column_block, chunks[0][1])
+  return ([pltpu.VMEM(shape, jnp.float32) for _ in range(arrays)]
+          + [pltpu.VMEM((len(chunks), *shape), jnp.float32) for _ in range(tables)])
+
+
+def _column_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, rotary):
+  """The column layout's kernel around `attend`: for each image of the block and each 128-lane
+  chunk of its channels, float32 copies of the inputs' chunk; for each column (a loop) and head
+  of the chunk, attend(q, k, v, ..., decay) on (tokens, d) strided loads from them (q and k
+  rotated with the tables' column), the results stored strided into float32 copies of the
+  outputs' chunk, which go out to the output blocks in their dtype.
+
+  refs: the `inputs` blocks (q, k, v, ...), the tables' blocks (signed sin, cos) if `rotary`,
+  the `outputs` blocks, then `_column_scratch`'s copies (inputs, outputs, tables).
+  attend: (q, k, v, *rest, decay) -> `outputs` float32 values; the first two are unrotated
+    after it when rotary (dq, dk of the backward).
+  """
+  tables = 2 if rotary else 0
+  in_refs, table_refs = refs[:inputs], refs[inputs:inputs + tables]
+  out_refs = refs[inputs + tables:inputs + tables + outputs]
+  scratch = refs[inputs + tables + outputs:]
+  in_copies, out_copies = scratch[:inputs], scratch[inputs:inputs + outputs]
+  table_copies = scratch[inputs + outputs:]
+  q_ref = in_refs[0]
+  heads = len(log_gamma)
+  decays = [_log_decay(q_ref.shape[1], None, rate) for rate in log_gamma]
+  chunks = _chunks(heads, head_dim)
+  for copy, ref in zip(table_copies, table_refs):  # this column step's tables, once
+    for c, (first, lanes, _) in enumerate(chunks):
+      copy[c, :, :, :lanes] = ref[:, :, first:first + lanes].astype(jnp.float32)
+
+  def image(p, carry):
+    for c, (first, lanes, chunk_heads) in enumerate(chunks):
+      for copy, ref in zip(in_copies, in_refs):
+        copy[:, :, :lanes] = ref[p, :, :, first:first + lanes].astype(jnp.float32)
+
+      def column(x, carry):
+        for h in chunk_heads:
+          lane = h * head_dim - first
+          # (tokens, d) of column x: strided loads, one sublane of each tile.
+          lanes_h = pl.ds(lane, head_dim)
+          args = [copy[:, x, lanes_h].astype(q_ref.dtype) for copy in in_copies]
+          if rotary:
+            sin, cos = (copy[c, :, x, lanes_h] for copy in table_copies)
+            args[:2] = _rotate(args[0], sin, cos), _rotate(args[1], sin, cos)
+          results = attend(*args, decays[h])
+          if rotary and outputs == 3:  # dq, dk: the rotation's transpose
+            results = (_unrotate(results[0], sin, cos), _unrotate(results[1], sin, cos),
+                       *results[2:])
+          for copy, value in zip(out_copies, results):
+            copy[:, x, lanes_h] = value
+        return carry
+
+      jax.lax.fori_loop(0, q_ref.shape[2], column, 0)
+      for ref, copy in zip(out_refs, out_copies):
+        ref[p, :, :, first:first + lanes] = copy[:, :, :lanes].astype(ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, q_ref.shape[0], image, 0)
+
+
 def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequence[jax.Array],
           out_dtypes, cost, interpret):
   """The kernel over blocks of problems of `inputs`; `tables` whole, at every step."""
@@ -224,24 +381,49 @@ def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequenc
     call = lambda flag: lambda *x: _call(kernel, problem, x[:count], x[count:], out_dtypes, cost,
                                          flag)
     return jax.lax.platform_dependent(*inputs, *tables, tpu=call(False), default=call(True))
-  block = pl.BlockSpec((problem.block, problem.length, problem.heads * problem.head_dim),
-                       lambda i: (i, 0, 0))
-  whole = [pl.BlockSpec(t.shape, lambda i: (0, 0, 0)) for t in tables]
+  scratch = []
+  if problem.columns is None:
+    block = pl.BlockSpec((problem.block, problem.length, problem.channels), lambda i: (i, 0, 0))
+    whole = [pl.BlockSpec(t.shape, lambda i: (0, 0, 0)) for t in tables]
+  else:
+    shape = (problem.block, problem.length, problem.column_block, problem.channels)
+    table_shape = shape[1:]
+    if len(problem.grid) == 1:
+      block = pl.BlockSpec(shape, lambda i: (i, 0, 0, 0))
+      whole = [pl.BlockSpec(table_shape, lambda i: (0, 0, 0)) for _ in tables]
+    else:
+      block = pl.BlockSpec(shape, lambda j, i: (i, 0, j, 0))
+      whole = [pl.BlockSpec(table_shape, lambda j, i: (0, j, 0)) for _ in tables]
+    scratch = _column_scratch(problem, len(inputs) + len(out_dtypes), len(tables))
   shape = inputs[0].shape
   operands = (*inputs, *tables)
   return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes],
-      grid=(problem.problems // problem.block,),
+      grid=problem.grid,
       in_specs=[block] * len(inputs) + whole,
       out_specs=[block] * len(out_dtypes),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel',) * len(problem.grid),
+          vmem_limit_bytes=tpu_memory.LIMIT),
       cost_estimate=cost,
       interpret=interpret,
   )(*(operands if interpret else tpu_memory.in_hbm(operands)))
 
 
 def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.Array]) -> Problem:
+  if q.ndim == 4:  # the column layout
+    images, length, columns, channels = q.shape
+    if channels % heads:
+      raise ValueError(f'{channels} channels do not split into {heads} heads')
+    if width is not None:
+      raise ValueError('the column layout is attention along one axis: no width')
+    if tables and tables[0].shape != q.shape[1:]:
+      raise ValueError(f'rotary tables of shape {q.shape[1:]} (the map) expected for the '
+                       f'column layout, got {tables[0].shape}')
+    return Problem(images, length, heads, channels // heads, None, q.dtype.itemsize,
+                   1 if tables else None, columns)
   problems, length, channels = q.shape
   if channels % heads:
     raise ValueError(f'{channels} channels do not split into {heads} heads')
@@ -254,21 +436,28 @@ def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.A
                  tables[0].shape[0] if tables else None)
 
 
-def _kernel(body, problem: Problem, log_gamma):
-  return functools.partial(body, log_gamma=log_gamma, head_dim=problem.head_dim,
-                           width=problem.width, block=problem.block,
-                           rotary=problem.tables is not None)
+def _kernel(backward: bool, problem: Problem, log_gamma):
+  rotary = problem.tables is not None
+  if problem.columns is not None:
+    attend = ((lambda *args: _attend_backward(*args)) if backward
+              else (lambda *args: (_attend(*args),)))
+    return functools.partial(_column_kernel, attend=attend, inputs=4 if backward else 3,
+                             outputs=3 if backward else 1, log_gamma=log_gamma,
+                             head_dim=problem.head_dim, rotary=rotary)
+  return functools.partial(_backward_kernel if backward else _forward_kernel,
+                           log_gamma=log_gamma, head_dim=problem.head_dim,
+                           width=problem.width, block=problem.block, rotary=rotary)
 
 
 def _forward(q, k, v, tables, log_gamma, width, interpret):
   problem = _problem(q, len(log_gamma), width, tables)
-  return _call(_kernel(_forward_kernel, problem, log_gamma), problem, (q, k, v), tables,
+  return _call(_kernel(False, problem, log_gamma), problem, (q, k, v), tables,
                (v.dtype,), cost_estimates(problem)[0], interpret)[0]
 
 
 def _backward(q, k, v, dout, tables, log_gamma, width, interpret):
   problem = _problem(q, len(log_gamma), width, tables)
-  return tuple(_call(_kernel(_backward_kernel, problem, log_gamma), problem, (q, k, v, dout),
+  return tuple(_call(_kernel(True, problem, log_gamma), problem, (q, k, v, dout),
                      tables, (q.dtype, k.dtype, v.dtype), cost_estimates(problem)[1],
                      interpret))
 
@@ -279,17 +468,18 @@ def _per_device(function: Callable, arrays: Sequence[jax.Array], tables: Sequenc
 
   XLA does not partition Mosaic kernels: under a mesh of several devices (the context mesh,
   `jax.set_mesh`, which the trainer sets while tracing its steps) the call is a `shard_map`
-  that splits the problems axis over every device; tokens and channels stay whole, so the
-  kernel sees the same problems, fewer of them. The rotary tables go whole to every device:
-  a device's first problem is a multiple of T (the problems are images x rows or columns, split
-  by image), so problem p still takes table p % T.
+  that splits the leading axis over every device; the others stay whole, so the kernel sees
+  the same problems, fewer of them. The rotary tables go whole to every device: a device's
+  first problem is a multiple of T (the problems are images x rows, split by image), so
+  problem p still takes table p % T; the column layout's leading axis is images.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return function(*arrays, tables, *static)
   spec = PartitionSpec(tuple(mesh.axis_names))
   local = arrays[0].shape[0] // mesh.size
-  if arrays[0].shape[0] % mesh.size or (tables and local % tables[0].shape[0]):
+  rows = tables and arrays[0].ndim == 3  # problem p takes table p % T
+  if arrays[0].shape[0] % mesh.size or (rows and local % tables[0].shape[0]):
     raise ValueError(f'{arrays[0].shape[0]} attention problems do not split over '
                      f'{mesh.size} devices' + (' by image' if tables else ''))
   count = len(arrays)
@@ -318,6 +508,14 @@ def _attention_bwd(log_gamma, width, interpret, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def columns_fit_vmem(shape: Sequence[int], heads: int, itemsize: int) -> bool:
+  """Whether `decayed_attention`'s column layout of a (b, h, w, heads * d) map in this itemsize
+  fits VMEM (`tpu_memory.BUDGET`): all but float32 maps of 28 columns with more than 128
+  channels (RMT-B and RMT-L's stage 2 at 224 pixels computing in float32)."""
+  images, length, columns, channels = shape
+  return Problem(images, length, heads, channels // heads, None, itemsize, 1, columns).fits_vmem
+
+
 def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Sequence[float], *,
                       width: int | None = None,
                       rotary: tuple[jax.Array, jax.Array] | None = None,
@@ -326,6 +524,8 @@ def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Seque
 
   Args:
     q: (problems, tokens, heads * d), already scaled; head h owns channels [h*d, (h+1)*d).
+      Or the column layout, (b, h, w, heads * d): attention along h in each of the w columns
+      of each image (the axial column pass, without transposing the map).
     k: like q.
     v: like q; the output takes its dtype.
     log_gamma: the per-head log decay rates (`decay.log_gamma`), static numbers.
@@ -334,23 +534,24 @@ def decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_gamma: Seque
     rotary: None if q and k are already rotated; else (sin, cos), each (T, tokens, heads * d)
       with T dividing `problems`, and the kernels apply `layers.theta_shift` to q and k of
       problem p with table p % T (for the row pass of a (b, h, w) map: the tables at (h, w)
-      and T = h), so that the rotated q and k never pass through HBM. Not differentiated.
+      and T = h), so that the rotated q and k never pass through HBM; in the column layout
+      (h, w, heads * d), the tables of the map (column x takes [:, x]). Not differentiated.
     interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
       default) chooses at lowering: Mosaic when lowered for a TPU, else the interpreter, which
       computes the same function slowly (so that `kernels='tpu'` can be tested on a CPU).
 
   Returns:
-    (problems, tokens, heads * d) in v's dtype. Differentiable in q, k and v (a second kernel).
+    q's shape, in v's dtype. Differentiable in q, k and v (a second kernel).
   """
-  if not q.shape == k.shape == v.shape or q.ndim != 3:
-    raise ValueError(f'q, k, v of one shape (problems, tokens, channels) expected, got '
-                     f'{q.shape}, {k.shape}, {v.shape}')
+  if not q.shape == k.shape == v.shape or q.ndim not in (3, 4):
+    raise ValueError(f'q, k, v of one shape (problems, tokens, channels) or (images, tokens, '
+                     f'columns, channels) expected, got {q.shape}, {k.shape}, {v.shape}')
   rates = tuple(float(r) for r in np.asarray(log_gamma, np.float32))
   tables = ()
   if rotary is not None:
     sin, cos = rotary
     if sin.shape != cos.shape or sin.ndim != 3:
-      raise ValueError(f'rotary (sin, cos) of one shape (T, tokens, channels) expected, got '
+      raise ValueError(f'rotary (sin, cos) of one 3-d shape expected, got '
                        f'{sin.shape}, {cos.shape}')
     # The sign of theta_shift's swapped term goes into the sin table, as there.
     signed_sin = (sin.reshape(*sin.shape[:-1], -1, 2) * np.array([-1, 1], sin.dtype)
