@@ -12,18 +12,21 @@ grid step holds a block of whole problems in VMEM and the scores never leave it:
   attention see it as (problems, tokens, channels). The column pass takes it as it is: a block
   is a few images' tokens of a few columns, (images, h, columns, channels), which the grid's
   DMA gathers from HBM; inside, each column's (h, d) slices are strided VMEM loads (one
-  sublane of each (8, 128) tile) from a float32 copy of the block (Mosaic loads a single row
-  of a packed bfloat16 tile, or at a dynamic row of more than one 128-lane tile, in neither
-  form: the copy is float32 and split into 128-lane chunks). In the plain form the column pass
-  transposes q, k, the row pass' output, its own output and all their cotangents: eight
-  copies of a stream-sized array per block and step, a third of a stage-1 block's estimate.
+  sublane of each (8, 128) tile) from a float32 copy of the block, one 128-lane chunk at a time
+  (Mosaic compiles neither a single-row load from a packed bfloat16 tile nor one at a dynamic
+  row of a buffer wider than 128 lanes), and the results strided stores. In the plain form the
+  column pass transposes q, k, the row pass' output, its own output and all their cotangents:
+  eight copies of a stream-sized array per block and step, a third of a stage-1 block's
+  estimate. Where the column layout's blocks do not fit VMEM (`columns_fit_vmem`), the caller
+  transposes the columns into rows as the plain form does.
 - The decay, log(gamma_h) * distance, is computed inside the kernel from token positions (axial:
   |i - j|; whole: the Manhattan distance of raster positions), never read from memory: the same
   float32 products as `decay.axial_decay` / `decay.manhattan_decay`, bit for bit.
 - The rotary shift (`layers.theta_shift`) is applied to q and k inside the kernels, from sin
-  and cos tables that stay in VMEM (one per row, column or map; problem p takes table p % T),
-  the channel pairs swapped by lane rotations: rotated copies of q and k never pass through
-  HBM (outside, the shift and its transpose were a fifth of stage 1's traffic). The backward
+  and cos tables that stay in VMEM (one per row or map, problem p taking table p % T; in the
+  column layout, the map's, column x taking [:, x]), the channel pairs swapped by lane
+  rotations: rotated copies of q and k never pass through HBM (outside, the shift and its
+  transpose were a fifth of stage 1's traffic). The backward
   kernel rotates again and applies the shift's transpose to dq and dk.
 - The softmax runs in float32 and is normalised after the product with v, as in the plain form.
 - The backward pass is a second kernel that recomputes the probabilities from q and k (their
@@ -375,7 +378,8 @@ def _column_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, rotary):
 
 def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequence[jax.Array],
           out_dtypes, cost, interpret):
-  """The kernel over blocks of problems of `inputs`; `tables` whole, at every step."""
+  """The kernel over blocks of problems of `inputs`; `tables` whole at every step (the column
+  layout: the column step's share of them)."""
   if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
     count = len(inputs)
     call = lambda flag: lambda *x: _call(kernel, problem, x[:count], x[count:], out_dtypes, cost,
@@ -439,8 +443,7 @@ def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.A
 def _kernel(backward: bool, problem: Problem, log_gamma):
   rotary = problem.tables is not None
   if problem.columns is not None:
-    attend = ((lambda *args: _attend_backward(*args)) if backward
-              else (lambda *args: (_attend(*args),)))
+    attend = _attend_backward if backward else (lambda *args: (_attend(*args),))
     return functools.partial(_column_kernel, attend=attend, inputs=4 if backward else 3,
                              outputs=3 if backward else 1, log_gamma=log_gamma,
                              head_dim=problem.head_dim, rotary=rotary)
