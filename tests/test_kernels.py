@@ -2,8 +2,8 @@
 
 The single operations' CPU forms are tested against their definitions in test_cpu_forms.py and
 each form's parity with the official outputs in test_model.py; here the whole network's
-gradients under each form are compared, and 'auto' is shown to follow the platform the
-computation is lowered for, not the host's default backend.
+gradients under each form are compared, and 'auto' is shown to follow the devices in context
+(the context mesh's, else the default backend's).
 """
 
 import jax
@@ -15,18 +15,23 @@ from conftest import relative_error
 from rmt_jax.models import create_model, kernels
 
 
-def test_auto_takes_the_form_of_the_platform_lowered_for():
-  f = jax.jit(lambda x: kernels.select('auto', x, xla=lambda x: 2 * x, cpu=lambda x: 3 * x))
-  assert float(f(jnp.float32(1.0))) == 3.0  # lowered for this host's CPU
-  # Lowered for another platform than the host's, without compiling: the default (plain) form.
-  text = f.trace(jnp.float32(1.0)).lower(lowering_platforms=('cuda',)).as_text()
-  assert 'constant(2.0' in text.replace(' ', '') or '2.000000e+00' in text
-  assert '3.000000e+00' not in text
-  # The TPU form, for a TPU.
-  g = jax.jit(lambda x: kernels.select('auto', x, xla=lambda x: 2 * x, cpu=lambda x: 3 * x,
-                                       tpu=lambda x: 5 * x))
-  text = g.trace(jnp.float32(1.0)).lower(lowering_platforms=('tpu',)).as_text()
-  assert '5.000000e+00' in text and '3.000000e+00' not in text
+def test_auto_takes_the_form_of_the_devices_in_context():
+  def forms(x):
+    return kernels.select('auto', x, xla=lambda x: 2 * x, cpu=lambda x: 3 * x,
+                          tpu=lambda x: 5 * x)
+
+  assert float(jax.jit(forms)(jnp.float32(1.0))) == 3.0  # this host's CPU
+  # Only the resolved form is traced: 'auto' costs no more tracing than naming the form.
+  assert str(jax.make_jaxpr(forms)(1.0)).count('mul') == 1
+  # Under a mesh of other devices (as when compiling ahead of time for a TPU slice), theirs.
+  for platform, factor in (('tpu', 5.0), ('cuda', 2.0)):
+    device = jax.sharding.AbstractDevice(device_kind=platform, num_cores=None,
+                                         platform=platform)
+    mesh = jax.sharding.AbstractMesh((1,), ('data',), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+      assert kernels.for_context() == kernels.for_platform(platform)
+      text = str(jax.make_jaxpr(forms)(1.0))
+    assert f'{factor}' in text and '3.0' not in text, text
 
 
 def test_explicit_forms_and_resolution():
@@ -49,8 +54,8 @@ def test_explicit_forms_and_resolution():
 
 
 def test_every_form_gives_the_same_training_gradients():
-  # 'auto' on this CPU host is the CPU forms reached through `platform_dependent`, whose
-  # gradient path (a switch) is what this adds to test_cpu_forms.py.
+  # 'auto' on this CPU host is the CPU forms; whole-network gradients are what this adds to
+  # test_cpu_forms.py.
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
   base = create_model('rmt_tiny', num_classes=10)
   variables = base.init(jax.random.key(0), images)

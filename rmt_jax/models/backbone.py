@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rmt_jax.models import initializers
 from rmt_jax.models import layers
+from rmt_jax.models import network
 from rmt_jax.models.rmt import Stage, check_stages, drop_path_rates
 
 Dtype = Any
@@ -34,7 +36,7 @@ class FeatureInfo(NamedTuple):
   stride: int
 
 
-class RMTBackbone(nn.Module):
+class RMTBackbone(network.Network):
   """The official detection / segmentation `RMT`: multi-scale NHWC maps, no head.
 
   Attributes follow the official class's arguments, except `axial` (official
@@ -92,7 +94,8 @@ class RMTBackbone(nn.Module):
     # PyTorch's LayerNorm default eps, not the blocks' 1e-6: the official class builds these
     # with `nn.LayerNorm(embed_dims[i])`.
     self.extra_norms = [nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
-                                     param_dtype=self.param_dtype) for _ in range(n)]
+                                     param_dtype=self.param_dtype, scale_init=initializers.ONES,
+                                     bias_init=initializers.ZEROS) for _ in range(n)]
 
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     """The maps of the stages in `out_indices`.

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rmt_jax.models import initializers
+
 Dtype = Any
 
 
@@ -55,10 +57,12 @@ class BatchNorm(nn.Module):
         variance would divide by zero).
     """
     features = x.shape[-1]
-    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
-    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    running_mean = self.variable('batch_stats', 'mean', initializers.ZEROS.array, (features,),
+                                 jnp.float32)
+    running_var = self.variable('batch_stats', 'var', initializers.ONES.array, (features,),
+                                jnp.float32)
+    scale = self.param('scale', initializers.ONES, (features,), self.param_dtype)
+    bias = self.param('bias', initializers.ZEROS, (features,), self.param_dtype)
     x = x.astype(jnp.float32)
     if use_running_average:
       mean, var = running_mean.value, running_var.value

@@ -13,13 +13,14 @@ a block's out_proj, residuals, norm and FFN); every form computes the same funct
 - `'tpu'`: the TPU forms where an operation has one (the decayed attention and LePE; the
   block's first half, the projections, the block's second half and the FFN where they fit
   VMEM), else the plain ones.
-- `'auto'` (the default): all are staged out with `jax.lax.platform_dependent` and the one for
-  the platform the computation is *lowered for* is compiled (the compiler never sees the other).
-  A computation compiled ahead of time for a TPU from a CPU host gets the TPU's forms.
+- `'auto'` (the default): resolved when the model is traced, to the forms of the devices in
+  context: the context mesh's (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`) where one is
+  set, else the default backend's. Only the resolved form is traced, so `'auto'` costs no more
+  than naming the form. To compile ahead of time for other devices than the host's (a TPU
+  slice from a CPU host), trace under a mesh of those devices or name the form.
 
 Code that knows its target devices (the trainer, the benchmarks, `rmt_jax.tpu_compile`) resolves
-the field up front with `for_devices`, so that its programs carry one form only; `'auto'` serves
-users who call `model.apply` directly.
+the field up front with `for_devices`; `'auto'` serves users who call `model.apply` directly.
 """
 
 from typing import Any, Callable, Iterable
@@ -54,6 +55,15 @@ def for_devices(devices: Iterable[jax.Device] | Any) -> str:
   return for_platform(platforms.pop())
 
 
+def for_context() -> str:
+  """The kernel forms for the devices being traced for: the context mesh's where one is set
+  (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return for_platform(mesh.abstract_device.platform)
+  return for_platform(jax.default_backend())
+
+
 def check(kernels: str) -> str:
   """`kernels` itself, or a ValueError naming the choices."""
   if kernels not in KERNELS:
@@ -63,7 +73,7 @@ def check(kernels: str) -> str:
 
 def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[..., Any],
            tpu: Callable[..., Any] | None = None) -> Any:
-  """`xla(*args)`, `cpu(*args)` or `tpu(*args)` as `kernels` says; for 'auto', chosen at lowering.
+  """`xla(*args)`, `cpu(*args)` or `tpu(*args)` as `kernels` says ('auto': `for_context()`).
 
   Args:
     kernels: 'auto', 'xla', 'cpu' or 'tpu'.
@@ -74,12 +84,12 @@ def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[...,
     tpu: the TPU form; None (an operation without one) takes the plain form.
   """
   tpu = xla if tpu is None else tpu
+  if kernels == 'auto':
+    kernels = for_context()
   if kernels == 'xla':
     return xla(*args)
   if kernels == 'cpu':
     return cpu(*args)
   if kernels == 'tpu':
     return tpu(*args)
-  if kernels == 'auto':
-    return jax.lax.platform_dependent(*args, cpu=cpu, tpu=tpu, default=xla)
   check(kernels)

@@ -22,6 +22,7 @@ import numpy as np
 from rmt_jax.models import attention_maps
 from rmt_jax.models import cpu_forms
 from rmt_jax.models import decay
+from rmt_jax.models import initializers
 from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import tpu_block_head
 from rmt_jax.models import tpu_block_tail
@@ -35,19 +36,14 @@ Dtype = Any
 
 # The official model re-initialises every Linear with trunc_normal(std=0.02) and zero bias
 # (`VisRetNet._init_weights`, applied after the retention's own xavier init).
-dense_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+dense_kernel_init = initializers.TruncatedNormal(stddev=0.02)
 # PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+conv_kernel_init = initializers.FanInUniform()
 
 
-def _conv_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+def _conv_bias_init(fan_in: int) -> initializers.Uniform:
   """PyTorch's default Conv2d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return initializers.Uniform(1.0 / np.sqrt(fan_in))
 
 
 def conv3x3(features: int, in_features: int, stride: int, dtype: Dtype, param_dtype: Dtype,
@@ -108,7 +104,7 @@ _LAYER_NORM_EPS = 1e-6
 
 def layer_norm(name: str | None, param_dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
-                      name=name)
+                      scale_init=initializers.ONES, bias_init=initializers.ZEROS, name=name)
 
 
 class LayerNormParams(nn.Module):
@@ -121,8 +117,8 @@ class LayerNormParams(nn.Module):
 
   @nn.compact
   def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
-    return (self.param('scale', nn.initializers.ones_init(), (features,), self.param_dtype),
-            self.param('bias', nn.initializers.zeros_init(), (features,), self.param_dtype))
+    return (self.param('scale', initializers.ONES, (features,), self.param_dtype),
+            self.param('bias', initializers.ZEROS, (features,), self.param_dtype))
 
 
 def apply_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
@@ -132,7 +128,7 @@ def apply_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Arr
 
 def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_kernel_init,
-                  name=name)
+                  bias_init=initializers.ZEROS, name=name)
 
 
 class LinearParams(nn.Module):
@@ -148,7 +144,7 @@ class LinearParams(nn.Module):
   def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
     kernel = self.param('kernel', dense_kernel_init, (in_features, self.features),
                         self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    bias = self.param('bias', initializers.ZEROS, (self.features,), self.param_dtype)
     return kernel, bias
 
 
@@ -711,7 +707,7 @@ class RetBlock(nn.Module):
                                 ffn, gammas, drop_scales, **forms)
 
   def _gamma(self, name: str, dim: int) -> jax.Array:
-    init = nn.initializers.constant(self.layer_init_values)
+    init = initializers.Constant(self.layer_init_values)
     return self.param(name, init, (dim,), self.param_dtype).astype(self.dtype)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmt_jax.models import network
 from rmt_jax.models import kernels as kernels_lib
 from rmt_jax.models import layers
 
@@ -48,7 +49,10 @@ class Stage(nn.Module):
     if batch_norm_train is None:
       batch_norm_train = train
     # static_argnums counts the module itself: `train` is argument 2 of (self, x, train).
-    block_cls = nn.remat(layers.RetBlock, static_argnums=(2,)) if self.remat else layers.RetBlock
+    # Parameters are the same either way; remat at init would rebuild them through
+    # `jax.checkpoint` (and hide them from `initializers.init_in_one_draw`).
+    remat = self.remat and not self.is_initializing()
+    block_cls = nn.remat(layers.RetBlock, static_argnums=(2,)) if remat else layers.RetBlock
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.initial_value, self.heads_range, self.axial,
                     self.mlp_ratio, self.drop_path[i], self.layerscale, self.layer_init_values,
@@ -84,7 +88,7 @@ def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[tuple[
   return [tuple(rates[starts[i]:starts[i + 1]]) for i in range(len(depths))]
 
 
-class RMT(nn.Module):
+class RMT(network.Network):
   """RMT backbone and classifier.
 
   Attributes follow the official `VisRetNet` arguments, except `axial` (official
