@@ -16,13 +16,10 @@ from typing import Sequence
 
 import tensorflow as tf
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from rmt_jax.eval_preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
-# tf.image.resize names; PIL's (and so torchvision's) bicubic and bilinear are antialiased
-# when downscaling, and `antialias=True` gives TF the same behaviour.
-_RESIZE_METHODS = {'bicubic': 'bicubic', 'bilinear': 'bilinear', 'nearest': 'nearest',
-                   'area': 'area', 'lanczos3': 'lanczos3'}
+MEAN_RGB = tuple(m * 255 for m in IMAGENET_MEAN)
+STDDEV_RGB = tuple(s * 255 for s in IMAGENET_STD)
 
 
 def _split(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
@@ -40,11 +37,16 @@ def _randint_inclusive(seed, high: tf.Tensor) -> tf.Tensor:
 
 
 def resize(image: tf.Tensor, height, width, method: str) -> tf.Tensor:
-  """Resizes like PIL (antialiased), returning float32 clipped to [0, 255]."""
-  if method not in _RESIZE_METHODS:
-    raise ValueError(f'interpolation must be one of {sorted(_RESIZE_METHODS)}, got {method!r}')
+  """Resizes like PIL (antialiased), returning float32 clipped to [0, 255].
+
+  `method` is a tf.image.resize name (`eval_preprocessing.INTERPOLATIONS`); PIL's (and so
+  torchvision's) bicubic and bilinear are antialiased when downscaling, and `antialias=True`
+  gives TF the same behaviour.
+  """
+  if method not in INTERPOLATIONS:
+    raise ValueError(f'interpolation must be one of {sorted(INTERPOLATIONS)}, got {method!r}')
   out = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]),
-                        method=_RESIZE_METHODS[method], antialias=True)
+                        method=method, antialias=True)
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -162,10 +164,13 @@ def decode_and_center_crop(image_bytes: tf.Tensor, *, size: int, crop_pct: float
   return image
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """uint8 RGB in [0, 255] -> float32 standardised by the ImageNet mean and std."""
+def normalize(image: tf.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> tf.Tensor:
+  """uint8 RGB in [0, 255] -> float32 standardised by `mean` and `std` (fractions of 255,
+  timm's convention; default ImageNet's)."""
   image = tf.cast(image, tf.float32)
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+  return ((image - tf.constant([m * 255 for m in mean], tf.float32))
+          / tf.constant([s * 255 for s in std], tf.float32))
 
 
 def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, probability: float = 0.25,

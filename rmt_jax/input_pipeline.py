@@ -28,6 +28,7 @@ import tensorflow as tf
 from rmt_jax import augment
 from rmt_jax import class_names as class_names_lib
 from rmt_jax import data_sources
+from rmt_jax import eval_preprocessing
 from rmt_jax import mixup as mixup_lib
 from rmt_jax import randaugment as randaugment_lib
 
@@ -54,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Eval: resize shorter side to floor(image_size / crop_pct), centre crop image_size.
   c.crop_pct = 0.875  # --eval-crop-ratio
   c.interpolation = 'bicubic'  # --train-interpolation
+  # Normalisation (train and eval), as fractions of 255: timm's ImageNet mean and std.
+  c.mean = eval_preprocessing.IMAGENET_MEAN
+  c.std = eval_preprocessing.IMAGENET_STD
   c.random_resized_crop = True  # False: train images get the eval resize + centre crop.
   c.rrc_scale = (0.08, 1.0)
   c.rrc_ratio = (3 / 4, 4 / 3)
@@ -190,7 +194,7 @@ def train_preprocess(raw: dict[str, tf.Tensor], seed: tf.Tensor,
   policy = randaugment_lib.parse_policy(cfg.randaugment)
   if policy is not None:
     image = randaugment_lib.randaugment(image, s_ra, policy)
-  image = augment.normalize(image)
+  image = augment.normalize(image, cfg.mean, cfg.std)
   if cfg.reprob > 0:
     image = augment.random_erasing(image, s_erase, probability=cfg.reprob, mode=cfg.remode,
                                    min_area=cfg.re_min_area, max_area=cfg.re_max_area,
@@ -200,9 +204,25 @@ def train_preprocess(raw: dict[str, tf.Tensor], seed: tf.Tensor,
 
 
 def eval_preprocess(raw: dict[str, tf.Tensor], cfg: ml_collections.ConfigDict):
+  """Decoded, centre-cropped, normalised float32 [S, S, 3] image from raw bytes: the
+  evaluation preprocessing stored with the weights (`eval_preprocessing.from_config(cfg)`)."""
   image = augment.decode_and_center_crop(raw['image'], size=cfg.image_size,
                                          crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-  return {'image': augment.normalize(image), 'label': raw['label']}
+  return {'image': augment.normalize(image, cfg.mean, cfg.std), 'label': raw['label']}
+
+
+def with_eval_preprocessing(cfg: ml_collections.ConfigDict,
+                            preprocessing: eval_preprocessing.EvalPreprocessing
+                            ) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose evaluation preprocesses as `preprocessing` says (e.g. as the
+  weights being evaluated were; see `rmt_jax.eval_preprocessing`)."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.image_size = preprocessing.image_size
+  cfg.crop_pct = preprocessing.crop_pct
+  cfg.interpolation = preprocessing.interpolation
+  cfg.mean = tuple(preprocessing.mean)
+  cfg.std = tuple(preprocessing.std)
+  return cfg
 
 
 def mixup_config(cfg: ml_collections.ConfigDict) -> mixup_lib.MixupConfig:
