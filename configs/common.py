@@ -82,4 +82,7 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.init_from = ''
   c.init_reinit_head = False  # True: fresh head even when the shapes match.
   c.eval_only = False  # Evaluate init_from over the whole eval split, then stop.
+  # Eval-only's image size, crop_pct, interpolation, mean and std: 'weights' = those stored
+  # with init_from (config.data's where it stores none); 'config' = config.data's.
+  c.eval_only_preprocessing = 'weights'
   return c

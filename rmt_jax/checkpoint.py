@@ -97,7 +97,8 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     variables: {'params', 'batch_stats', ...} of arrays.
     metadata: JSON-serialisable description; must name the variant under 'model' (and any
       `create_model` overrides under 'model_overrides') so that readers can rebuild the model;
-      'class_names' (one per output, in label order) names the classes for `predict`.
+      'class_names' (one per output, in label order) names the classes for `predict`;
+      'eval_preprocessing' (`rmt_jax.eval_preprocessing`) says how `predict` prepares images.
 
   Raises:
     FileExistsError: `path` exists.
@@ -167,8 +168,8 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   Returns:
     (variables, metadata): variables = {'params', 'batch_stats'[, 'official_buffers']} as
     NumPy arrays; metadata = the JSON description: 'model' and 'model_overrides' (the
-    `create_model` arguments), 'class_names' where the writer stored them, and whatever else
-    the writer added ('step', 'weights', 'source', ...).
+    `create_model` arguments), 'class_names' and 'eval_preprocessing' where the writer stored
+    them, and whatever else the writer added ('step', 'weights', 'source', ...).
 
   Raises:
     CheckpointNotFoundError: `path` holds no checkpoint that rmt_jax can read.
@@ -188,7 +189,8 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 #
 #   WORKDIR/checkpoints/<step>/state/   the train state pytree (each process writes its shards)
 #   WORKDIR/checkpoints/<step>/data/    the input pipeline position (JSON, process 0 writes)
-#   WORKDIR/checkpoints/<step>/meta/    {'model', 'model_overrides', 'step'} (JSON)
+#   WORKDIR/checkpoints/<step>/meta/    {'model', 'model_overrides', 'step', 'class_names',
+#                                        'eval_preprocessing'} (JSON)
 #
 # orbax writes each step into a temporary directory and renames it when every process has
 # finished, so a run killed mid-save leaves the previous step as the latest complete one.
@@ -319,7 +321,7 @@ def load_train_state(path: str | os.PathLike,
 
   Returns:
     ({'step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'rng'}
-    as nested dicts of arrays, {'model', 'model_overrides', 'step'}).
+    as nested dicts of arrays, {'model', 'model_overrides', 'step', ...what the run stored}).
 
   Raises:
     CheckpointNotFoundError: no complete training checkpoint there.
@@ -351,9 +353,7 @@ def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[
   prefix = 'ema_' if use_ema else ''
   variables = {'params': state[prefix + 'params'],
                'batch_stats': state.get(prefix + 'batch_stats') or {}}
-  metadata = {'format': FORMAT, 'version': 1, 'model': meta['model'],
-              'model_overrides': meta.get('model_overrides', {}), 'step': int(step),
+  # Whatever the run stored ('class_names', 'eval_preprocessing', ...) reaches the reader.
+  metadata = {'model_overrides': {}, **meta, 'format': FORMAT, 'version': 1, 'step': int(step),
               'weights': 'ema' if use_ema else 'raw', 'source': f'{directory}/{step}'}
-  if meta.get('class_names'):
-    metadata['class_names'] = list(meta['class_names'])
   return jax.tree.map(np.asarray, variables), metadata

@@ -17,8 +17,10 @@ a variables directory (`rmt_jax.checkpoint.save_variables`: orbax + JSON descrip
 `{'model': state_dict}` for the official code's `load_state_dict(..., strict=True)`. Both write
 atomically and fail with one line on stderr and exit status 1. `--src` and `--dst` may be local
 or on an object store (gs://...). A 1000-class model's directory stores ImageNet's class names
-(`rmt_jax.class_names`), which `python -m rmt_jax.predict` prints. torch is imported only by the
-functions that read or write `.pth` files: `import rmt_jax.convert` and the model run without it.
+(`rmt_jax.class_names`), which `python -m rmt_jax.predict` prints, and every classifier's the
+official evaluation preprocessing (`rmt_jax.eval_preprocessing.OFFICIAL`), which it applies.
+torch is imported only by the functions that read or write `.pth` files: `import
+rmt_jax.convert` and the model run without it.
 
 The mapping is a rename plus a transpose, derived from the Flax variable tree itself:
 
@@ -59,6 +61,7 @@ import numpy as np
 
 from rmt_jax import checkpoint
 from rmt_jax import class_names
+from rmt_jax import eval_preprocessing
 from rmt_jax import loading
 from rmt_jax.models import RMT, VARIANTS, canonical_name, create_model
 from rmt_jax.models import decay
@@ -509,7 +512,9 @@ def _torch2flax(args: argparse.Namespace) -> str:
       'model': name, 'model_overrides': overrides, 'parameter_count': count,
       'source': {'file': str(checkpoint.resolve_path(args.src)), **source,
                  'sha256': _sha256(args.src)},
-      'converted_by': 'python -m rmt_jax.convert torch2flax'}
+      'converted_by': 'python -m rmt_jax.convert torch2flax',
+      # The official evaluation (timm's 224 crop at 0.875, bicubic, ImageNet mean/std).
+      eval_preprocessing.METADATA_KEY: eval_preprocessing.OFFICIAL.to_metadata()}
   if overrides['num_classes'] == class_names.IMAGENET_NUM_CLASSES:
     metadata['class_names'] = class_names.imagenet_class_names()
   checkpoint.save_variables(dst, variables, metadata)

@@ -139,6 +139,8 @@ def torch2flax(args: argparse.Namespace) -> str:
       'source': {'file': str(pathlib.Path(args.src).absolute()), **source, **report,
                  'sha256': convert._sha256(args.src)},  # pylint: disable=protected-access
       'converted_by': 'python -m rmt_jax.convert torch2flax --backbone'}
+  # No 'eval_preprocessing': detection and segmentation resize whole images, without the
+  # classifier's centre crop, so there is no crop recipe to store.
   checkpoint.save_variables(dst, variables, metadata)
   used = len(state_dict) - sum(report['not_converted'].values())
   return (f'{name} backbone: {count:,} parameters, {used} tensors from {entry} of {args.src} '

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from rmt_jax import checkpoint
+from rmt_jax import eval_preprocessing
 from rmt_jax import input_pipeline
 from rmt_jax import loading
 from rmt_jax import metrics_writer
@@ -360,19 +361,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
 
 
-def _eval_iterator(config, mesh):
+def _eval_iterator(config, mesh, data):
+  """One pass over the eval split that `data` (config.data or a variant of it) describes."""
   return input_pipeline.create_eval_iterator(
-      config.data, global_batch_size=config.eval_batch_size,
+      data, global_batch_size=config.eval_batch_size,
       mesh_sharding=sharding.batch_sharding(mesh))
 
 
 def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
-  """Loads `config.init_from` and reports top-1/top-5/loss over the whole eval split."""
+  """Loads `config.init_from` and reports top-1/top-5/loss over the whole eval split, its
+  images preprocessed as `config.eval_only_preprocessing` says."""
   if not config.init_from:
     raise ValueError('config.eval_only needs config.init_from (converted weights or a run).')
   model, variables, metadata = loading.load_with_metadata(
       config.init_from, dtype=jnp.dtype(config.get('dtype', 'float32')),
       kernels=kernel_forms.for_devices(mesh))
+  # The weights are evaluated as their own run evaluated them (config.data's where they store
+  # nothing), unless the config asks for its own preprocessing, e.g. to test another size.
+  choice = config.get('eval_only_preprocessing', 'weights')
+  if choice not in ('weights', 'config'):
+    raise ValueError(f"config.eval_only_preprocessing must be 'weights' or 'config', got "
+                     f'{choice!r}')
+  preprocessing, origin = eval_preprocessing.from_config(config.data), 'config.data'
+  if choice == 'weights':
+    preprocessing, origin = eval_preprocessing.from_metadata(metadata, default=preprocessing)
+    if origin == eval_preprocessing.DEFAULT:
+      origin = 'config.data: init_from stores none'
+  data = input_pipeline.with_eval_preprocessing(config.data, preprocessing)
+  logging.info('Eval-only preprocessing: %s (%s).', preprocessing.describe(), origin)
   weights = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   shardings = sharding.state_shardings(weights, mesh, config.fsdp_min_size)
   weights = _place(weights, shardings)
@@ -382,7 +398,7 @@ def _evaluate_only(config, workdir, mesh, writer) -> dict[str, Any]:
                                               'mask': batch_sh}),
                     out_shardings=sharding.replicated(mesh))
   start = time.time()
-  results = evaluate(eval_fn, weights, _eval_iterator(config, mesh))['raw']
+  results = evaluate(eval_fn, weights, _eval_iterator(config, mesh, data))['raw']
   step = int(metadata.get('step', 0))
   event = writer.write(step, 'eval_only', {'loss': results['loss'], 'top1': results['top1'],
                                            'top5': results['top5'],
@@ -476,7 +492,7 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.global_batch_size, seed=config.seed,
       mesh_sharding=batch_sh)
-  eval_data = _eval_iterator(config, mesh)
+  eval_data = _eval_iterator(config, mesh, config.data)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = (int(config.total_steps) if config.get('total_steps', -1) > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -499,7 +515,11 @@ def _train(config, workdir, mesh, writer) -> dict[str, Any]:
 
   ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=config.max_to_keep,
                                       async_save=config.async_checkpoints)
-  meta = {'model': config.model, 'model_overrides': model_overrides(config)}
+  # The evaluation's preprocessing travels with the weights: predict, visualize and eval-only
+  # runs prepare images as this run's evaluation did (a 32 px digit is no 224 px photo).
+  meta = {'model': config.model, 'model_overrides': model_overrides(config),
+          eval_preprocessing.METADATA_KEY:
+              eval_preprocessing.from_config(config.data).to_metadata()}
   names = input_pipeline.class_names(config.data)
   if names:  # `predict` prints them (a folder's class names, ImageNet's readable names).
     meta['class_names'] = names

@@ -90,7 +90,10 @@ def test_resume_order(tmp_path):
 
 def test_load_variables_reads_a_training_workdir(tmp_path):
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
-  meta = {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 10}}
+  preprocessing = {'image_size': 32, 'crop_pct': 1.0, 'interpolation': 'bilinear',
+                   'mean': [0.5] * 3, 'std': [0.25] * 3}
+  meta = {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 10},
+          'class_names': [str(i) for i in range(10)], 'eval_preprocessing': preprocessing}
   ckpt.save(4, _state(4.0), {'epoch': 0, 'step_in_epoch': 4}, meta)
   ckpt.save(6, _state(6.0), {'epoch': 0, 'step_in_epoch': 6}, meta)
   ckpt.close()
@@ -98,6 +101,9 @@ def test_load_variables_reads_a_training_workdir(tmp_path):
     variables, metadata = checkpoint.load_variables(path)
     assert metadata['model'] == 'rmt_tiny' and metadata['step'] == 6
     assert metadata['weights'] == 'ema' and metadata['model_overrides'] == {'num_classes': 10}
+    # What the run stored with its weights reaches their readers (predict, eval-only).
+    assert metadata['class_names'] == meta['class_names']
+    assert metadata['eval_preprocessing'] == preprocessing
     assert isinstance(variables['params']['fc']['kernel'], np.ndarray)
     np.testing.assert_array_equal(variables['params']['fc']['kernel'], 6.5)  # EMA = +0.5.
     np.testing.assert_array_equal(variables['batch_stats']['norm']['mean'], 6.0)

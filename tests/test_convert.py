@@ -16,6 +16,7 @@ import pytest
 from conftest import CASES, official_case, official_manifest, relative_error
 from rmt_jax import checkpoint
 from rmt_jax import convert
+from rmt_jax import eval_preprocessing
 from rmt_jax.models import create_model, from_official_kwargs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -232,6 +233,17 @@ def test_flags_override_what_the_file_says(bad_files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and says in err and err.count('\n') == 1, err
   assert not (tmp_path / 'out').exists()
+
+
+def test_converted_weights_store_the_official_eval_preprocessing(bad_files, tmp_path, capsys):
+  assert convert.main(['torch2flax', '--model', 'rmt_tiny', '--src',
+                       str(bad_files / 'rmt_tiny.pth'), '--dst', str(tmp_path / 'out')]) == 0
+  capsys.readouterr()
+  metadata = checkpoint.read_metadata(tmp_path / 'out')
+  # predict then prepares images as the official evaluation did (224, 0.875, bicubic).
+  assert metadata['eval_preprocessing'] == eval_preprocessing.OFFICIAL.to_metadata()
+  assert eval_preprocessing.from_metadata(metadata) == (eval_preprocessing.OFFICIAL,
+                                                        eval_preprocessing.STORED)
 
 
 def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_directory(

@@ -1,6 +1,7 @@
 """Tests of rmt_jax.train: the train step's EMA, gradient accumulation and loss; eval masking;
 fine-tuning's head rule; the official recipe in the configs; the loop's stop on a non-finite
-loss and its save on preemption (with a fake step: nothing compiled)."""
+loss and its save on preemption (with a fake step: nothing compiled); eval-only's
+preprocessing (the one stored with the weights)."""
 
 import math
 
@@ -186,3 +187,38 @@ def test_loop_saves_and_returns_when_preempted(tmp_path):
   result, ckpt = _run_loop(tmp_path, [2.0] * 10, preempt_at=3)
   assert result['preempted'] and result['step'] == 3
   assert ckpt.saved == [2, 3]
+
+
+def test_eval_only_preprocesses_as_the_weights_say(tmp_path, monkeypatch):
+  """Eval-only feeds the eval split through the preprocessing stored with init_from (24 px at
+  crop_pct 0.9, bilinear, where the config says 16 px at 1.0), or config.data's when
+  eval_only_preprocessing says 'config'."""
+  # pylint: disable=g-import-not-at-top
+  from configs import tiny_test
+  from rmt_jax import checkpoint, eval_preprocessing, input_pipeline
+  # pylint: enable=g-import-not-at-top
+  config = tiny_test.get_config()
+  model = train.build_model(config)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  stored = eval_preprocessing.EvalPreprocessing(image_size=24, crop_pct=0.9,
+                                                interpolation='bilinear')
+  checkpoint.save_variables(tmp_path / 'w', variables, {
+      'model': config.model, 'model_overrides': train.model_overrides(config),
+      eval_preprocessing.METADATA_KEY: stored.to_metadata()})
+  seen = []
+
+  def eval_iterator(data, global_batch_size, mesh_sharding):
+    del mesh_sharding
+    seen.append(eval_preprocessing.from_config(data))
+    size = data.image_size
+    return [{'image': np.zeros((global_batch_size, size, size, 3), np.float32),
+             'label': np.zeros(global_batch_size, np.int32),
+             'mask': np.ones(global_batch_size, np.float32)}]
+
+  monkeypatch.setattr(input_pipeline, 'create_eval_iterator', eval_iterator)
+  config.eval_only, config.init_from, config.eval_batch_size = True, str(tmp_path / 'w'), 2
+  assert train.train_and_evaluate(config, str(tmp_path / 'eval'))['count'] == 2
+  config.eval_only_preprocessing = 'config'
+  train.train_and_evaluate(config, str(tmp_path / 'eval_config'))
+  assert seen == [stored, eval_preprocessing.from_config(config.data)]
+  assert seen[1].image_size == 16
