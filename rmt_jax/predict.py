@@ -4,10 +4,12 @@
 
 `DIR` is a variables directory (from `python -m rmt_jax.convert torch2flax`) or a training
 workdir, local or on an object store (gs://...); the model is rebuilt from the description
-stored with the weights, so `--model` is only a check. Images get the official evaluation
-preprocessing of the input pipeline (shorter side to size / crop_pct, bicubic; centre crop;
-ImageNet mean/std) and go through the model in batches of a fixed size (one compilation
-whatever the number of images). Class names are those stored with the weights (the folder
+stored with the weights, so `--model` is only a check. Images get the evaluation preprocessing
+stored with the weights (`rmt_jax.eval_preprocessing`: the run's own, e.g. 32 px whole digits for
+the demo; the official 224 crop at crop_pct 0.875, bicubic, ImageNet mean/std for converted
+weights and for weights that store none), each field overridable by its flag, and one line on
+stderr says which was used and where it came from. They go through the model in batches of a
+fixed size (one compilation whatever the number of images). Class names are those stored with the weights (the folder
 names of a model trained on an image folder; ImageNet's for converted and ImageNet models),
 else ImageNet's readable names for 1000-class models, else the class indices.
 """
@@ -18,6 +20,7 @@ import sys
 from typing import Any
 
 from rmt_jax import console
+from rmt_jax import eval_preprocessing
 
 
 class PredictError(Exception):
@@ -37,8 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                       help='images per forward pass (the last batch is padded)')
   parser.add_argument('--image-size', type=int, default=None,
                       help='crop size (default: the one stored with the weights, else 224)')
-  parser.add_argument('--crop-pct', type=float, default=0.875,
-                      help='centre crop fraction of the resized image (official: 0.875)')
+  parser.add_argument('--crop-pct', type=float, default=None,
+                      help='centre crop fraction of the resized shorter side (default: the '
+                           'one stored with the weights, else the official 0.875)')
+  parser.add_argument('--interpolation', default=None,
+                      choices=eval_preprocessing.INTERPOLATIONS,
+                      help='resize method (default: the one stored with the weights, else '
+                           'bicubic)')
   parser.add_argument('--json', action='store_true',
                       help='print one JSON list: [{"image", "top": [{"label", "name", '
                            '"probability"}]}]')
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rows = predict(args.weights, args.images, model_name=args.model, top=args.top,
                    batch_size=args.batch_size, image_size=args.image_size,
-                   crop_pct=args.crop_pct)
+                   crop_pct=args.crop_pct, interpolation=args.interpolation)
   except PredictError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -69,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def predict(weights: str, images: list[str], *, model_name: str | None = None, top: int = 5,
             batch_size: int = 16, image_size: int | None = None,
-            crop_pct: float = 0.875) -> list[dict[str, Any]]:
+            crop_pct: float | None = None,
+            interpolation: str | None = None) -> list[dict[str, Any]]:
   """Top classes and probabilities for each image file.
+
+  The images are preprocessed as the weights' metadata says (`eval_preprocessing.resolve`:
+  the stored recipe, else the official one), with the fields given here overriding it; one
+  line on stderr says which preprocessing was used and where it came from.
 
   Args:
     weights: a variables directory or a training workdir.
@@ -78,15 +91,17 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
     model_name: if given, the variant the weights must hold.
     top: how many classes per image.
     batch_size: images per forward pass; the last batch is padded to it.
-    image_size: the crop size; default from the weights' metadata, else 224.
-    crop_pct: centre crop fraction.
+    image_size: the crop size; None: the stored one.
+    crop_pct: centre crop fraction of the resized shorter side; None: the stored one.
+    interpolation: resize method (`eval_preprocessing.INTERPOLATIONS`); None: the stored one.
 
   Returns:
     [{'image': path, 'top': [{'label': int, 'name': str, 'probability': float}, ...]}, ...]
     in the order of `images`, each 'top' in decreasing probability.
 
   Raises:
-    PredictError: unreadable weights or images, or weights of another variant.
+    PredictError: unreadable weights or images, weights of another variant, or a bad
+      preprocessing field.
   """
   # Imported here so that `--help` and argument errors answer at once.
   console.quiet_startup()
@@ -114,10 +129,14 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
   missing = [p for p in images if not tf.io.gfile.exists(p) or tf.io.gfile.isdir(p)]
   if missing:
     raise PredictError(f'no such image file: {", ".join(missing)}')
+  try:
+    preprocessing, origin = eval_preprocessing.resolve(
+        metadata, 'the flags', image_size=image_size, crop_pct=crop_pct,
+        interpolation=interpolation)
+  except ValueError as e:
+    raise PredictError(str(e)) from None
 
-  cfg = input_pipeline.default_config()
-  cfg.image_size = image_size or metadata.get('image_size', 224)
-  cfg.crop_pct = crop_pct
+  cfg = input_pipeline.with_eval_preprocessing(input_pipeline.default_config(), preprocessing)
   pixels = []
   for path in images:
     try:
@@ -126,6 +145,7 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
     except tf.errors.OpError:
       raise PredictError(f'cannot decode {path}: not a JPEG, PNG, GIF, BMP or WebP image'
                          ) from None
+  print(f'preprocessing: {preprocessing.describe()} ({origin})', file=sys.stderr)
   forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x), axis=-1))
   probs = []
   for start in range(0, len(pixels), batch_size):

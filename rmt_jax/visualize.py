@@ -1,16 +1,18 @@
 """Draw what RMT attends to: each head's decay prior and attention map around a query point.
 
     python -m rmt_jax.visualize --weights DIR IMAGE --out attention.png \\
-        [--stage S] [--block B] [--query X,Y] [--image-size N] [--crop-pct F]
+        [--stage S] [--block B] [--query X,Y] [--image-size N] [--crop-pct F] [--interpolation M]
     python -m rmt_jax.visualize --decay-only --model rmt_s --out priors.png [--query X,Y]
 
 The first writes one PNG: the (preprocessed) image with the query token marked, and for each
 head of block B of stage S its decay prior `gamma_h ** manhattan_distance` around the query and
 the attention of the query over the map (for axial blocks the effective 2-d attention of the row
 then column passes), both upsampled onto the image. `DIR` is a variables directory or a training
-workdir; the model comes from its metadata. The second draws the priors of every stage's heads
-for an image of --image-size, without weights. X, Y are pixels of the centre crop (default: its
-centre). Needs matplotlib (in requirements.txt; the model does not).
+workdir; the model comes from its metadata, and the image is preprocessed as `rmt_jax.predict`
+does it (the evaluation preprocessing stored with the weights, each field overridable by its
+flag). The second draws the priors of every stage's heads for an image of --image-size (default
+224), without weights. X, Y are pixels of the centre crop (default: its centre). Needs
+matplotlib (in requirements.txt; the model does not).
 """
 
 import argparse
@@ -19,6 +21,8 @@ import sys
 from typing import Any
 
 import numpy as np
+
+from rmt_jax import eval_preprocessing
 
 # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -30,34 +34,40 @@ class VisualizeError(Exception):
   """Bad input to the visualize command; the message says what to fix."""
 
 
-def load_model(path: str) -> tuple[Any, dict[str, Any]]:
-  """(model, {'params', 'batch_stats'}) from a variables directory or a training workdir."""
+def load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(model, {'params', 'batch_stats'}, metadata) from a variables directory or a training
+  workdir."""
   from rmt_jax import checkpoint, loading  # pylint: disable=g-import-not-at-top
   try:
-    return loading.load(path)
+    return loading.load_with_metadata(path)
   except checkpoint.CheckpointNotFoundError as e:
     raise VisualizeError(str(e)) from None
 
 
-def load_image(path: str, image_size: int, crop_pct: float) -> tuple[np.ndarray, np.ndarray]:
-  """The evaluation preprocessing of `rmt_jax.predict`: (uint8 crop to draw, normalised input).
+def load_image(path: str, preprocessing: eval_preprocessing.EvalPreprocessing
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """An image file preprocessed as `rmt_jax.predict` does it.
+
+  Args:
+    path: the image file.
+    preprocessing: e.g. the one stored with the weights (`eval_preprocessing.resolve`).
 
   Returns:
-    uint8 (size, size, 3) and float32 (size, size, 3).
+    (uint8 (size, size, 3) crop to draw, float32 (size, size, 3) normalised model input).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from rmt_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
+  from rmt_jax import augment  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   if not os.path.isfile(path):
     raise VisualizeError(f'no such image file: {path}')
-  cfg = input_pipeline.default_config()
   try:
-    crop = augment.decode_and_center_crop(tf.io.read_file(path), size=image_size,
-                                          crop_pct=crop_pct, interpolation=cfg.interpolation)
+    crop = augment.decode_and_center_crop(
+        tf.io.read_file(path), size=preprocessing.image_size, crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation)
   except tf.errors.OpError:
     raise VisualizeError(f'cannot decode {path}: not a JPEG, PNG, GIF, BMP or WebP image'
                          ) from None
-  return crop.numpy(), augment.normalize(crop).numpy()
+  return crop.numpy(), augment.normalize(crop, preprocessing.mean, preprocessing.std).numpy()
 
 
 def query_token(query: tuple[int, int], image_shape: tuple[int, int],
@@ -212,11 +222,17 @@ def run(args: argparse.Namespace) -> None:
   else:
     if not args.weights or not args.image:
       raise VisualizeError('give --weights DIR and an IMAGE (or --decay-only --model NAME)')
-    model, variables = load_model(args.weights)
-    size = args.image_size or 224
-    image, inputs = load_image(args.image, size, args.crop_pct)
+    model, variables, metadata = load_model(args.weights)
+    try:
+      preprocessing, origin = eval_preprocessing.resolve(
+          metadata, 'the flags', image_size=args.image_size, crop_pct=args.crop_pct,
+          interpolation=args.interpolation)
+    except ValueError as e:
+      raise VisualizeError(str(e)) from None
+    image, inputs = load_image(args.image, preprocessing)
     fig = block_attention(model, variables, image, inputs, args.stage, args.block,
-                          _parse_query(args.query, size))
+                          _parse_query(args.query, preprocessing.image_size))
+    print(f'preprocessing: {preprocessing.describe()} ({origin})', file=sys.stderr)
   fig.savefig(args.out, format='png')
 
 
@@ -229,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--block', type=int, default=0, help='block of the stage (default 0)')
   parser.add_argument('--query', help='X,Y: pixel of the crop to look from (default: centre)')
   parser.add_argument('--image-size', type=int, default=None,
-                      help='crop size, as in training (default 224)')
-  parser.add_argument('--crop-pct', type=float, default=0.875,
-                      help='centre crop fraction of the resized image (official: 0.875)')
+                      help='crop size (default: the one stored with the weights, else 224)')
+  parser.add_argument('--crop-pct', type=float, default=None,
+                      help='centre crop fraction of the resized shorter side (default: the '
+                           'one stored with the weights, else the official 0.875)')
+  parser.add_argument('--interpolation', default=None,
+                      choices=eval_preprocessing.INTERPOLATIONS,
+                      help='resize method (default: the one stored with the weights, else '
+                           'bicubic)')
   parser.add_argument('--decay-only', action='store_true',
                       help="draw every stage's priors of --model, without weights or image")
   parser.add_argument('--model', help='variant for --decay-only, e.g. rmt_s')

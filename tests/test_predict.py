@@ -1,5 +1,7 @@
 """The predict command: readable class names (ImageNet's, a folder's), agreement with the model
-in fixed-size batches, JSON output, a quiet console and clear errors."""
+in fixed-size batches, the evaluation preprocessing stored with the weights (flags override it;
+weights without it get the official one; a trained digits model is right with the default
+flags), JSON output, a quiet console and clear errors."""
 
 import json
 import os
@@ -15,10 +17,11 @@ import pytest
 import rmt_jax
 from rmt_jax import checkpoint
 from rmt_jax import class_names
+from rmt_jax import eval_preprocessing
 
 tf = pytest.importorskip('tensorflow', reason='predict decodes images with TensorFlow')
 from rmt_jax import input_pipeline, predict  # pylint: disable=g-import-not-at-top
-from conftest import FOLDER_CLASSES  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from conftest import FOLDER_CLASSES, main_env  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +35,12 @@ def weights_and_images(tmp_path_factory):
   head = variables['params']['head']
   variables = {**variables, 'params': {**variables['params'], 'head': {
       'kernel': head['kernel'] * 1e-3, 'bias': head['bias'].at[0].set(20.0)}}}
-  checkpoint.save_variables(root / 'weights', variables, {'model': 'rmt_tiny', 'image_size': 32})
+  # Stored: 32 px crops, the rest official (crop_pct 0.875, bicubic).
+  stored = eval_preprocessing.EvalPreprocessing(image_size=32)
+  checkpoint.save_variables(root / 'weights', variables, {
+      'model': 'rmt_tiny', eval_preprocessing.METADATA_KEY: stored.to_metadata()})
+  # Written before the preprocessing was stored: no 'eval_preprocessing'.
+  checkpoint.save_variables(root / 'old_weights', variables, {'model': 'rmt_tiny'})
   rng = np.random.default_rng(0)
   images = []
   for name, shape, encode in [('a.jpg', (40, 52, 3), tf.io.encode_jpeg),
@@ -69,23 +77,65 @@ def test_imagenet_model_prints_readable_names_without_model_flag(weights_and_ima
     assert notice not in result.stderr
 
 
-def test_probabilities_are_the_models_softmax_in_padded_batches(weights_and_images):
-  model, variables, weights, images = weights_and_images
-  rows = predict.predict(weights, images, top=1000, batch_size=2)  # batches of 2 + 1 padded
+def _inputs(images, **preprocessing):
+  """`images` prepared by the input pipeline's evaluation with `preprocessing`'s fields (the
+  others: the pipeline's defaults, the official ones)."""
   cfg = input_pipeline.default_config()
-  cfg.image_size = 32
-  batch = np.stack([
+  cfg.update(preprocessing)
+  return np.stack([
       input_pipeline.eval_preprocess({'image': tf.io.read_file(p), 'label': 0}, cfg)['image']
       for p in images])
-  want = np.asarray(jax.nn.softmax(model.apply(variables, batch), axis=-1))
+
+
+def _softmax(model, variables, images, **preprocessing):
+  """The model's probabilities on `_inputs(images, **preprocessing)`."""
+  batch = _inputs(images, **preprocessing)
+  return np.asarray(jax.nn.softmax(model.apply(variables, batch), axis=-1))
+
+
+def _assert_rows_are(rows, want, images):
   names = class_names.imagenet_class_names()
-  for row, p, path in zip(rows, want, images):
+  for row, p, path in zip(rows, want, images, strict=True):
     assert row['image'] == path
     got = np.zeros(1000)
     for entry in row['top']:
       assert entry['name'] == names[entry['label']]
       got[entry['label']] = entry['probability']
     np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
+
+
+def test_probabilities_are_the_models_softmax_in_padded_batches(weights_and_images, capsys):
+  model, variables, weights, images = weights_and_images
+  rows = predict.predict(weights, images, top=1000, batch_size=2)  # batches of 2 + 1 padded
+  _assert_rows_are(rows, _softmax(model, variables, images, image_size=32), images)
+  assert capsys.readouterr().err == ('preprocessing: 32 px centre crop at crop_pct 0.875, '
+                                     'bicubic, ImageNet mean/std (stored with the weights)\n')
+
+
+def test_flags_override_the_stored_preprocessing(weights_and_images, capsys):
+  model, variables, weights, images = weights_and_images
+  assert predict.main(['--weights', weights, '--json', '--top', '1000', '--crop-pct', '1',
+                       '--interpolation', 'bilinear', *images]) == 0
+  out, err = capsys.readouterr()
+  want = _softmax(model, variables, images, image_size=32, crop_pct=1.0,
+                  interpolation='bilinear')
+  _assert_rows_are(json.loads(out), want, images)
+  assert err == ('preprocessing: 32 px centre crop at crop_pct 1.0, bilinear, ImageNet mean/std '
+                 '(crop_pct, interpolation from the flags; the rest stored with the weights)\n')
+  # The flags did change the input (the model's class 0 wins whatever the input).
+  assert not np.allclose(_inputs(images, image_size=32, crop_pct=1.0, interpolation='bilinear'),
+                         _inputs(images, image_size=32), atol=1e-3)
+
+
+def test_weights_without_stored_preprocessing_get_the_official_one(weights_and_images, capsys):
+  model, variables, weights, images = weights_and_images
+  old = os.path.join(os.path.dirname(weights), 'old_weights')
+  assert 'eval_preprocessing' not in checkpoint.read_metadata(old)
+  rows = predict.predict(old, images, top=1000, batch_size=4)
+  _assert_rows_are(rows, _softmax(model, variables, images), images)  # 224, 0.875, bicubic
+  assert capsys.readouterr().err == (
+      'preprocessing: 224 px centre crop at crop_pct 0.875, bicubic, ImageNet mean/std '
+      '(the default for weights that store none)\n')
 
 
 def test_json_output(weights_and_images, capsys):
@@ -115,6 +165,7 @@ def test_folder_model_prints_its_folder_names(folder_workdir, weights_and_images
     (['--weights-dir-missing'], 'is not an rmt_jax variables directory'),
     (['--missing-image'], 'no such image file'),
     (['--text-file'], 'cannot decode'),
+    (['--crop-pct', '1.5'], 'crop_pct in (0, 1], got 32 and 1.5'),
 ])
 def test_bad_input_is_one_clear_message(weights_and_images, tmp_path, capsys, args, message):
   _, _, weights, images = weights_and_images
@@ -128,3 +179,41 @@ def test_bad_input_is_one_clear_message(weights_and_images, tmp_path, capsys, ar
   assert predict.main([*args, '--weights', weights, *images]) == 1
   err = capsys.readouterr().err
   assert message in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # A whole training run by main.py: ~65 s on two CPU cores.
+def test_a_trained_digits_model_is_right_with_the_default_flags(tmp_path, capsys):
+  """The digits demo's recipe at 16 px (configs/tiny_test.py), trained by main.py until it is
+  right on ~90% of the held-out digits, predicts them right with no preprocessing flags: the
+  run's own evaluation (16 px, crop_pct 1.0, bilinear) comes with its weights. At the official
+  224 px crop, which predict applied whatever the weights before they stored theirs, it is
+  wrong on most."""
+  workdir, digits = tmp_path / 'run', tmp_path / 'digits'
+  # A high flat learning rate and no EMA (predict reads the EMA weights): 150 steps of 32
+  # digits learn what the demo's 30 epochs would, on two CPU cores in well under a minute.
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'main.py'), '--config',
+       os.path.join(REPO, 'configs/tiny_test.py'), '--workdir', str(workdir),
+       f'--config.data.digits_dir={digits}', '--config.total_steps=150',
+       '--config.global_batch_size=32', '--config.base_lr=0.5', '--config.warmup_epochs=0',
+       '--config.ema_decay=0', '--config.log_every_steps=150',
+       '--config.checkpoint_every_steps=150'],
+      cwd=REPO, env=main_env(tmp_path / 'jax_cache'), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # The first held-out image of each digit (32x32 PNGs, as the demo writes them).
+  images = [str(sorted((digits / 'val' / str(d)).glob('*.png'))[0]) for d in range(10)]
+
+  def right(*flags):
+    assert predict.main(['--weights', str(workdir), '--json', '--top', '1', *flags,
+                         *images]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    return sum(r['top'][0]['name'] == str(d) for d, r in enumerate(rows)), err
+
+  correct, err = right()
+  assert err == ('preprocessing: 16 px centre crop at crop_pct 1.0, bilinear, ImageNet mean/std '
+                 '(stored with the weights)\n')
+  assert correct >= 8, f'{correct} of 10 digits right with the stored preprocessing'
+  official, _ = right('--image-size', '224', '--crop-pct', '0.875', '--interpolation', 'bicubic')
+  assert official <= 5, f'{official} of 10 right at 224 px: the check cannot tell the two apart'

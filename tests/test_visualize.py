@@ -22,7 +22,7 @@ from rmt_jax.models import attention_maps, decay, layers
 pytest.importorskip('matplotlib', reason='rmt_jax.visualize draws with matplotlib')
 pytest.importorskip('tensorflow', reason='rmt_jax.visualize decodes images with TensorFlow')
 from matplotlib import figure, image as mpimg  # pylint: disable=g-import-not-at-top
-from rmt_jax import visualize  # pylint: disable=g-import-not-at-top
+from rmt_jax import eval_preprocessing, visualize  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def trained_workdir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def tiny(trained_workdir):
   """The trained model, two images and what `capture` returns for them."""
-  model, variables = visualize.load_model(trained_workdir[0])
+  model, variables, _ = visualize.load_model(trained_workdir[0])
   # Not square, so that a swapped height and width cannot pass: stage maps 8x6 and 4x3.
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 24, 3))
   return model, variables, images, attention_maps.capture(model, variables, images)
@@ -183,8 +183,11 @@ def test_command_draws_the_image_and_each_heads_prior_and_attention(trained_work
       'attention/0', 'attention/1', 'image', 'prior/0', 'prior/1']
 
   # What is drawn is the trained model's attention of the query token on that digit.
-  model, variables = visualize.load_model(workdir)
-  crop, inputs = visualize.load_image(digit, 32, 1.0)
+  model, variables, metadata = visualize.load_model(workdir)
+  # The run's stored preprocessing (bilinear), the flags' size and crop.
+  preprocessing, _ = eval_preprocessing.resolve(metadata, image_size=32, crop_pct=1.0)
+  assert preprocessing.interpolation == 'bilinear'
+  crop, inputs = visualize.load_image(digit, preprocessing)
   _, maps = attention_maps.capture(model, variables, inputs[None])
   token = (30 * 4 // 32, 3 * 4 // 32)  # stage 1 of a 32x32 image is a 4x4 map
   want = attention_maps.query_attention(maps[1, 0], *token, 4, 4)[0]
