@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from rmt_jax import checkpoint
 from rmt_jax import host_allocator
 from rmt_jax import input_pipeline
 from rmt_jax import train
@@ -75,6 +76,11 @@ def main(argv):
     # The message names the path and the fix; a traceback would only hide it.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except checkpoint.CheckpointUnreadableError as e:
+    # Every checkpoint is damaged: the message lists each step and why; the run stops rather
+    # than silently start over from scratch.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   except train.NonFiniteLossError as e:
     print(str(e), file=sys.stderr)
     sys.exit(3)

@@ -14,16 +14,25 @@ latest checkpoint's EMA weights, or raw weights where the run kept no EMA).
 Training runs (`TrainCheckpointer`, `restore_or_initialize`) keep an orbax CheckpointManager
 under WORKDIR/checkpoints/<step>/{state, data, meta}: the whole train state, the input
 pipeline's position and the model's description; saves are asynchronous and atomic, and a run
-resumes from the latest complete one.
+resumes from the newest checkpoint that reads back whole. A checkpoint damaged after it was
+written (truncated or missing files) costs that checkpoint, not the run: readers warn in one line
+and take the next older one, and a resuming run moves the damaged one aside to
+`<step>.damaged-<n>` (kept for inspection, never deleted) so that it can save that step again.
 """
 
+import contextlib
+import gc
 import json
+import logging as std_logging
 import os
+import re
 import secrets
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
@@ -32,9 +41,19 @@ FORMAT = 'rmt_jax.variables'
 METADATA_FILE = 'rmt_jax.json'
 VARIABLES_DIR = 'variables'
 
+_T = TypeVar('_T')
+
 
 class CheckpointNotFoundError(FileNotFoundError):
   """The path holds no rmt_jax checkpoint; the message says what was expected there."""
+
+
+class CheckpointUnreadableError(CheckpointNotFoundError):
+  """A training run's checkpoints all fail to read; the message lists each step and why.
+
+  A subclass of `CheckpointNotFoundError`, so that commands which report a missing checkpoint
+  in one line (predict, convert, visualize) report this one alike.
+  """
 
 
 def resolve_path(path: str | os.PathLike) -> epath.Path:
@@ -161,9 +180,9 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 
   Args:
     path: a directory written by `save_variables` (e.g. by the converter), or a training
-      workdir (`main.py --workdir`): its latest checkpoint, EMA weights where the run kept
-      them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step). Local or on
-      an object store (gs://...).
+      workdir (`main.py --workdir`): its newest readable checkpoint, EMA weights where the run
+      kept them (metadata['weights'] says 'ema' or 'raw'; metadata['step'] the step). Local or
+      on an object store (gs://...).
 
   Returns:
     (variables, metadata): variables = {'params', 'batch_stats'[, 'official_buffers']} as
@@ -173,12 +192,14 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 
   Raises:
     CheckpointNotFoundError: `path` holds no checkpoint that rmt_jax can read.
+    CheckpointUnreadableError: a training workdir none of whose checkpoints reads back
+      (each damaged one newer than the one read is reported in a warning line).
   """
   path = resolve_path(path)
   if not (path / METADATA_FILE).exists():
-    run = _latest_training_checkpoint(path)
+    run = _training_checkpoints(path)
     if run is not None:
-      return _load_training_run(*run)
+      return _load_training_run(run[0])
   metadata = read_metadata(path)
   restored = ocp.StandardCheckpointer().restore(path / VARIABLES_DIR)
   return jax.tree.map(np.asarray, restored), metadata
@@ -191,17 +212,28 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 #   WORKDIR/checkpoints/<step>/data/    the input pipeline position (JSON, process 0 writes)
 #   WORKDIR/checkpoints/<step>/meta/    {'model', 'model_overrides', 'step', 'class_names',
 #                                        'eval_preprocessing'} (JSON)
+#   WORKDIR/checkpoints/<step>.damaged-<n>/   a checkpoint that failed to read when the run
+#                                        resumed, moved aside whole (see below)
 #
 # orbax writes each step into a temporary directory and renames it when every process has
-# finished, so a run killed mid-save leaves the previous step as the latest complete one.
+# finished, so a run killed mid-save leaves the previous step as the latest complete one. That
+# protects the write, not the files afterwards (a disk error, an interrupted copy, a bucket's
+# lifecycle rule), so readers try the checkpoints from the newest down. A resuming run moves
+# each damaged checkpoint it skipped out of orbax's step naming (orbax lists only `<step>`
+# directories) instead of deleting it: left as `<step>`, it would stay the "latest" step, make
+# the save of that step fail (StepAlreadyExistsError) when the resumed run reaches it again,
+# and hold a place among the `max_to_keep` newest, so that orbax would delete an intact older
+# checkpoint in its favour. Moved aside, it is kept for inspection and orbax never deletes it.
 
 CHECKPOINTS_DIR = 'checkpoints'
+DAMAGED_SUFFIX = '.damaged-'
 
 
 class TrainCheckpointer:
   """Periodic, asynchronous checkpoints of a training run.
 
-  Every process must call `save` and `restore` at the same steps (orbax synchronises them).
+  Every process must call `save`, `restore` and `set_aside` at the same steps (orbax
+  synchronises them).
 
   Args:
     workdir: the run's directory (local, gs://, ...).
@@ -226,6 +258,10 @@ class TrainCheckpointer:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
   def save(self, step: int, state: Any, data_state: Mapping[str, Any],
            meta: Mapping[str, Any]) -> None:
     """Starts saving; returns once the arrays are on the host (donating them is then safe)."""
@@ -238,6 +274,25 @@ class TrainCheckpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored['state'], dict(restored['data'])
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves checkpoint `step` to `<step>.damaged-<n>` beside it, out of the run's steps.
+
+    Nothing is deleted: the files stay for inspection, and the run may save `step` again.
+    Process 0 moves it; every process calls this and waits for the move.
+
+    Returns:
+      The checkpoint's new path (n is the first number not yet used for `step`).
+    """
+    source = resolve_path(self.directory) / str(step)
+    # Every process names the same target before any of them moves anything.
+    target = _unused_damaged_path(source)
+    _sync_processes(f'rmt_jax_set_aside_{step}_named')
+    if jax.process_index() == 0:
+      source.rename(target)
+    _sync_processes(f'rmt_jax_set_aside_{step}_moved')
+    self._manager.reload()
+    return target
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -255,8 +310,11 @@ def restore_or_initialize(
 ) -> tuple[Any, dict[str, Any] | None, str]:
   """The train state to start from, in the resume order of the house style.
 
-  1. The latest complete checkpoint in the workdir (a resumed or preempted run): the whole
-     state and the data position.
+  1. The newest checkpoint in the workdir that reads back (a resumed or preempted run): the
+     whole state and the data position. Each newer one that fails to read (missing or
+     truncated files, a bad manifest, shapes that no longer fit the model) is moved aside to
+     `<step>.damaged-<n>` (`TrainCheckpointer.set_aside`) with one warning line naming its
+     step, path and the reason.
   2. Else `init_from` (converted PyTorch weights, or another run's workdir): a fresh state
      whose weights `load_weights(state, variables, metadata)` replaces.
   3. Else the fresh state from `initialize()`.
@@ -271,10 +329,19 @@ def restore_or_initialize(
   Returns:
     (state, data iterator position or None for "from the start", where it came from:
     'checkpoint <step>', 'init_from <path>' or 'scratch').
+
+  Raises:
+    CheckpointUnreadableError: the workdir has checkpoints and none of them reads back
+      (nothing is moved then: the run stops rather than start over from scratch).
   """
-  step = checkpointer.latest_step()
-  if step is not None:
-    state, data_state = checkpointer.restore(step, abstract_state)
+  steps = checkpointer.all_steps()
+  if steps:
+    step, (state, data_state), failures = _newest_readable(
+        checkpointer.directory, steps, lambda s: checkpointer.restore(s, abstract_state))
+    for damaged, path, reason in failures:
+      moved_to = checkpointer.set_aside(damaged)
+      logging.warning('Checkpoint step %d at %s cannot be read (%s); moved it aside to %s '
+                      'and resuming from step %d.', damaged, path, reason, moved_to, step)
     return state, data_state, f'checkpoint {step}'
   state = initialize()
   if init_from:
@@ -283,6 +350,92 @@ def restore_or_initialize(
     variables, metadata = load_variables(init_from)
     return load_weights(state, variables, metadata), None, f'init_from {init_from}'
   return state, None, 'scratch'
+
+
+def _newest_readable(directory: str, steps: Sequence[int], read: Callable[[int], _T]
+                     ) -> tuple[int, _T, list[tuple[int, epath.Path, str]]]:
+  """`read(step)` for the newest of `steps` that reads back.
+
+  Args:
+    directory: the checkpoints/ directory that holds the steps.
+    steps: the complete checkpoints' steps.
+    read: reads one step; any exception it raises marks that step unreadable.
+
+  Returns:
+    (the step read, what `read` returned, [(step, path, reason)] for each newer step that
+    failed, newest first).
+
+  Raises:
+    CheckpointUnreadableError: every step failed; the one-line message lists them.
+  """
+  failures = []
+  for step in sorted(steps, reverse=True):
+    try:
+      with _abandoned_reads_quiet():
+        return step, read(step), failures
+    # Broad on purpose: orbax and TensorStore report damage as ValueError (OUT_OF_RANGE,
+    # DATA_LOSS, NOT_FOUND, a pytree mismatch), FileNotFoundError, KeyError, ...; whatever the
+    # cause, the step is reported with its reason and an older one is tried.
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append((step, resolve_path(directory) / str(step), _one_line(e)))
+  tried = '; '.join(f'step {step} at {path}: {reason}' for step, path, reason in failures)
+  raise CheckpointUnreadableError(
+      f'none of the {len(failures)} checkpoints in {directory} can be read ({tried}); nothing '
+      f'was moved or deleted: restore their files, or move {directory} away to start over')
+
+
+class _DropAbandonedReads(std_logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records (see `_abandoned_reads_quiet`)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet():
+  """Keeps a failed read to the one line its caller writes.
+
+  orbax reads a checkpoint's arrays concurrently; when one read fails it raises, and the other
+  reads of the damaged files fail unobserved. asyncio logs each of those, when collected, with
+  TensorStore's whole spec: hundreds of lines repeating the damage already reported.
+  """
+  asyncio_logger = std_logging.getLogger('asyncio')
+  quiet = _DropAbandonedReads()
+  asyncio_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()  # The abandoned reads are logged now, while the filter holds.
+    asyncio_logger.removeFilter(quiet)
+
+
+def _one_line(error: Exception, limit: int = 320) -> str:
+  """An exception as one line of at most ~`limit` characters: its type and message.
+
+  TensorStore's messages carry each store's whole JSON spec (dropped here) and run to hundreds
+  of lines; the first line's end holds the cause ("Requested byte range ... is not valid"), so
+  a long one keeps its start and its end.
+  """
+  text = str(error).strip().splitlines()[0] if str(error).strip() else '(no message)'
+  text = re.sub(r" \[tensorstore_spec(\[\d+\])?='[^']*'\]", '', text)
+  text = f'{type(error).__name__}: {text}'
+  if len(text) > limit:
+    text = f'{text[:limit // 3]} ... {text[-(limit - limit // 3):]}'
+  return text
+
+
+def _unused_damaged_path(step_path: epath.Path) -> epath.Path:
+  """`<step>.damaged-<n>` beside `step_path`, n the first number from 1 not in use."""
+  n = 1
+  while (target := step_path.parent / f'{step_path.name}{DAMAGED_SUFFIX}{n}').exists():
+    n += 1
+  return target
+
+
+def _sync_processes(name: str) -> None:
+  """Waits for every process at `name` (nothing to wait for in a one-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _item_handlers() -> dict[str, Any]:
@@ -297,17 +450,17 @@ def _reader(directory: str) -> ocp.CheckpointManager:
       item_handlers=_item_handlers())
 
 
-def _latest_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | None:
-  """(checkpoints directory, latest step) if `path` is a training workdir, or its
-  checkpoints/ directory, holding at least one complete checkpoint; else None."""
+def _training_checkpoints(path: str | os.PathLike) -> tuple[str, list[int]] | None:
+  """(checkpoints directory, its complete checkpoints' steps, newest first) if `path` is a
+  training workdir, or its checkpoints/ directory, holding at least one; else None."""
   for directory in (os.path.join(str(path), CHECKPOINTS_DIR), str(path)):
     if not epath.Path(directory).is_dir():
       continue
     manager = _reader(directory)
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
-    if step is not None:
-      return directory, step
+    if steps:
+      return directory, steps
   return None
 
 
@@ -317,7 +470,8 @@ def load_train_state(path: str | os.PathLike,
 
   Args:
     path: a training workdir or its checkpoints/ directory.
-    step: which checkpoint; None = the latest complete one.
+    step: which checkpoint; None = the newest that reads back (each newer one that does not
+      is reported in a warning line with its step, path and the reason, and left as it is).
 
   Returns:
     ({'step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'rng'}
@@ -325,13 +479,25 @@ def load_train_state(path: str | os.PathLike,
 
   Raises:
     CheckpointNotFoundError: no complete training checkpoint there.
+    CheckpointUnreadableError: with step=None, none of the checkpoints reads back.
   """
-  run = _latest_training_checkpoint(path)
+  run = _training_checkpoints(path)
   if run is None:
     raise CheckpointNotFoundError(f'{path} holds no complete training checkpoint '
                                   f'(expected {CHECKPOINTS_DIR}/<step>/ written by main.py)')
-  directory, latest = run
-  step = latest if step is None else step
+  directory, steps = run
+  if step is not None:
+    return _read_train_state(directory, step)
+  step, restored, failures = _newest_readable(
+      directory, steps, lambda s: _read_train_state(directory, s))
+  for damaged, damaged_path, reason in failures:
+    logging.warning('Checkpoint step %d at %s cannot be read (%s); reading step %d instead.',
+                    damaged, damaged_path, reason, step)
+  return restored
+
+
+def _read_train_state(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """One checkpoint's state and meta items, read into host memory."""
   manager = _reader(directory)
   try:
     tree = manager.item_metadata(step)['state']
@@ -345,15 +511,16 @@ def load_train_state(path: str | os.PathLike,
   return restored['state'], dict(restored['meta'])
 
 
-def _load_training_run(directory: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The weights of one training checkpoint as NumPy arrays: the EMA weights where the run
-  kept them (they evaluate better, as in the official release), else the raw ones."""
-  state, meta = load_train_state(directory, step)
+def _load_training_run(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The weights of a run's newest readable checkpoint as NumPy arrays: the EMA weights where
+  the run kept them (they evaluate better, as in the official release), else the raw ones."""
+  state, meta = load_train_state(directory)
+  step = int(meta.get('step', state['step']))
   use_ema = bool(state.get('ema_params'))
   prefix = 'ema_' if use_ema else ''
   variables = {'params': state[prefix + 'params'],
                'batch_stats': state.get(prefix + 'batch_stats') or {}}
   # Whatever the run stored ('class_names', 'eval_preprocessing', ...) reaches the reader.
-  metadata = {'model_overrides': {}, **meta, 'format': FORMAT, 'version': 1, 'step': int(step),
+  metadata = {'model_overrides': {}, **meta, 'format': FORMAT, 'version': 1, 'step': step,
               'weights': 'ema' if use_ema else 'raw', 'source': f'{directory}/{step}'}
   return jax.tree.map(np.asarray, variables), metadata

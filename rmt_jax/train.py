@@ -327,7 +327,8 @@ def _eval_events(results: Mapping[str, Mapping[str, float]]) -> dict[str, dict[s
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or, with `config.eval_only`, evaluates) as `config` says; resumable.
 
-  Resumes from the latest checkpoint in `workdir/checkpoints` when there is one, else starts
+  Resumes from the newest checkpoint in `workdir/checkpoints` that reads back (damaged newer
+  ones are moved aside, see `checkpoint.restore_or_initialize`) when there is one, else starts
   from `config.init_from` weights when set, else from scratch. Stops early, having saved, on
   SIGTERM (preemption).
 
@@ -342,6 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     input_pipeline.DataNotFoundError: the dataset is not where `config.data` says.
     NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+    checkpoint.CheckpointUnreadableError: the workdir has checkpoints and none reads back.
   """
   if config.get('prng_impl'):
     # Process-wide: 'rbg' compiles much faster than threefry on XLA:CPU (the demo).
