@@ -118,6 +118,116 @@ def assert_the_official_fixtures_run_a_kernel_in_every_block(prefetched: int,
   assert [call[:2] for call in calls].count((prefetched, blocks)) == 2 * depth
 
 
+# The slower lane (`pytest -m slow`; the README's test command runs `-m "not slow"`), by test:
+# what takes more than ~8 s on 2 cores and repeats, for more shapes, forms, variants or
+# commands, what a test of the fast lane shows for one case; and what needs several devices or
+# processes. Tests that need libtpu (`needs_libtpu`) and whole training runs carry the marker
+# themselves. `--durations` shows the slowest of each lane.
+_SLOW = frozenset({
+    'test_backbone.py::test_classification_weights_start_a_backbone_with_fresh_extra_norms',
+    'test_backbone.py::test_drop_path_is_random_in_training_only_and_reproducible_per_rng',
+    'test_backbone.py::test_norm_eval_freezes_batch_norm_statistics_in_a_training_step',
+    'test_backbone.py::test_out_indices_select_maps_and_keep_every_official_key',
+    'test_backbone_benchmark.py::test_program_embeds_no_decay_table_and_both_modes_run',
+    'test_bench.py::test_bench_command_prints_table_and_sane_json',
+    'test_bench.py::test_bench_splits_the_batch_over_two_cpu_devices',
+    'test_console.py::test_importing_tensorflow_and_starting_jax_print_nothing',
+    'test_convert.py::test_command_line_round_trips_a_training_checkpoint_and_picks_the_entry',
+    'test_convert.py::test_importing_and_running_the_model_does_not_import_torch',
+    'test_convert.py::test_official_to_flax_to_official_is_bit_exact_and_reproduces_logits[b]',
+    'test_convert.py::test_official_to_flax_to_official_is_bit_exact_and_reproduces_logits[tokenlabel]',
+    'test_initializers.py::test_every_variable_of_the_networks_is_declared[rmt_s]',
+    'test_input_pipeline.py::test_benchmark_command_runs',
+    'test_input_pipeline.py::test_same_seed_same_batches_and_exact_resume[folder]',
+    'test_input_pipeline.py::test_same_seed_same_batches_and_exact_resume[tfds]',
+    'test_input_pipeline.py::test_train_batches_with_the_official_recipe[tfds]',
+    'test_kernels.py::test_every_form_gives_the_same_training_gradients',
+    'test_loading.py::test_converter_and_predict_on_a_bucket',
+    'test_main.py::test_data_errors_are_one_line_naming_the_path[empty class folder-/train/dog holds no images .*add its images or remove the folder]',
+    "test_main.py::test_data_errors_are_one_line_naming_the_path[missing split-image folder split not found: '.*/val' does not exist; put the val images in .*/val/<class name>/]",
+    'test_main.py::test_data_errors_are_one_line_naming_the_path[unreadable image-/train/(cat|dog)/broken\\\\d\\\\.jpg is not a JPEG or PNG image .*remove it]',
+    "test_main.py::test_data_errors_are_one_line_naming_the_path[val class missing from train-val/bird: class 'bird' has no folder in .*/train.*add train/bird/]",
+    'test_main.py::test_killed_run_resumes_to_the_uninterrupted_parameters',
+    'test_main.py::test_missing_imagenet_prints_instructions_not_a_traceback',
+    'test_main.py::test_sigterm_saves_then_exits_cleanly',
+    'test_main.py::test_two_processes_train_agree_and_write_one_checkpoint',
+    'test_matmul_bound.py::test_matmul_bound_command_prints_report_and_sane_json',
+    'test_model.py::test_any_input_size_under_jit',
+    'test_model.py::test_bfloat16_agrees_with_float32[b]',
+    'test_model.py::test_bfloat16_residual_stream_is_an_option_of_the_same_weights',
+    'test_model.py::test_logits_and_features_match_official[a-auto]',
+    'test_model.py::test_logits_and_features_match_official[a-cpu]',
+    'test_model.py::test_logits_and_features_match_official[a-tpu]',
+    'test_model.py::test_logits_and_features_match_official[b-auto]',
+    'test_model.py::test_logits_and_features_match_official[b-tpu]',
+    'test_model.py::test_logits_and_features_match_official[b-xla]',
+    'test_model.py::test_logits_and_features_match_official[tokenlabel-auto]',
+    'test_model.py::test_logits_and_features_match_official[tokenlabel-cpu]',
+    'test_model.py::test_logits_and_features_match_official[tokenlabel-tpu]',
+    'test_model.py::test_logits_and_features_match_official[tokenlabel-xla]',
+    'test_model.py::test_macs_within_3_percent_of_fvcore[rmt_b]',
+    'test_model.py::test_macs_within_3_percent_of_fvcore[rmt_l]',
+    'test_model.py::test_param_dtype_and_compute_dtype_are_separate',
+    'test_model.py::test_remat_changes_memory_not_values',
+    'test_model.py::test_train_mode_updates_batch_stats_and_drop_path_uses_dropout_rng',
+    'test_nnx_bridge.py::test_eval_output_and_round_trip',
+    'test_nnx_bridge.py::test_training_mode_and_gradients_match_linen',
+    'test_nnx_bridge.py::test_variables_that_do_not_fit_are_refused',
+    'test_official_training.py::test_one_device_matches_the_official_loop',
+    'test_official_training.py::test_sharded_steps_match_the_official_loop',
+    'test_package.py::test_model_builds_runs_and_differentiates_without_the_training_stack',
+    'test_predict.py::test_a_trained_digits_model_is_right_with_the_default_flags',
+    'test_predict.py::test_imagenet_model_prints_readable_names_without_model_flag',
+    'test_predict.py::test_probabilities_are_the_models_softmax_in_padded_batches',
+    'test_predict.py::test_weights_without_stored_preprocessing_get_the_official_one',
+    'test_sharding.py::test_sharded_train_step_matches_one_device',
+    'test_tpu_block_head.py::test_a_block_takes_one_cotangent_per_output_where_every_use_does_not_fit',
+    'test_tpu_block_head.py::test_a_block_under_tpu_kernels_equals_the_plain_forms',
+    'test_tpu_block_head.py::test_bfloat16_within_its_rounding_of_the_plain_form',
+    'test_tpu_block_head.py::test_kernels_compile_for_a_v5p_and_a_v4',
+    'test_tpu_block_head.py::test_split_over_a_mesh_equals_one_device',
+    'test_tpu_block_head.py::test_values_and_gradients_equal_the_plain_form[3-8-8-8-plan4]',
+    'test_tpu_block_head.py::test_values_and_gradients_equal_the_plain_form[4-8-8-16-plan2]',
+    'test_tpu_block_head.py::test_values_and_gradients_equal_the_plain_form[8-4-6-8-plan1]',
+    'test_tpu_block_tail.py::test_a_block_under_tpu_kernels_equals_the_plain_forms[False-0.0]',
+    'test_tpu_block_tail.py::test_a_block_under_tpu_kernels_equals_the_plain_forms[True-0.0]',
+    'test_tpu_block_tail.py::test_a_block_under_tpu_kernels_equals_the_plain_forms[True-0.5]',
+    'test_tpu_block_tail.py::test_bfloat16_within_its_rounding_of_the_plain_form',
+    'test_tpu_block_tail.py::test_drop_path_and_layerscale_equal_the_plain_form[4-5-6-8-24-plan1]',
+    'test_tpu_block_tail.py::test_drop_path_and_layerscale_equal_the_plain_form[4-8-8-8-16-plan2]',
+    'test_tpu_block_tail.py::test_drop_path_and_layerscale_equal_the_plain_form[8-4-6-8-16-plan0]',
+    'test_tpu_block_tail.py::test_kernels_compile_for_a_v5p_and_a_v4',
+    'test_tpu_block_tail.py::test_split_over_a_mesh_equals_one_device',
+    'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[2-8-8-16-48-plan3]',
+    'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[3-4-4-8-16-plan2]',
+    'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[3-8-8-8-16-plan4]',
+    'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[8-8-8-16-200-plan1]',
+    'test_tpu_compile.py::test_one_block_compiles_for_one_device_and_reports_its_cost',
+    'test_tpu_compile.py::test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost',
+    'test_tpu_compile.py::test_without_libtpu_the_command_says_how_to_install_it',
+    'test_tpu_feed_forward.py::test_kernels_compile_for_a_v5p_and_a_v4',
+    'test_tpu_feed_forward.py::test_split_over_a_mesh_equals_one_device',
+    'test_tpu_forms.py::test_column_layout_equals_the_transposed_plain_form[2-3-4-10-16-float32]',
+    'test_tpu_forms.py::test_column_layout_equals_the_transposed_plain_form[2-5-16-4-8-bfloat16]',
+    'test_tpu_forms.py::test_column_layout_equals_the_transposed_plain_form[3-5-16-4-8-float32]',
+    'test_tpu_forms.py::test_kernels_compile_for_a_v5p',
+    'test_tpu_forms.py::test_masa_takes_the_transposes_where_the_column_layout_does_not_fit',
+    'test_tpu_forms.py::test_masa_under_tpu_kernels_equals_the_plain_form[True]',
+    'test_tpu_lepe.py::test_a_masa_under_tpu_kernels_equals_the_plain_forms',
+    'test_tpu_lepe.py::test_bfloat16_within_its_rounding_of_the_plain_form',
+    'test_tpu_lepe.py::test_kernels_compile_for_a_v5p_and_a_v4',
+    'test_tpu_lepe.py::test_split_over_a_mesh_equals_one_device',
+    'test_tpu_projections.py::test_block_under_tpu_kernels_equals_the_plain_form',
+    'test_tpu_projections.py::test_kernels_compile_for_a_v5p_and_a_v4',
+})
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  for item in items:
+    if f'{item.path.name}::{item.name}' in _SLOW:
+      item.add_marker(pytest.mark.slow)
+
+
 # The head and tail of `assert_split_over_a_mesh_equals_one_device`'s script. It runs in a fresh
 # interpreter: the device count is fixed when JAX starts.
 _MESH_HEAD = """
@@ -227,7 +337,7 @@ def assert_kernels_compile_for_a_v5p_and_a_v4(setup: str, shapes, mesh_shape,
 
 
 # libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs
-# it: the README's test command installs it into `.venv/libtpu` (requirements-tpu.txt), a folder
+# it: the README's slow-lane command installs it into `.venv/libtpu` (requirements-tpu.txt), a folder
 # that ordinary runs never put on their path; `RMT_LIBTPU_DIR` points elsewhere, and a libtpu
 # importable from the environment is used too.
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -246,9 +356,12 @@ def has_libtpu() -> bool:
   return (LIBTPU_DIR / 'libtpu').is_dir() or importlib.util.find_spec('libtpu') is not None
 
 
-needs_libtpu = pytest.mark.skipif(
-    not has_libtpu(), reason=f'libtpu not installed (pip install --target {LIBTPU_DIR} '
-    "'libtpu==0.0.42.*', as the README's test command does)")
+def needs_libtpu(test):
+  """Marks a test that compiles for a TPU with libtpu: it runs in the slow lane, and is skipped
+  with the reason where libtpu is not installed."""
+  return pytest.mark.slow(pytest.mark.skipif(
+      not has_libtpu(), reason=f'libtpu not installed (pip install --target {LIBTPU_DIR} '
+      "'libtpu==0.0.42.*', as the README's slow-lane command does)")(test))
 
 
 def official_det_case() -> dict:

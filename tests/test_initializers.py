@@ -26,7 +26,7 @@ def _flax_init(module):
     lambda: rmt_jax.create_model('rmt_tiny', token_label=True, layerscales=(True,) * 4),
     lambda: rmt_jax.create_backbone('rmt_tiny'),
     lambda: rmt_jax.create_model('rmt_s'),
-])
+], ids=['rmt_tiny', 'token_label_layerscale', 'backbone', 'rmt_s'])
 def test_every_variable_of_the_networks_is_declared(build):
   # What keeps `init` to one generator program: no variable left to flax's initialisers.
   model = build()
@@ -65,7 +65,7 @@ def test_rmt_s_parameters_follow_the_official_distributions():
 
 
 def test_eager_and_jitted_init_give_the_same_variables():
-  model = rmt_jax.create_model('rmt_tiny', num_classes=3)
+  model = _micro()
   images = jnp.zeros((2, 32, 32, 3))
   eager = model.init(_KEY, images)
   jitted = jax.jit(model.init)(_KEY, images)
@@ -103,22 +103,30 @@ def test_remat_stages_initialise_the_same_parameters():
   jax.tree.map(np.testing.assert_array_equal, plain, remat)
 
 
+def _micro(**kw):
+  """Two stages, one axial and one whole, of 8 and 16 channels: cheap to compile."""
+  return rmt_jax.create_model(
+      'rmt_tiny', num_classes=3, embed_dims=(8, 16), depths=(1, 1), num_heads=(2, 2),
+      init_values=(2, 2), heads_ranges=(4, 4), mlp_ratios=(2, 2), axial=(True, False),
+      layerscales=(False, True), projection=16, remat=(False, False), **kw)
+
+
 def test_eager_apply_is_the_compiled_flax_apply():
-  model = rmt_jax.create_model('rmt_tiny', num_classes=3, drop_path_rate=0.5)
+  model = _micro(drop_path_rate=0.5)
   images = jax.random.normal(_KEY, (2, 32, 32, 3))
   variables = model.init(_KEY, images)
   # The same program as jax.jit of flax's own apply: the same numbers, bit for bit.
   plain = jax.jit(functools.partial(nn.Module.apply, model),
                   static_argnames=('method', 'mutable', 'train'))
   np.testing.assert_array_equal(model.apply(variables, images), plain(variables, images))
-  features = model.apply(variables, images, method=model.features)
-  jax.tree.map(np.testing.assert_array_equal, features,
-               plain(variables, images, method=model.features))
   rngs = {'dropout': jax.random.PRNGKey(3)}
   got = model.apply(variables, images, train=True, mutable=('batch_stats',), rngs=rngs)
   want = plain(variables, images, train=True, mutable=('batch_stats',), rngs=rngs)
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  # Inside a trace (here jax.grad) flax's own apply runs; gradients flow as before.
-  grads = jax.grad(lambda p: model.apply({**variables, 'params': p}, images).sum())(
+  # Other methods take the same path (features: a dict of the stages' maps).
+  assert set(model.apply(variables, images, method=model.features)) == {
+      'stem', 'stage0', 'stage1'}
+  # Inside a trace (here jax.jit of jax.grad) flax's own apply runs; gradients flow as before.
+  grads = jax.jit(jax.grad(lambda p: model.apply({**variables, 'params': p}, images).sum()))(
       variables['params'])
   assert float(jnp.abs(grads['head']['kernel']).max()) > 0

@@ -1,6 +1,6 @@
 """`python -m rmt_jax.tpu_compile` on a tiny config, compiled for a TPU v5p slice on this CPU host.
 
-Needs libtpu, which no runtime requirement installs: the README's test command installs it into
+Needs libtpu, which no runtime requirement installs: the README's slow-lane command installs it into
 `.venv/libtpu` (requirements-tpu.txt), a folder that ordinary runs never put on their path;
 `RMT_LIBTPU_DIR` points elsewhere, and a libtpu importable from the environment is used too.
 Without one, the tests that compile are skipped with that reason.
