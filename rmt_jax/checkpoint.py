@@ -515,7 +515,7 @@ def _load_training_run(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """The weights of a run's newest readable checkpoint as NumPy arrays: the EMA weights where
   the run kept them (they evaluate better, as in the official release), else the raw ones."""
   state, meta = load_train_state(directory)
-  step = int(meta.get('step', state['step']))
+  step = int(meta['step'] if 'step' in meta else state['step'])
   use_ema = bool(state.get('ema_params'))
   prefix = 'ema_' if use_ema else ''
   variables = {'params': state[prefix + 'params'],

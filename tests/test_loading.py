@@ -27,7 +27,7 @@ OVERRIDES = {'num_classes': 10}
 def tiny():
   model = rmt_jax.create_model('rmt_tiny', **OVERRIDES)
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+  variables = model.init(jax.random.PRNGKey(0), images)
   return model, jax.tree.map(np.asarray, variables), images
 
 
@@ -142,7 +142,7 @@ def test_converter_and_predict_on_a_bucket(bucket, capsys, tmp_path_factory):
   tf = pytest.importorskip('tensorflow', reason='predict decodes images with TensorFlow')
   from rmt_jax import convert, predict  # pylint: disable=g-import-not-at-top
   model = rmt_jax.create_model('rmt_tiny')  # 1000 classes: the converter stores ImageNet's names
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   state_dict = convert.flax_to_torch(variables, model)
   convert.write_torch_checkpoint('gs://bucket/official.pth', state_dict)
 

@@ -109,7 +109,7 @@ def _tiny(**kw) -> RMT:
 @functools.lru_cache(maxsize=None)
 def _tiny_variables():
   """One initialisation shared by the tests below (initialising compiles for ~10 s on CPU)."""
-  return jax.jit(_tiny().init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+  return _tiny().init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_any_input_size_under_jit():

@@ -16,7 +16,7 @@ def setup():
   # No drop path: training-mode outputs are then a function of the inputs alone.
   model = rmt_jax.create_model('rmt_tiny', num_classes=3, drop_path_rate=0.0)
   images = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(5), images)
+  variables = model.init(jax.random.PRNGKey(5), images)
   return model, variables, images
 
 

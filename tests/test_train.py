@@ -199,7 +199,7 @@ def test_eval_only_preprocesses_as_the_weights_say(tmp_path, monkeypatch):
   # pylint: enable=g-import-not-at-top
   config = tiny_test.get_config()
   model = train.build_model(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   stored = eval_preprocessing.EvalPreprocessing(image_size=24, crop_pct=0.9,
                                                 interpolation='bilinear')
   checkpoint.save_variables(tmp_path / 'w', variables, {
