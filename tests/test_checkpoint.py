@@ -308,14 +308,16 @@ def test_main_with_every_checkpoint_damaged_says_so_in_one_line(tiny_run, tmp_pa
       cwd=repo, env=main_env(tmp_path / 'jax_cache'), capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1, proc.stderr[-3000:]
-  assert re.match(r'error: none of the 3 checkpoints in .*/checkpoints can be read \(step 6 at '
-                  r'.*/6: ValueError: .*; step 4 at .*; step 2 at .*\); nothing was moved',
-                  errors[0]), errors[0]
+  # One error line (its text may share a line with the leftover below, so searched, not split).
+  assert proc.stderr.count('error: ') == 1, proc.stderr[-3000:]
+  error = re.search(r'error: none of the 3 checkpoints in .*/checkpoints can be read \(step 6 at '
+                    r'.*/6: ValueError: .*; step 4 at .*; step 2 at .*\); nothing was moved.*'
+                    r'to start over', proc.stderr)
+  assert error, proc.stderr[-3000:]
   assert 'never retrieved' not in proc.stderr, proc.stderr[-6000:]
-  # Known leftover: orbax's abandoned reads sometimes report an "Event loop is closed" through
-  # Python's unraisable hook at exit; no other traceback may appear.
-  assert (proc.stderr.count('Traceback') ==
-          proc.stderr.count('RuntimeError: Event loop is closed')), proc.stderr[-6000:]
+  # Known leftover (issue 33): orbax's abandoned reads of the damaged files fail on
+  # TensorStore's threads after their event loop closed, and Python prints those "Event loop
+  # is closed" tracebacks, interleaved with the other output; no other exception may appear.
+  rest = proc.stderr.replace(error.group(0), '')
+  assert set(re.findall(r'[A-Z][a-z]+(?:Error|Exception)', rest)) <= {'RuntimeError'}, rest[-6000:]
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4', '6']
