@@ -131,3 +131,16 @@ def resolve(metadata: Mapping[str, Any], overridden_by: str = 'the caller',
     raise ValueError(f'image_size must be at least 1 and crop_pct in (0, 1], got '
                      f'{preprocessing.image_size} and {preprocessing.crop_pct}')
   return preprocessing, origin
+
+
+def add_flags(parser: Any) -> None:
+  """The command-line flags that override the stored preprocessing, on an argparse parser:
+  --image-size, --crop-pct, --interpolation (each None unless given)."""
+  parser.add_argument('--image-size', type=int, default=None,
+                      help='crop size (default: the one stored with the weights, else 224)')
+  parser.add_argument('--crop-pct', type=float, default=None,
+                      help='centre crop fraction of the resized shorter side (default: the '
+                           'one stored with the weights, else the official 0.875)')
+  parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS,
+                      help='resize method (default: the one stored with the weights, else '
+                           'bicubic)')

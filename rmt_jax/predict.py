@@ -38,15 +38,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--top', type=int, default=5, help='classes to print per image')
   parser.add_argument('--batch-size', type=int, default=16,
                       help='images per forward pass (the last batch is padded)')
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='crop size (default: the one stored with the weights, else 224)')
-  parser.add_argument('--crop-pct', type=float, default=None,
-                      help='centre crop fraction of the resized shorter side (default: the '
-                           'one stored with the weights, else the official 0.875)')
-  parser.add_argument('--interpolation', default=None,
-                      choices=eval_preprocessing.INTERPOLATIONS,
-                      help='resize method (default: the one stored with the weights, else '
-                           'bicubic)')
+  eval_preprocessing.add_flags(parser)
   parser.add_argument('--json', action='store_true',
                       help='print one JSON list: [{"image", "top": [{"label", "name", '
                            '"probability"}]}]')

@@ -244,15 +244,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--stage', type=int, default=0, help='stage to draw (default 0)')
   parser.add_argument('--block', type=int, default=0, help='block of the stage (default 0)')
   parser.add_argument('--query', help='X,Y: pixel of the crop to look from (default: centre)')
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='crop size (default: the one stored with the weights, else 224)')
-  parser.add_argument('--crop-pct', type=float, default=None,
-                      help='centre crop fraction of the resized shorter side (default: the '
-                           'one stored with the weights, else the official 0.875)')
-  parser.add_argument('--interpolation', default=None,
-                      choices=eval_preprocessing.INTERPOLATIONS,
-                      help='resize method (default: the one stored with the weights, else '
-                           'bicubic)')
+  eval_preprocessing.add_flags(parser)
   parser.add_argument('--decay-only', action='store_true',
                       help="draw every stage's priors of --model, without weights or image")
   parser.add_argument('--model', help='variant for --decay-only, e.g. rmt_s')
