@@ -179,9 +179,9 @@ class _Traced:
   """
 
   def __init__(self, init: Callable[..., Any], args: tuple, kwargs: dict):
-    leaves, self._treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_array)
+    leaves, self._treedef = jax.tree.flatten((args, kwargs), is_leaf=is_array)
     # Array arguments by shape only: their values never reach a variable.
-    self._leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a
+    self._leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) if is_array(a) else a
                     for a in leaves]
     self._init = init
     self.treedef, self.slots, self.declared = None, [], []
@@ -206,7 +206,9 @@ class _Traced:
                                              for leaf, i in zip(leaves, self.slots)])
 
 
-def _is_array(a: Any) -> bool:
+def is_array(a: Any) -> bool:
+  """An argument that matters by shape and dtype: a jax or numpy array, a tracer, or a
+  `jax.ShapeDtypeStruct`."""
   return hasattr(a, 'shape') and hasattr(a, 'dtype')
 
 

@@ -19,10 +19,6 @@ import jax
 from rmt_jax.models import initializers
 
 
-def _is_array(a: Any) -> bool:
-  return hasattr(a, 'shape') and hasattr(a, 'dtype')
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _compiled_apply(module: nn.Module, arrays: list, settings: tuple) -> Any:
   """`nn.Module.apply(module, *args, **kwargs)`, its array leaves traced, the rest static."""
@@ -48,8 +44,9 @@ class Network(nn.Module):
   @nn.nowrap
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """`nn.Module.apply`; called eagerly, as one compiled program (see the module docstring)."""
-    leaves, treedef = jax.tree.flatten((variables, args, kwargs), is_leaf=_is_array)
-    static = tuple(_ARRAY if _is_array(a) else a for a in leaves)
+    leaves, treedef = jax.tree.flatten((variables, args, kwargs),
+                                       is_leaf=initializers.is_array)
+    static = tuple(_ARRAY if initializers.is_array(a) else a for a in leaves)
     traced = any(isinstance(a, jax.core.Tracer) for a in leaves)
     try:
       hash((self, static))
@@ -57,5 +54,5 @@ class Network(nn.Module):
       traced = True
     if traced or jax.config.jax_disable_jit:
       return super().apply(variables, *args, **kwargs)
-    arrays = [a if _is_array(a) else None for a in leaves]
+    arrays = [a if initializers.is_array(a) else None for a in leaves]
     return _compiled_apply(self, arrays, (treedef, static))
