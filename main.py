@@ -11,7 +11,7 @@ import sys
 
 # Before TensorFlow and JAX start: their informational start-up notices off
 # (RMT_JAX_VERBOSE_STARTUP=1 brings them back).
-from rmt_jax import console  # pylint: disable=g-bad-import-order
+from rmt_jax.runtime import console  # pylint: disable=g-bad-import-order
 
 console.quiet_startup()
 
@@ -22,10 +22,10 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
-from rmt_jax import checkpoint
-from rmt_jax import host_allocator
-from rmt_jax import input_pipeline
-from rmt_jax import train
+from rmt_jax.weights import checkpoint
+from rmt_jax.runtime import host_allocator
+from rmt_jax.data import input_pipeline
+from rmt_jax.train import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -71,7 +71,7 @@ def main(argv):
   if jax.default_backend() == 'cpu' and host_allocator.host_allocator() == 'libc':
     logging.warning(host_allocator.cpu_hint())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except input_pipeline.DataError as e:
     # The message names the path and the fix; a traceback would only hide it.
     print(f'error: {e}', file=sys.stderr)
@@ -81,7 +81,7 @@ def main(argv):
     # than silently start over from scratch.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  except train.NonFiniteLossError as e:
+  except loop.NonFiniteLossError as e:
     print(str(e), file=sys.stderr)
     sys.exit(3)
 

@@ -27,7 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from rmt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 
 def _cores() -> int:

@@ -47,7 +47,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from rmt_jax import bench  # pylint: disable=g-import-not-at-top
 from rmt_jax.models import canonical_name, create_model  # pylint: disable=g-import-not-at-top
-from rmt_jax.models import kernels as kernel_forms  # pylint: disable=g-import-not-at-top
+from rmt_jax.kernels import selection as kernel_forms  # pylint: disable=g-import-not-at-top
 
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 

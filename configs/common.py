@@ -14,7 +14,7 @@ Mixup 0.8 / CutMix 1.0, label smoothing 0.1, repeated augmentation (3), EMA 0.99
 
 import ml_collections
 
-from rmt_jax import input_pipeline
+from rmt_jax.data import input_pipeline
 
 # Stochastic depth of the official factories (RMT_T3, RMT_S, RMT_M2, RMT_L6).
 DROP_PATH = {'rmt_t': 0.1, 'rmt_s': 0.15, 'rmt_b': 0.4, 'rmt_l': 0.5}
@@ -48,7 +48,7 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.eval_batch_size = 1024
   c.num_epochs = 300
   c.total_steps = -1  # > 0 stops after that many steps (tests, smoke runs).
-  c.grad_accum_steps = 1  # Micro-batches per step (see rmt_jax.train.train_step).
+  c.grad_accum_steps = 1  # Micro-batches per step (see rmt_jax.train.loop.train_step).
   c.grad_clip_norm = 0.0  # Official: no clipping (--clip-grad None); > 0 clips.
 
   # AdamW; lr = base_lr x global_batch_size / 512.
@@ -57,7 +57,7 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.warmup_lr = 1e-6
   c.min_lr = 1e-5
   # False: the warmup + cosine curve per step. True: per epoch, lagging one epoch, exactly as the
-  # official loop steps timm's scheduler (see rmt_jax.optim.learning_rate_schedule).
+  # official loop steps timm's scheduler (see rmt_jax.train.optim.learning_rate_schedule).
   c.lr_schedule_per_epoch = False
   c.b1 = 0.9
   c.b2 = 0.999

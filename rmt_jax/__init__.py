@@ -7,7 +7,7 @@ backbone of that variant (multi-scale maps, official `extra_norms`); `rmt_jax.lo
 package imports neither torch, TensorFlow, optax nor orbax.
 """
 
-from rmt_jax.loading import load
+from rmt_jax.weights.loading import load
 from rmt_jax.models import create_backbone, create_model
 
 __all__ = ['create_backbone', 'create_model', 'load']

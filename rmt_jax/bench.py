@@ -9,14 +9,14 @@ r"""Throughput of RMT against the machine's own ceiling: eval and train images/s
 For one variant, batch size, resolution and compute dtype, on the default device (or N
 of them, below):
   eval     the jitted forward pass (inference mode: running BatchNorm statistics, no drop path);
-  train    the trainer's step (`rmt_jax.train.train_step`), jitted with the state donated:
+  train    the trainer's step (`rmt_jax.train.loop.train_step`), jitted with the state donated:
            forward with batch statistics and drop path, soft-target cross-entropy, backward,
            AdamW update, EMA of the weights and BatchNorm statistics;
   ceiling  a size^3 matrix product in the same dtype on the same device (2048^3 by default),
            the roofline every figure is also given as a fraction of.
 
 With `--devices N` the batch is split over N devices (the trainer's data-parallel mesh,
-`rmt_jax.sharding`; BatchNorm statistics and gradients are reduced over the whole batch, as in
+`rmt_jax.train.sharding`; BatchNorm statistics and gradients are reduced over the whole batch, as in
 training). On accelerators these are the first N local devices. On CPU, N > 1 splits the host
 into N XLA devices (JAX's `jax_num_cpu_devices`) that run their halves of the batch side by
 side: XLA CPU runs one computation's operations largely one after another, each spread over
@@ -35,7 +35,7 @@ average printed with them.
 
 Each timed call also records the process's CPU seconds in user and kernel mode and its page
 faults: on XLA CPU with glibc's malloc, a train step re-faults its temporaries every time (see
-`rmt_jax.host_allocator`), and the table then says so.
+`rmt_jax.runtime.host_allocator`), and the table then says so.
 
 FLOP/s are given two ways. 'model' counts 2 x the multiply-accumulates of the network's dots
 and convolutions (`rmt_jax.summary`, the fvcore / paper convention), and 3x that for a training
@@ -65,11 +65,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from rmt_jax import host_allocator
-from rmt_jax import sharding
-from rmt_jax import summary
+from rmt_jax.runtime import host_allocator
+from rmt_jax.train import sharding
+from rmt_jax.analysis import counting
 from rmt_jax.models import RMT, canonical_name, create_model
-from rmt_jax.models import kernels as kernel_forms
+from rmt_jax.kernels import selection as kernel_forms
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # The training recipe's optimizer constants (official RMT: AdamW, weight decay 0.05; EMA as in
@@ -111,7 +111,7 @@ def synthetic_variables(model: RMT, images: jax.Array, seed: int = 0) -> Any:
 def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_RATE,
                     weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY
                     ) -> tuple[Callable[..., Any], Any]:
-  """The trainer's step (`rmt_jax.train.train_step`) with AdamW and the EMA, and its state.
+  """The trainer's step (`rmt_jax.train.loop.train_step`) with AdamW and the EMA, and its state.
 
   Args:
     model: the network.
@@ -122,22 +122,22 @@ def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_
 
   Returns:
     (step, state): `step(state, images, targets) -> (state, metrics)` (not yet jitted) and
-    a fresh `train.TrainState`.
+    a fresh `loop.TrainState`.
   """
   # Imported here: the trainer brings the input pipeline (TensorFlow), which eval does not need.
-  from rmt_jax import train  # pylint: disable=g-import-not-at-top
+  from rmt_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   tx = optax.adamw(learning_rate, weight_decay=weight_decay)
   # Copies: the step donates its state, and the caller may still use `variables`.
   params = jax.tree.map(jnp.copy, variables['params'])
   batch_stats = jax.tree.map(jnp.copy, variables['batch_stats'])
-  state = train.TrainState(
+  state = loop.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=jax.random.PRNGKey(1))
 
   def step(state, images, targets):
-    return train.train_step(state, {'image': images, 'label': targets}, model=model, tx=tx,
+    return loop.train_step(state, {'image': images, 'label': targets}, model=model, tx=tx,
                             ema=ema_decay)
 
   return step, state
@@ -300,7 +300,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
       for _ in range(CEILING_CALLS if t in ceilings else 1):
         t.timed_call()
 
-  forward_model_flops = 2.0 * summary.count_macs(model, resolution, batch)
+  forward_model_flops = 2.0 * counting.count_macs(model, resolution, batch)
   # The ceiling is the fastest product seen, not the median: a two-thread matmul stalls
   # whenever a neighbour takes one of its cores, and a ceiling that is too low would flatter
   # every fraction below it.

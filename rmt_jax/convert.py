@@ -12,13 +12,13 @@ With `--backbone`, both commands convert the detection / segmentation backbone i
 `--allow-pickle`. `num_classes` and `token_label` are read off the file (rows of `head.weight`,
 presence of `aux_head.*`) unless `--num-classes` / `--[no-]token-label` say otherwise; the
 variant is never guessed: `--model` is checked strictly against every key and shape. It writes
-a variables directory (`rmt_jax.checkpoint.save_variables`: orbax + JSON description).
+a variables directory (`rmt_jax.weights.checkpoint.save_variables`: orbax + JSON description).
 `flax2torch` reads such a directory (or what `checkpoint.load_variables` reads) and writes
 `{'model': state_dict}` for the official code's `load_state_dict(..., strict=True)`. Both write
 atomically and fail with one line on stderr and exit status 1. `--src` and `--dst` may be local
 or on an object store (gs://...). A 1000-class model's directory stores ImageNet's class names
-(`rmt_jax.class_names`), which `python -m rmt_jax.predict` prints, and every classifier's the
-official evaluation preprocessing (`rmt_jax.eval_preprocessing.OFFICIAL`), which it applies.
+(`rmt_jax.data.class_names`), which `python -m rmt_jax.predict` prints, and every classifier's the
+official evaluation preprocessing (`rmt_jax.data.eval_preprocessing.OFFICIAL`), which it applies.
 torch is imported only by the functions that read or write `.pth` files: `import
 rmt_jax.convert` and the model run without it.
 
@@ -59,10 +59,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax import checkpoint
-from rmt_jax import class_names
-from rmt_jax import eval_preprocessing
-from rmt_jax import loading
+from rmt_jax.weights import checkpoint
+from rmt_jax.data import class_names
+from rmt_jax.data import eval_preprocessing
+from rmt_jax.weights import loading
 from rmt_jax.models import RMT, VARIANTS, canonical_name, create_model
 from rmt_jax.models import decay
 

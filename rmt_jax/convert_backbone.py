@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_jax import checkpoint
+from rmt_jax.weights import checkpoint
 from rmt_jax import convert
 from rmt_jax.models import RMTBackbone, canonical_name, create_backbone
 

@@ -5,7 +5,7 @@
 `DIR` is a variables directory (from `python -m rmt_jax.convert torch2flax`) or a training
 workdir, local or on an object store (gs://...); the model is rebuilt from the description
 stored with the weights, so `--model` is only a check. Images get the evaluation preprocessing
-stored with the weights (`rmt_jax.eval_preprocessing`: the run's own, e.g. 32 px whole digits for
+stored with the weights (`rmt_jax.data.eval_preprocessing`: the run's own, e.g. 32 px whole digits for
 the demo; the official 224 crop at crop_pct 0.875, bicubic, ImageNet mean/std for converted
 weights and for weights that store none), each field overridable by its flag, and one line on
 stderr says which was used and where it came from. They go through the model in batches of a
@@ -19,8 +19,8 @@ import json
 import sys
 from typing import Any
 
-from rmt_jax import console
-from rmt_jax import eval_preprocessing
+from rmt_jax.runtime import console
+from rmt_jax.data import eval_preprocessing
 
 
 class PredictError(Exception):
@@ -102,7 +102,10 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   # pylint: disable=g-import-not-at-top
-  from rmt_jax import checkpoint, class_names, input_pipeline, loading
+  from rmt_jax.weights import checkpoint
+  from rmt_jax.data import class_names
+  from rmt_jax.data import input_pipeline
+  from rmt_jax.weights import loading
   from rmt_jax.models import canonical_name
   # pylint: enable=g-import-not-at-top
 

@@ -14,7 +14,7 @@ import os
 
 # Before TensorFlow starts: its informational start-up notices off
 # (RMT_JAX_VERBOSE_STARTUP=1 brings them back).
-from rmt_jax import console  # pylint: disable=g-bad-import-order
+from rmt_jax.runtime import console  # pylint: disable=g-bad-import-order
 
 console.quiet_startup()
 
@@ -23,7 +23,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-from rmt_jax import data_sources  # pylint: disable=g-import-not-at-top
+from rmt_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', 'TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets if empty).')

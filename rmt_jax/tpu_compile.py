@@ -1,13 +1,13 @@
 """`python -m rmt_jax.tpu_compile`: compile a run's steps for a TPU slice from any machine.
 
 Builds exactly what `main.py` builds for the config on that slice (mesh, shardings, model,
-optimizer, train step, eval step: `train.build_programs`), compiles it ahead of time with
+optimizer, train step, eval step: `loop.build_programs`), compiles it ahead of time with
 libtpu for the slice's abstract devices (`jax.experimental.topologies`), and reports, per chip:
 memory against the chip's HBM ("fits" or by how much it does not), XLA's FLOPs against the
 model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TPU compiler's
 cost model: an estimate, not a measurement), the images/s and utilisation of the chip's bf16
 peak that it implies, and the compile time. With `--traffic`, also where each step's memory
-traffic goes, by layer and by stage (`rmt_jax.tpu_traffic`): RMT's steps are bound by memory
+traffic goes, by layer and by stage (`rmt_jax.analysis.tpu_traffic`): RMT's steps are bound by memory
 traffic in that estimate. With `--block STAGE`, one block of that stage instead, forward and
 backward on one chip (`compile_block`): the unit the kernels are tuned on.
 
@@ -48,10 +48,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from rmt_jax import sharding
-from rmt_jax import summary
-from rmt_jax import tpu_traffic
-from rmt_jax import train
+from rmt_jax.train import sharding
+from rmt_jax.analysis import counting
+from rmt_jax.analysis import tpu_traffic
+from rmt_jax.train import loop
 from rmt_jax.models import layers
 
 INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2 "
@@ -142,10 +142,10 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
   mesh = sharding.create_mesh(config.mesh, devices)
   batch, size = int(config.global_batch_size), int(config.data.image_size)
   steps_per_epoch = max(IMAGENET_TRAIN_IMAGES // batch, 1)
-  programs = train.build_programs(config, mesh, steps_per_epoch,
+  programs = loop.build_programs(config, mesh, steps_per_epoch,
                                   int(math.ceil(config.num_epochs * steps_per_epoch)))
   model = programs.model
-  macs = summary.count_macs(model.clone(dtype=jnp.float32), size, batch=1)
+  macs = counting.count_macs(model.clone(dtype=jnp.float32), size, batch=1)
   result = {
       'topology': topology, 'chip': chip.name, 'device_kind': kind, 'chips': chips,
       'devices': len(devices), 'devices_per_chip': per_chip_devices,
@@ -219,7 +219,7 @@ def compile_block(config: Any, topology: str, stage: int, images: int, log: Any 
   """
   devices = topology_devices(topology)
   mesh = jax.sharding.Mesh(np.array(devices[:1]), ('data',))
-  model = train.build_model(config, mesh)
+  model = loop.build_model(config, mesh)
   if not 1 <= stage <= len(model.depths):
     raise ValueError(f'stage must be 1 to {len(model.depths)}, got {stage}')
   i = stage - 1
@@ -318,7 +318,7 @@ _BLOCK = flags.DEFINE_integer(
     '(batch_per_chip images) instead of the steps.')
 _TRAFFIC = flags.DEFINE_bool(
     'traffic', False, "Also print where each step's memory traffic goes, by layer and stage "
-    '(rmt_jax.tpu_traffic): what bounds the estimate.')
+    '(rmt_jax.analysis.tpu_traffic): what bounds the estimate.')
 
 
 def main(argv: list[str]) -> int:

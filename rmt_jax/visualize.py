@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rmt_jax import eval_preprocessing
+from rmt_jax.data import eval_preprocessing
 
 # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -37,7 +37,8 @@ class VisualizeError(Exception):
 def load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   """(model, {'params', 'batch_stats'}, metadata) from a variables directory or a training
   workdir."""
-  from rmt_jax import checkpoint, loading  # pylint: disable=g-import-not-at-top
+  from rmt_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
+  from rmt_jax.weights import loading  # pylint: disable=g-import-not-at-top
   try:
     return loading.load_with_metadata(path)
   except checkpoint.CheckpointNotFoundError as e:
@@ -56,7 +57,7 @@ def load_image(path: str, preprocessing: eval_preprocessing.EvalPreprocessing
     (uint8 (size, size, 3) crop to draw, float32 (size, size, 3) normalised model input).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from rmt_jax import augment  # pylint: disable=g-import-not-at-top
+  from rmt_jax.data import augment  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   if not os.path.isfile(path):
     raise VisualizeError(f'no such image file: {path}')

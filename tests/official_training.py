@@ -1,7 +1,7 @@
 """The official training fixture (`fixtures/official_tiny_train.npz`) run through rmt_jax.
 
 `run` takes the fixture's initial weights, images, soft targets and learning rates through the
-project's jitted `train.train_step` for its 4 steps, on one device or on a mesh, and returns the
+project's jitted `loop.train_step` for its 4 steps, on one device or on a mesh, and returns the
 gradients, losses, weights and EMA under the official state_dict keys; `errors` and `summary`
 measure them against the official float64 run. tests/test_official_training.py runs it in a
 subprocess (the device count and XLA's flags are fixed when JAX starts), so it imports neither
@@ -21,9 +21,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rmt_jax import convert
-from rmt_jax import optim
-from rmt_jax import sharding
-from rmt_jax import train
+from rmt_jax.train import optim
+from rmt_jax.train import sharding
+from rmt_jax.train import loop
 from rmt_jax.models import from_official_kwargs
 
 # Parameters whose true gradient is exactly zero: a bias feeding a BatchNorm (directly, or
@@ -84,7 +84,7 @@ def setup(fixture: dict[str, Any], exact_zero_gradients: bool = True):
     tx = optax.chain(optax.masked(optax.set_to_zero(), zero), tx)
   params, batch_stats = (jax.tree.map(jnp.asarray, variables[c])
                          for c in ('params', 'batch_stats'))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=batch_stats, opt_state=tx.init(params),
                            ema_params=params, ema_batch_stats=batch_stats,
                            rng=jax.random.PRNGKey(0))  # Drop path 0: no randomness.
@@ -108,7 +108,7 @@ def _first_moment(opt_state: Any) -> Any:
 def run(fixture: dict[str, Any], mesh_shape: tuple[int, int] | None = None,
         image_spec: PartitionSpec | None = None,
         exact_zero_gradients: bool = True) -> dict[str, Any]:
-  """The fixture's 4 steps through the project's jitted `train.train_step`.
+  """The fixture's 4 steps through the project's jitted `loop.train_step`.
 
   The first step's gradient is read off AdamW's first moment after that step: from zero,
   mu = (1 - b1) * gradient, so it is the gradient that the step itself used.
@@ -126,7 +126,7 @@ def run(fixture: dict[str, Any], mesh_shape: tuple[int, int] | None = None,
      'n_sharded': parameters not replicated}, under the official keys.
   """
   model, tx, state = setup(fixture, exact_zero_gradients)
-  step = functools.partial(train.train_step, model=model, tx=tx,
+  step = functools.partial(loop.train_step, model=model, tx=tx,
                            ema=float(fixture['ema_decay']))
   data = batches(fixture)
   if mesh_shape is None:

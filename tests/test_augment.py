@@ -7,9 +7,9 @@ import pytest
 
 tf = pytest.importorskip('tensorflow', reason='the augmentations run in TensorFlow')
 
-from rmt_jax import augment  # pylint: disable=g-import-not-at-top
-from rmt_jax import mixup
-from rmt_jax import randaugment as ra
+from rmt_jax.data import augment  # pylint: disable=g-import-not-at-top
+from rmt_jax.data import mixup
+from rmt_jax.data import randaugment as ra
 
 
 def _seed(i: int):

@@ -10,7 +10,7 @@ import pytest
 
 import rmt_jax
 from conftest import official_case, official_det_case, official_manifest, relative_error
-from rmt_jax import checkpoint
+from rmt_jax.weights import checkpoint
 from rmt_jax import convert
 from rmt_jax import convert_backbone
 from rmt_jax.models import backbone_from_official_kwargs, create_backbone, create_model

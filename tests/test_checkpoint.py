@@ -1,4 +1,4 @@
-"""Tests of the training half of rmt_jax.checkpoint: the manager's round trip (state + data
+"""Tests of the training half of rmt_jax.weights.checkpoint: the manager's round trip (state + data
 position), the resume order, `load_variables` on a training workdir, and damaged checkpoints
 (skipped, set aside, the run resumed bit for bit from the newest intact one)."""
 
@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rmt_jax import checkpoint
-from rmt_jax import train
+from rmt_jax.weights import checkpoint
+from rmt_jax.train import loop
 from conftest import main_env  # pylint: disable=g-bad-import-order
 
 
-def _state(value: float) -> train.TrainState:
+def _state(value: float) -> loop.TrainState:
   params = {'fc': {'kernel': jnp.full((3, 4), value), 'bias': jnp.zeros(4)}}
   stats = {'norm': {'mean': jnp.full(4, value), 'var': jnp.ones(4)}}
-  return train.TrainState(
+  return loop.TrainState(
       step=jnp.asarray(int(value), jnp.int32), params=params, batch_stats=stats,
       opt_state={'mu': jax.tree.map(jnp.zeros_like, params)},
       ema_params=jax.tree.map(lambda x: x + 0.5, params), ema_batch_stats=stats,
@@ -243,13 +243,13 @@ def tiny_run(tmp_path_factory):
   test is which checkpoint the run resumes from, and that it then trains exactly as before.
   """
   from configs import tiny_test  # pylint: disable=g-import-not-at-top
-  from rmt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('tiny_run')
   config = tiny_test.get_config()
   config.data.digits_dir = str(root / 'digits')
   config.total_steps = 6
   config.async_checkpoints = False
-  build_programs, programs = train.build_programs, {}
+  build_programs, programs = loop.build_programs, {}
 
   def build_once(*args, **kwargs):
     if not programs:
@@ -262,7 +262,7 @@ def tiny_run(tmp_path_factory):
     patch.setattr(train, 'evaluate', lambda *_: unevaluated)
     patch.setattr(input_pipeline, 'create_eval_iterator', lambda *_, **__: [])
     workdir = root / 'run'
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     yield config, workdir, checkpoint.load_train_state(workdir, 6)[0]
 
 
@@ -280,7 +280,7 @@ def test_a_damaged_run_resumes_from_the_newest_intact_checkpoint_bit_for_bit(
   for step, how in damage.items():
     how(workdir / 'checkpoints' / step)
   caplog.set_level(logging.INFO)
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   assert f'from checkpoint {resumed_from}.' in caplog.text
   assert len(_warnings(caplog)) == len(damage)
   # The damaged checkpoints are kept aside; the steps they held were trained and saved again.

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from rmt_jax import console
+from rmt_jax.runtime import console
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_IMPORT = ('from rmt_jax import console; console.quiet_startup(); import tensorflow, jax; '
+_IMPORT = ('from rmt_jax.runtime import console; console.quiet_startup(); import tensorflow, jax; '
            'jax.devices()')
 
 

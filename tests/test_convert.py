@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CASES, official_case, official_manifest, relative_error
-from rmt_jax import checkpoint
+from rmt_jax.weights import checkpoint
 from rmt_jax import convert
-from rmt_jax import eval_preprocessing
+from rmt_jax.data import eval_preprocessing
 from rmt_jax.models import create_model, from_official_kwargs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

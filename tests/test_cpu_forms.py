@@ -1,4 +1,4 @@
-"""The XLA CPU forms (rmt_jax.models.cpu_forms) against their definitions, values and gradients.
+"""The XLA CPU forms (rmt_jax.kernels.cpu_forms) against their definitions, values and gradients.
 
 What the network's parity tests cannot see: the hand-written backward passes of the shifted
 depthwise conv, the joint q/k/v projection and the dense 3x3 conv's kernel gradient.
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from rmt_jax.models import cpu_forms, decay
+from rmt_jax.models import decay
+from rmt_jax.kernels import cpu_forms
 
 
 def _grouped_conv(x, kernel):
@@ -97,7 +98,7 @@ def test_conv3x3_and_its_gradients_equal_the_definition(stride, shape, out):
 
 def test_rotary_constants_equal_the_tables_computed_in_the_program():
   for shape in ((3, 4, 8), (56, 56, 16), (14, 14, 32)):
-    for constant, computed in zip(cpu_forms.rotary_tables(*shape),
+    for constant, computed in zip(decay.rotary_constants(*shape),
                                   jax.jit(decay.rotary_tables, static_argnums=(0, 1, 2))(*shape)):
       assert constant.shape == computed.shape == shape and constant.dtype == np.float32
       # XLA's sin and cos against NumPy's on the same float32 phases: one float32 ulp at most.

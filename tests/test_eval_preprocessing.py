@@ -1,4 +1,4 @@
-"""The evaluation preprocessing stored with weights (rmt_jax.eval_preprocessing): what a run's
+"""The evaluation preprocessing stored with weights (rmt_jax.data.eval_preprocessing): what a run's
 config says, its round trip through a weights description (through a training checkpoint:
 tests/test_checkpoint.py), the default for weights that store none, and overrides."""
 
@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from rmt_jax import checkpoint
-from rmt_jax import eval_preprocessing
-from rmt_jax.eval_preprocessing import EvalPreprocessing
+from rmt_jax.weights import checkpoint
+from rmt_jax.data import eval_preprocessing
+from rmt_jax.data.eval_preprocessing import EvalPreprocessing
 
 pytest.importorskip('tensorflow', reason='the configs take their data fields from the input '
                                          'pipeline, which needs TensorFlow')
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from configs import common, demo, tiny_test
-from rmt_jax import input_pipeline
+from rmt_jax.data import input_pipeline
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 DIGITS = EvalPreprocessing(image_size=32, crop_pct=1.0, interpolation='bilinear')

@@ -18,8 +18,8 @@ pytest.importorskip('tensorflow_datasets', reason='the pipeline reads ImageNet t
 
 import jax  # pylint: disable=g-import-not-at-top
 import imagenet_fixture
-from rmt_jax import augment
-from rmt_jax import input_pipeline
+from rmt_jax.data import augment
+from rmt_jax.data import input_pipeline
 from rmt_jax import prepare_imagenet
 
 NUM_VAL = 12

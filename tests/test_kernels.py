@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from rmt_jax.models import create_model, kernels
+from rmt_jax.models import create_model
+from rmt_jax.kernels import selection as kernels
 
 
 def test_auto_takes_the_form_of_the_devices_in_context():

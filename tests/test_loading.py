@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import rmt_jax
-from rmt_jax import checkpoint
-from rmt_jax import class_names
-from rmt_jax import loading
+from rmt_jax.weights import checkpoint
+from rmt_jax.data import class_names
+from rmt_jax.weights import loading
 from conftest import FOLDER_CLASSES  # pylint: disable=g-bad-import-order
 
 # A 10-class head: the model must come back from the stored description, not the default.

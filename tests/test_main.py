@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rmt_jax import checkpoint
+from rmt_jax.weights import checkpoint
 from conftest import main_env, write_image_folder  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_data_errors_are_one_line_naming_the_path(tmp_path, env, case, message):
 # the step-2 checkpoint is complete on disk: a crash between two checkpoints.
 _KILL_AFTER_3 = textwrap.dedent('''
     import os, runpy, signal, sys, time
-    from rmt_jax import input_pipeline
+    from rmt_jax.data import input_pipeline
     workdir = sys.argv[sys.argv.index('--workdir') + 1]
     original = input_pipeline.TrainIterator.__next__
 
@@ -217,13 +217,13 @@ _WORKER = textwrap.dedent('''
     from jax.experimental import multihost_utils
     import numpy as np
     from configs import tiny_test
-    from rmt_jax import train
+    from rmt_jax.train import loop
 
     config = tiny_test.get_config()
     config.data.digits_dir = digits_dir
     config.total_steps = 3
     config.checkpoint_every_steps = 1000  # One checkpoint: the final one.
-    result = train.train_and_evaluate(config, workdir)
+    result = loop.train_and_evaluate(config, workdir)
     state = result['state']
     local = {name: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
                                 getattr(state, name)) for name in ('params', 'ema_params')}

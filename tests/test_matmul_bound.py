@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax import bench, summary
+from rmt_jax import bench
+from rmt_jax.analysis import counting
 from rmt_jax.models import create_model
 
 
@@ -22,7 +23,7 @@ def test_products_are_the_forward_macs_and_three_times_them_in_training():
   images = jnp.zeros((2, 64, 64, 3))
   variables = bench.synthetic_variables(model, images)
   forward = matmul_bound.collect_products(model.apply, variables, images)
-  assert _flops(forward) == 2 * summary.count_macs(model, 64, batch=2)
+  assert _flops(forward) == 2 * counting.count_macs(model, 64, batch=2)
 
   step, state = bench.make_train_step(model, variables)
   targets = jax.nn.one_hot(np.arange(2), model.num_classes)

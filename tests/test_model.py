@@ -11,7 +11,7 @@ import rmt_jax
 from conftest import CASES, official_case, official_manifest, relative_error
 from rmt_jax import convert
 from rmt_jax.models import RMT, Stage, from_official_kwargs, layers
-from rmt_jax.summary import count_macs, count_params
+from rmt_jax.analysis.counting import count_macs, count_params
 
 VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
 

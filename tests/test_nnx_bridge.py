@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rmt_jax
-from rmt_jax import nnx_bridge
+from rmt_jax.weights import nnx_bridge
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,7 @@ from flax import traverse_util
 from conftest import FIXTURES
 import official_training
 from rmt_jax import convert
-from rmt_jax import optim
+from rmt_jax.train import optim
 from rmt_jax.models import from_official_kwargs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

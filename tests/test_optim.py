@@ -1,4 +1,4 @@
-"""Tests of rmt_jax.optim against hand-computed values: the weight-decay mask (timm's rule on
+"""Tests of rmt_jax.train.optim against hand-computed values: the weight-decay mask (timm's rule on
 the official parameter shapes), the warmup + cosine learning rate (per step, and per epoch
 against timm's scheduler as the official loop steps it), and the EMA decay."""
 
@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from configs import common
-from rmt_jax import optim
+from rmt_jax.train import optim
 from rmt_jax.models import create_model
 
 

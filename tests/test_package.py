@@ -29,7 +29,7 @@ _MODEL_ONLY = textwrap.dedent('''
     import jax, jax.numpy as jnp
     jax.config.update('jax_default_prng_impl', 'rbg')
     import rmt_jax
-    from rmt_jax import class_names
+    from rmt_jax.data import class_names
     model = rmt_jax.create_model('rmt_tiny', num_classes=3)
     x = jnp.ones((2, 32, 32, 3))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
@@ -75,7 +75,7 @@ def test_imagenet_names_ship_as_package_data():
   package_data = tomllib.loads((REPO / 'pyproject.toml').read_text())['tool']['setuptools'][
       'package-data']['rmt_jax']
   assert 'imagenet2012_classes.tsv' in package_data
-  from rmt_jax import class_names  # pylint: disable=g-import-not-at-top
+  from rmt_jax.data import class_names  # pylint: disable=g-import-not-at-top
   names, synsets = class_names.imagenet_class_names(), class_names.imagenet_synsets()
   assert len(names) == len(set(synsets)) == 1000
   assert (names[0], synsets[0]) == ('tench', 'n01440764')

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import rmt_jax
-from rmt_jax import checkpoint
-from rmt_jax import class_names
-from rmt_jax import eval_preprocessing
+from rmt_jax.weights import checkpoint
+from rmt_jax.data import class_names
+from rmt_jax.data import eval_preprocessing
 
 tf = pytest.importorskip('tensorflow', reason='predict decodes images with TensorFlow')
-from rmt_jax import input_pipeline, predict  # pylint: disable=g-import-not-at-top
+from rmt_jax import predict  # pylint: disable=g-import-not-at-top
+from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from conftest import FOLDER_CLASSES, main_env  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests of rmt_jax.sharding: the placement rule, the mesh, and that a sharded train step
+"""Tests of rmt_jax.train.sharding: the placement rule, the mesh, and that a sharded train step
 computes what one device computes (data parallel and data x fsdp), on 8 simulated CPU devices."""
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rmt_jax import sharding
+from rmt_jax.train import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,11 +61,13 @@ _PARITY = textwrap.dedent('''
     import ml_collections
     import numpy as np
     from configs import tiny_test
-    from rmt_jax import optim, sharding, train
+    from rmt_jax.train import optim
+    from rmt_jax.train import sharding
+    from rmt_jax.train import loop
 
     config = tiny_test.get_config()
     config.global_batch_size = 16
-    model = train.build_model(config)
+    model = loop.build_model(config)
     schedule = optim.learning_rate_schedule(config, steps_per_epoch=2, total_steps=10)
     tx = optim.create_optimizer(config, schedule)
     rng = np.random.default_rng(0)
@@ -76,11 +78,11 @@ _PARITY = textwrap.dedent('''
     def run(data, fsdp):
       mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': data, 'fsdp': fsdp}),
                                   devices=jax.devices()[:data * fsdp])
-      init = lambda: train.init_state(jax.random.PRNGKey(0), model, tx, 16)
+      init = lambda: loop.init_state(jax.random.PRNGKey(0), model, tx, 16)
       state_sh = sharding.state_shardings(jax.eval_shape(init), mesh, fsdp_min_size=0)
       batch_sh = sharding.batch_sharding(mesh)
       step_fn = jax.jit(
-          lambda s, b: train.train_step(s, b, model=model, tx=tx, ema=0.9),
+          lambda s, b: loop.train_step(s, b, model=model, tx=tx, ema=0.9),
           in_shardings=(state_sh, {'image': batch_sh, 'label': batch_sh}),
           out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
       state = jax.jit(init, out_shardings=state_sh)()

@@ -1,4 +1,4 @@
-"""Image tokens in bands (rmt_jax.models.tpu_bands), in Pallas's interpreter.
+"""Image tokens in bands (rmt_jax.kernels.tpu.bands), in Pallas's interpreter.
 
 A depthwise k x k conv (k = 3, as the FFN kernel uses it, and 5), its transpose and its
 kernel's gradient computed band by band from `Neighbours` against XLA's grouped convolution
@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import relative_error
-from rmt_jax.models import tpu_bands
+from rmt_jax.kernels.tpu import bands as tpu_bands
 
 
 def _plain(x, kernel):

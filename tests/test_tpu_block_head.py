@@ -10,8 +10,10 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
                       pallas_calls, relative_error)
-from rmt_jax.models import layers, tpu_block_head, tpu_memory
-from rmt_jax.models.tpu_block_head import Plan
+from rmt_jax.models import layers
+from rmt_jax.kernels.tpu import block_head as tpu_block_head
+from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu.block_head import Plan
 
 SCALES = (1.0, 0.25, 1.0)
 
@@ -116,7 +118,7 @@ def test_split_over_a_mesh_equals_one_device():
   # x1, q, k, v and the 11 gradients; each device's images, the weight gradients summed.
   from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import tpu_block_head
+    from rmt_jax.kernels.tpu import block_head as tpu_block_head
     shapes = [(8, 4, 4, 8), (3, 3, 1, 8), (8,), (8,), (8,)] + [(8, 8), (8,)] * 3
     args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
     dy = tuple(jnp.asarray(rng.normal(size=shapes[0]), jnp.float32) for _ in range(4))
@@ -225,7 +227,7 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
   # compute, two uses of each projection as MaSA's axial stages), 2, 8 and 16 images per chip;
   # per chip of the mesh 4 images of 14 rows of 14 tokens: rows arrays of (56, 14, 32).
   assert_kernels_compile_for_a_v5p_and_a_v4('''
-    from rmt_jax.models import tpu_block_head
+    from rmt_jax.kernels.tpu import block_head as tpu_block_head
     def step(x, t, cb, s, b, wq, bq, wk, bk, wv, bv):
       f = lambda x, t, cb, s, b, wq, bq, wk, bk, wv, bv: tpu_block_head.block_first_half(
           x, (t, cb), (s, b), ((wq, bq), (wk, bk), (wv, bv)), (1.0, 0.25, 1.0), eps=1e-6,

@@ -10,8 +10,10 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
                       relative_error)
-from rmt_jax.models import layers, tpu_block_tail, tpu_memory
-from rmt_jax.models.tpu_block_tail import Plan
+from rmt_jax.models import layers
+from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
+from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu.block_tail import Plan
 
 
 def _plain(x1, o, wo, bo, scale, shift, w1, b1, taps, bias, w2, b2, gammas=None, scales=None):
@@ -92,7 +94,7 @@ def test_split_over_a_mesh_equals_one_device():
   # x3 and the 14 gradients; each device's images, the weight gradients summed over devices.
   from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import tpu_block_tail
+    from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
     shapes = [(8, 4, 4, 8), (8, 4, 4, 8), (8, 8), (8,), (8,), (8,), (8, 16), (16,),
               (3, 3, 1, 16), (16,), (16, 8), (8,), (2, 8)]
     args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
@@ -211,7 +213,7 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
   # compute), 2, 8 and 16 images per chip; per chip of the mesh 4 images of 14 rows of 14
   # tokens: rows arrays of (56, 14, 32).
   assert_kernels_compile_for_a_v5p_and_a_v4('''
-    from rmt_jax.models import tpu_block_tail
+    from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
     def step(x1, o, scales, wo, bo, s, b, w1, b1, t, cb, w2, b2, g):
       f = lambda x1, o, wo, bo, s, b, w1, b1, t, cb, w2, b2, g: (
           tpu_block_tail.block_second_half(x1, o, (wo, bo), (s, b), ((w1, b1), (t, cb), (w2, b2)),

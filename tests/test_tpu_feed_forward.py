@@ -1,4 +1,4 @@
-"""The Pallas FFN (rmt_jax.models.tpu_feed_forward) against the plain form, in Pallas's
+"""The Pallas FFN (rmt_jax.kernels.tpu.feed_forward) against the plain form, in Pallas's
 interpreter.
 
 Values and the gradients of x and of every weight against fc1 -> GELU -> (+ XLA's grouped 3x3
@@ -18,7 +18,9 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
                       needs_libtpu, pallas_calls, relative_error)
-from rmt_jax.models import layers, tpu_feed_forward, tpu_memory
+from rmt_jax.models import layers
+from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 
 def _plain(x, w1, b1, taps, bias, w2, b2):
@@ -141,7 +143,7 @@ def test_weights_must_match_the_input():
 def test_split_over_a_mesh_equals_one_device():
   # y and the 7 gradients; each device's images and the weight gradients summed over devices.
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import tpu_feed_forward
+    from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
     shapes = [(8, 4, 4, 8), (8, 16), (16,), (3, 3, 1, 16), (16,), (16, 8), (8,)]
     args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
     dy = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
@@ -206,7 +208,7 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
   # RMT-S stages 1 (one 56 x 56 image a step, in bands) and 3; per chip of the mesh 4
   # images of 14 x 14 = 784 tokens.
   assert_kernels_compile_for_a_v5p_and_a_v4('''
-    from rmt_jax.models import tpu_feed_forward
+    from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
     def step(x, *weights):
       f = lambda x, w1, b1, t, b, w2, b2: tpu_feed_forward.feed_forward(
           x, (w1, b1), (t, b), (w2, b2))

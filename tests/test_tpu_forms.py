@@ -1,4 +1,4 @@
-"""The TPU forms (rmt_jax.models.tpu_forms) against the plain form, in Pallas's interpreter.
+"""The TPU forms (rmt_jax.kernels.tpu.attention) against the plain form, in Pallas's interpreter.
 
 The Pallas decayed attention and its backward kernel against `layers._decayed_attention` with
 the decay tables of `decay.py` (values and the three input gradients, float32 and bfloat16, the
@@ -20,7 +20,9 @@ from jax.experimental import pallas as pl
 from conftest import (KERNELS_IN_HBM, REPO, assert_tpu_form_equals_plain, libtpu_env,
                       needs_libtpu, official_case, official_model_kernels, pallas_calls,
                       relative_error)
-from rmt_jax.models import decay, layers, tpu_forms, tpu_memory
+from rmt_jax.models import decay, layers
+from rmt_jax.kernels.tpu import attention as tpu_forms
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
 
@@ -170,7 +172,8 @@ _COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
     jax.config.update('jax_platforms', 'cpu')
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from rmt_jax.models import decay, tpu_forms
+    from rmt_jax.models import decay
+    from rmt_jax.kernels.tpu import attention as tpu_forms
     device = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices[0]
     replicated = NamedSharding(Mesh(np.array([device]), ('d',)), PartitionSpec())
     # With rotary tables applied in the kernels: 28 for 112 problems (4 images x 28 rows); the
@@ -310,7 +313,8 @@ def test_column_layout_split_over_a_mesh_equals_one_device():
   # tables.
   from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import decay, tpu_forms
+    from rmt_jax.models import decay
+    from rmt_jax.kernels.tpu import attention as tpu_forms
     shapes = [(8, 3, 4, 16)] * 4 + [(3, 4, 16)] * 2
     q, k, v, dout, sin, cos = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
     args = [q, k, v]

@@ -10,8 +10,10 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
                       relative_error)
-from rmt_jax.models import layers, tpu_lepe, tpu_memory
-from rmt_jax.models.tpu_lepe import Plan
+from rmt_jax.models import layers
+from rmt_jax.kernels.tpu import lepe as tpu_lepe
+from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu.lepe import Plan
 
 
 def _plain(attention, v, kernel, bias):
@@ -76,7 +78,7 @@ def test_split_over_a_mesh_equals_one_device():
   # o and the 4 gradients; each device's images, the conv's gradients summed over devices.
   from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import tpu_lepe
+    from rmt_jax.kernels.tpu import lepe as tpu_lepe
     shapes = [(8, 4, 4, 8), (8, 4, 4, 8), (5, 5, 1, 8), (8,)]
     args = [jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32) for s in shapes]
     dy = jnp.asarray(rng.normal(size=shapes[0]), jnp.float32)
@@ -135,7 +137,7 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
   # RMT-S stages 1 (one 56 x 56 image a step), 2 and 3 (bfloat16), 2, 8 and 16 images per chip;
   # per chip of the mesh 4 images of 14 rows of 14 tokens: rows arrays of (56, 14, 32).
   assert_kernels_compile_for_a_v5p_and_a_v4('''
-    from rmt_jax.models import tpu_lepe
+    from rmt_jax.kernels.tpu import lepe as tpu_lepe
     def step(a, v, k, b):
       y, vjp = jax.vjp(tpu_lepe.lepe_add, a, v, k, b)
       return y, vjp(y)

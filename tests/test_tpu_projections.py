@@ -1,4 +1,4 @@
-"""The Pallas layer norm + q/k/v projections (rmt_jax.models.tpu_projections) against the plain
+"""The Pallas layer norm + q/k/v projections (rmt_jax.kernels.tpu.projections) against the plain
 form, in Pallas's interpreter.
 
 Values and the gradients of x, the norm's scale and bias and every weight against flax's
@@ -19,7 +19,10 @@ import pytest
 from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
                       assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
                       needs_libtpu, pallas_calls, relative_error)
-from rmt_jax.models import layers, tpu_block_head, tpu_projections, tpu_memory, variants
+from rmt_jax.models import layers, variants
+from rmt_jax.kernels.tpu import block_head as tpu_block_head
+from rmt_jax.kernels.tpu import projections as tpu_projections
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 SCALES = (1.0, 0.25, 1.0)
 
@@ -130,7 +133,7 @@ def test_every_stage_but_the_widest_has_a_plan_at_64_images(name):
 def test_split_over_a_mesh_equals_one_device():
   # q, k, v and the 9 gradients; each device's rows, the weight gradients summed over devices.
   assert_split_over_a_mesh_equals_one_device('''
-    from rmt_jax.models import tpu_projections
+    from rmt_jax.kernels.tpu import projections as tpu_projections
     shapes = [(8, 4, 4, 8), (8,), (8,)] + [(8, 8), (8,)] * 3
     args = [jnp.asarray(rng.normal(size=s) * 0.5 + 0.2, jnp.float32) for s in shapes]
     cts = tuple(jnp.asarray(rng.normal(size=shapes[0]), jnp.float32) for _ in range(3))
@@ -183,7 +186,7 @@ def test_kernels_compile_for_a_v5p_and_a_v4():
   # RMT-L's stage-1 and RMT-B's stage-4 shapes (rows of 56 and of 7 tokens); per chip of
   # the mesh 4 images of 14 rows.
   assert_kernels_compile_for_a_v5p_and_a_v4('''
-    from rmt_jax.models import tpu_projections
+    from rmt_jax.kernels.tpu import projections as tpu_projections
     def step(x, s, b, *w):
       f = lambda x, s, b, *w: tpu_projections.normalized_projections(
           x, (s, b), tuple(zip(w[::2], w[1::2])), (1.0, 0.25, 1.0), eps=1e-6,

@@ -1,4 +1,4 @@
-"""`rmt_jax.tpu_traffic`: the per-layer accounting of a compiled TPU program's memory traffic.
+"""`rmt_jax.analysis.tpu_traffic`: the per-layer accounting of a compiled TPU program's memory traffic.
 
 The HLO below is written in the form libtpu prints (`compiled.as_text()`), with the layouts,
 tiles and memory spaces it assigns; a real program compiled for TPU is read in
@@ -7,7 +7,7 @@ test_tpu_compile.py when libtpu is installed.
 
 import pytest
 
-from rmt_jax import tpu_traffic
+from rmt_jax.analysis import tpu_traffic
 
 _BLOCK = 'jit(train)/{}jvp(RMT){}/RMT.features/layers_{}/blocks_{}/{}'
 _HLO = f"""HloModule jit_train, entry_computation_layout={{...}}

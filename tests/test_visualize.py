@@ -22,7 +22,8 @@ from rmt_jax.models import attention_maps, decay, layers
 pytest.importorskip('matplotlib', reason='rmt_jax.visualize draws with matplotlib')
 pytest.importorskip('tensorflow', reason='rmt_jax.visualize decodes images with TensorFlow')
 from matplotlib import figure, image as mpimg  # pylint: disable=g-import-not-at-top
-from rmt_jax import eval_preprocessing, visualize  # pylint: disable=g-import-not-at-top
+from rmt_jax import visualize  # pylint: disable=g-import-not-at-top
+from rmt_jax.data import eval_preprocessing  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,9 @@
-"""Flax modules of RMT. Imports nothing else of rmt_jax, so the model can be used alone."""
+"""The paper's architecture in Flax: decay and rotary tables, Manhattan self-attention, blocks,
+stages, the classifier, the detection backbone, the variant table.
+
+May import: `rmt_jax.kernels` (the backend forms of a few operations); nothing else of rmt_jax,
+so the model can be used alone.
+"""
 
 from rmt_jax.models.backbone import FeatureInfo, RMTBackbone
 from rmt_jax.models.rmt import RMT, Stage

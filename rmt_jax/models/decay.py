@@ -21,6 +21,8 @@ for bit. These tables agree with them within 1.1e-6 relative (frequencies) and 2
 place (decay rates), see tests/test_decay.py, far inside float32 parity of the network's outputs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,21 @@ def rotary_tables(height: int, width: int, key_dim: int) -> tuple[jax.Array, jax
   index = jax.lax.broadcasted_iota(jnp.float32, (height * width, key_dim), 0)
   phase = (index * rotary_angles(key_dim)).reshape(height, width, key_dim)
   return jnp.sin(phase), jnp.cos(phase)
+
+
+@functools.lru_cache(maxsize=64)
+def rotary_constants(height: int, width: int, key_dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """`rotary_tables` as NumPy float32 constants (sin and cos of the float32 phases).
+
+  For XLA CPU (`kernels='cpu'`), where tables embedded in the program as constants let XLA
+  fuse the rotary shift around the attention's transposes better than tables computed in it
+  from iotas (docs/kernels.md gives the figures).
+  """
+  index = np.arange(height * width, dtype=np.float32)
+  phase = index[:, None] * rotary_angles(key_dim)[None, :]
+  return (np.sin(phase).reshape(height, width, key_dim).astype(np.float32),
+          np.cos(phase).reshape(height, width, key_dim).astype(np.float32))
+
 
 
 def _distance(length: int) -> jax.Array:

@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmt_jax.models import attention_maps
-from rmt_jax.models import cpu_forms
+from rmt_jax.kernels import cpu_forms
 from rmt_jax.models import decay
 from rmt_jax.models import initializers
-from rmt_jax.models import kernels as kernels_lib
-from rmt_jax.models import tpu_block_head
-from rmt_jax.models import tpu_block_tail
-from rmt_jax.models import tpu_feed_forward
-from rmt_jax.models import tpu_forms
-from rmt_jax.models import tpu_lepe
-from rmt_jax.models import tpu_projections
+from rmt_jax.kernels import selection as kernels_lib
+from rmt_jax.kernels.tpu import block_head as tpu_block_head
+from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
+from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
+from rmt_jax.kernels.tpu import attention as tpu_forms
+from rmt_jax.kernels.tpu import lepe as tpu_lepe
+from rmt_jax.kernels.tpu import projections as tpu_projections
 from rmt_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
@@ -224,7 +224,7 @@ class DepthwiseConv(nn.Module):
 
   Attributes:
     kernel_size: k (odd).
-    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.models.kernels`).
+    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.kernels.selection`).
   """
   kernel_size: int
   kernels: str = 'auto'
@@ -406,7 +406,7 @@ class ManhattanSelfAttention(nn.Module):
     initial_value: the stage's `init_values` (slowest decay exponent).
     heads_range: the stage's `heads_ranges` (spread of decay rates over heads).
     axial: decomposed (True) or whole-image (False) attention.
-    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.models.kernels`).
+    kernels: 'auto', 'xla', 'cpu' or 'tpu' (see `rmt_jax.kernels.selection`).
     capture_attention: also compute the softmax weights and sow them into 'intermediates'
       (see `rmt_jax.models.attention_maps`); when False nothing of it is traced.
   """
@@ -472,7 +472,7 @@ class ManhattanSelfAttention(nn.Module):
         raise ValueError('MaSA takes the pos conv together with the layer norm only')
 
       def plain_pos(x, pos, forms):
-        # Named as the block's own module, for `rmt_jax.tpu_traffic`'s accounting.
+        # Named as the block's own module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
         with jax.named_scope('pos'):
           return x + depthwise_conv(x.astype(self.dtype), *(p.astype(self.dtype) for p in pos),
                                     forms)
@@ -511,10 +511,10 @@ class ManhattanSelfAttention(nn.Module):
     rates = (self.num_heads, self.initial_value, self.heads_range)
 
     def shifted(t):  # (b, h, w, heads, d) with the rotary shift
-      # Constants on XLA CPU (see cpu_forms.rotary_tables), computed in the program elsewhere.
+      # Constants on XLA CPU (see decay.rotary_constants), computed in the program elsewhere.
       tables = kernels_lib.select(
           self.kernels, xla=lambda: decay.rotary_tables(height, width, key_dim),
-          cpu=lambda: tuple(map(jnp.asarray, cpu_forms.rotary_tables(height, width, key_dim))))
+          cpu=lambda: tuple(map(jnp.asarray, decay.rotary_constants(height, width, key_dim))))
       sin, cos = (s.astype(self.dtype)[:, :, None, :] for s in tables)
       return theta_shift(t.reshape(batch, height, width, heads, key_dim), sin, cos)
 
@@ -539,7 +539,7 @@ class ManhattanSelfAttention(nn.Module):
                              cpu=lambda q, k, v, *_: plain(q, k, v), tpu=tpu)
 
     def plain_lepe(out, v, lepe, forms='xla'):
-      # Named as the official module, for `rmt_jax.tpu_traffic`'s accounting.
+      # Named as the official module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
       with jax.named_scope('lepe'):
         kernel, bias = (p.astype(self.dtype) for p in lepe)
         return out.astype(self.dtype) + depthwise_conv(v.astype(self.dtype), kernel, bias, forms)
@@ -635,7 +635,7 @@ def block_second_half(x1: jax.Array, o: jax.Array, out_proj: tuple[jax.Array, ja
       y = (y.astype(jnp.float32) * drop_scales[i][:, None, None, None]).astype(dt)
     return y
 
-  # Named as the official modules, for `rmt_jax.tpu_traffic`'s accounting.
+  # Named as the official modules, for `rmt_jax.analysis.tpu_traffic`'s accounting.
   with jax.named_scope('out_proj'):
     x2 = x1 + branch(jnp.dot(o, out_proj[0].astype(dt)) + out_proj[1].astype(dt), 0)
   with jax.named_scope('final_layer_norm'):

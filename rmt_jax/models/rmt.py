@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmt_jax.models import network
-from rmt_jax.models import kernels as kernels_lib
+from rmt_jax.kernels import selection as kernels_lib
 from rmt_jax.models import layers
 
 Dtype = Any
@@ -95,7 +95,7 @@ class RMT(network.Network):
   `chunkwise_recurrents`: True selects the decomposed W-then-H attention) and `remat` (official
   `use_checkpoints`: rematerialise the stage's blocks in the backward pass) and `kernels` (which
   form of the backend-specific operations to compile: 'auto', 'xla', 'cpu' or 'tpu', see
-  `rmt_jax.models.kernels`; every form computes the same function) and `capture_attention` (also
+  `rmt_jax.kernels.selection`; every form computes the same function) and `capture_attention` (also
   sow every block's attention weights into the 'intermediates' collection, see
   `rmt_jax.models.attention_maps`; off by default, and then not traced at all) and
   `residual_dtype`: the dtype of the residual stream, what the stem and each patch merging hand

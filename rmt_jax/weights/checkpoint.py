@@ -117,7 +117,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     metadata: JSON-serialisable description; must name the variant under 'model' (and any
       `create_model` overrides under 'model_overrides') so that readers can rebuild the model;
       'class_names' (one per output, in label order) names the classes for `predict`;
-      'eval_preprocessing' (`rmt_jax.eval_preprocessing`) says how `predict` prepares images.
+      'eval_preprocessing' (`rmt_jax.data.eval_preprocessing`) says how `predict` prepares images.
 
   Raises:
     FileExistsError: `path` exists.

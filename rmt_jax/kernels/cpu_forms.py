@@ -11,11 +11,6 @@ and gradients, in tests/test_kernels.py); they differ in how XLA CPU runs them. 
 - `project`: the q/k/v Linear layers with one backward product for the input gradient and one
   for all kernel gradients (XLA CPU transposes x for each kernel-gradient product): RMT-T train
   step 3.3 -> 3.0 s.
-- `rotary_tables`: the theta shift's sin and cos as NumPy constants embedded in the program
-  (H*W*d floats per block: linear in the map's size) rather than computed in it from iotas.
-  Computed in the program, they made RMT-T's eval step 19% slower (665 vs 560 ms at batch 16)
-  and its train step 8% slower: XLA CPU then fuses the rotary shift differently around the
-  attention's transposes and products, whether or not the sines are computed once per call.
 - `conv3x3`: the stem's and patch merging's dense 3x3 conv with the kernel gradient as three
   matrix products, one per kernel row. XLA writes that gradient as a convolution whose window is
   the whole feature map, which XLA CPU runs at 30-55 GFLOP/s where the forward conv runs at ~145:
@@ -31,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax.models import decay
 
 
 # Linear layers sharing an input.
@@ -211,15 +205,3 @@ def _conv3x3_kernel_grad(x: jax.Array, grad: jax.Array, stride: int) -> jax.Arra
     rows.append(jax.lax.dot_general(taps, grad, (((0,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32))  # (3 in, out)
   return jnp.stack(rows).reshape(3, 3, in_channels, out_channels)
-
-
-# Rotary tables.
-
-
-@functools.lru_cache(maxsize=64)
-def rotary_tables(height: int, width: int, key_dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """`decay.rotary_tables` as NumPy float32 constants (sin and cos of the float32 phases)."""
-  index = np.arange(height * width, dtype=np.float32)
-  phase = index[:, None] * decay.rotary_angles(key_dim)[None, :]
-  return (np.sin(phase).reshape(height, width, key_dim).astype(np.float32),
-          np.cos(phase).reshape(height, width, key_dim).astype(np.float32))

@@ -127,7 +127,7 @@ def traced_on(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn`, traced with `mesh` as the context mesh (for `jax.jit`).
 
   The TPU forms' Pallas kernels, which XLA cannot partition, read it to run on each device's
-  share of the batch (`rmt_jax.models.tpu_forms`); nothing else depends on it.
+  share of the batch (`rmt_jax.kernels.tpu.attention`); nothing else depends on it.
   """
 
   @functools.wraps(fn)

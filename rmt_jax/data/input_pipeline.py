@@ -25,12 +25,12 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from rmt_jax import augment
-from rmt_jax import class_names as class_names_lib
-from rmt_jax import data_sources
-from rmt_jax import eval_preprocessing
-from rmt_jax import mixup as mixup_lib
-from rmt_jax import randaugment as randaugment_lib
+from rmt_jax.data import augment
+from rmt_jax.data import class_names as class_names_lib
+from rmt_jax.data import sources as data_sources
+from rmt_jax.data import eval_preprocessing
+from rmt_jax.data import mixup as mixup_lib
+from rmt_jax.data import randaugment as randaugment_lib
 
 DataError = data_sources.DataError
 DataNotFoundError = data_sources.DataNotFoundError
@@ -215,7 +215,7 @@ def with_eval_preprocessing(cfg: ml_collections.ConfigDict,
                             preprocessing: eval_preprocessing.EvalPreprocessing
                             ) -> ml_collections.ConfigDict:
   """A copy of `cfg` whose evaluation preprocesses as `preprocessing` says (e.g. as the
-  weights being evaluated were; see `rmt_jax.eval_preprocessing`)."""
+  weights being evaluated were; see `rmt_jax.data.eval_preprocessing`)."""
   cfg = cfg.copy_and_resolve_references()
   cfg.image_size = preprocessing.image_size
   cfg.crop_pct = preprocessing.crop_pct

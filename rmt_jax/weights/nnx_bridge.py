@@ -1,7 +1,7 @@
 """RMT for flax.nnx users: the Linen model wrapped by flax's own bridge, `nnx.bridge.ToNNX`.
 
     import rmt_jax
-    from rmt_jax import nnx_bridge
+    from rmt_jax.weights import nnx_bridge
 
     model, variables = rmt_jax.load('weights/rmt_s')                  # or create_model(...)
     net = nnx_bridge.to_nnx(model, images[:1], variables=variables)   # an nnx.Module
@@ -12,7 +12,7 @@
 The wrapper holds the Linen variables as NNX state: `params` as `nnx.Param` and `batch_stats`
 as `nnx.BatchStat`, at the same paths, so `nnx.grad`, `nnx.Optimizer(net, tx, wrt=nnx.Param)`
 and `nnx.jit` work on it; `from_nnx` hands the variables back for `model.apply` or
-`rmt_jax.checkpoint.save_variables`. Nothing is re-implemented: the computation is the Linen
+`rmt_jax.weights.checkpoint.save_variables`. Nothing is re-implemented: the computation is the Linen
 model's, so every parity test of the model holds.
 """
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from rmt_jax.eval_preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from rmt_jax.data.eval_preprocessing import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
 MEAN_RGB = tuple(m * 255 for m in IMAGENET_MEAN)
 STDDEV_RGB = tuple(s * 255 for s in IMAGENET_STD)

@@ -46,9 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from rmt_jax.models import tpu_bands
-from rmt_jax.models import tpu_feed_forward as ffn
-from rmt_jax.models import tpu_memory
+from rmt_jax.kernels.tpu import bands as tpu_bands
+from rmt_jax.kernels.tpu import feed_forward as ffn
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 _TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 _TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y

@@ -42,7 +42,7 @@ tiles the last two axes to multiples of (16, 128) for bfloat16, so stage 1's 64 
 128 lanes and the traffic there is up to twice the declared one.
 
 XLA does not partition Mosaic kernels: under a context mesh of several devices
-(`jax.set_mesh`, or `rmt_jax.sharding.traced_on` in the trainer) the calls run in a `shard_map`
+(`jax.set_mesh`, or `rmt_jax.train.sharding.traced_on` in the trainer) the calls run in a `shard_map`
 that gives each device its share of the problems. The operands stay in HBM
 (`tpu_memory.in_hbm`): the grid's pipeline brings each block into VMEM.
 """
@@ -58,7 +58,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from rmt_jax.models import tpu_bands, tpu_memory
+from rmt_jax.kernels.tpu import bands as tpu_bands
+
+# A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
+
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's

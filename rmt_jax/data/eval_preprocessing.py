@@ -2,7 +2,7 @@
 
 A model answers well only on inputs prepared as its evaluation prepared them: the digits demo
 evaluates 32x32 images whole (crop_pct 1.0, bilinear), the official weights 224 crops at
-crop_pct 0.875 (bicubic). So training runs (`rmt_jax.train`, from `config.data`) and the
+crop_pct 0.875 (bicubic). So training runs (`rmt_jax.train.loop`, from `config.data`) and the
 converter (`OFFICIAL`) store the recipe with the weights, in their metadata:
 
     "eval_preprocessing": {"image_size": 224, "crop_pct": 0.875, "interpolation": "bicubic",
@@ -13,7 +13,7 @@ subtract mean and divide by std (fractions of 255, timm's convention). `python -
 rmt_jax.predict`, `python -m rmt_jax.visualize` (`resolve`: the stored recipe, flags over it)
 and the evaluation-only mode of `main.py` (`from_metadata`) read it back; weights written before
 it was stored get a default: `OFFICIAL` for the commands, `config.data`'s for evaluation only.
-The transform itself is TensorFlow's (`rmt_jax.augment`); this module has no TensorFlow, so
+The transform itself is TensorFlow's (`rmt_jax.data.augment`); this module has no TensorFlow, so
 that reading the recipe costs nothing.
 """
 
@@ -25,7 +25,7 @@ METADATA_KEY = 'eval_preprocessing'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The resize methods `rmt_jax.augment.resize` takes (tf.image.resize's names, antialiased like
+# The resize methods `rmt_jax.data.augment.resize` takes (tf.image.resize's names, antialiased like
 # PIL's when downscaling).
 INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'area', 'lanczos3')
 

@@ -4,12 +4,12 @@
     logits = model.apply(variables, images)
 
 `path` is a variables directory (written by `python -m rmt_jax.convert torch2flax` or
-`rmt_jax.checkpoint.save_variables`) or a training workdir (`main.py --workdir`: its latest
+`rmt_jax.weights.checkpoint.save_variables`) or a training workdir (`main.py --workdir`: its latest
 checkpoint, with the EMA weights where the run kept them). The model is rebuilt from the
 description stored with the weights, so the caller need not know the variant. The predict,
 convert and evaluation-only commands all load through here.
 
-This module imports orbax (through `rmt_jax.checkpoint`) only when called: `import rmt_jax`
+This module imports orbax (through `rmt_jax.weights.checkpoint`) only when called: `import rmt_jax`
 and the model stay usable without it.
 """
 
@@ -50,7 +50,7 @@ def load_with_metadata(path: str | os.PathLike, **overrides: Any
     (model, variables, metadata): metadata holds 'model', 'model_overrides', 'class_names'
     where stored, and for a training workdir 'step' and 'weights' ('ema' or 'raw').
   """
-  from rmt_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from rmt_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
   variables, metadata = checkpoint.load_variables(path)
   model = model_from_metadata(metadata, **overrides)
   return model, {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, metadata
@@ -69,7 +69,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> tuple[RMT, dict[str, Any]
     bookkeeping of the official buffers is left out).
 
   Raises:
-    rmt_jax.checkpoint.CheckpointNotFoundError: no rmt_jax weights at `path`.
+    rmt_jax.weights.checkpoint.CheckpointNotFoundError: no rmt_jax weights at `path`.
     ValueError: the stored description does not build a model.
   """
   model, variables, _ = load_with_metadata(path, **overrides)

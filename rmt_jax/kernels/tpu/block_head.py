@@ -45,9 +45,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from rmt_jax.models import tpu_bands
-from rmt_jax.models import tpu_memory
-from rmt_jax.models import tpu_mesh
+from rmt_jax.kernels.tpu import bands as tpu_bands
+from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import mesh as tpu_mesh
 
 # Tokens per grid step are kept at most this where whole images fit (as the FFN kernel's).
 _BLOCK_TOKENS = 2048

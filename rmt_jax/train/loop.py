@@ -32,15 +32,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from rmt_jax import checkpoint
-from rmt_jax import eval_preprocessing
-from rmt_jax import input_pipeline
-from rmt_jax import loading
-from rmt_jax import metrics_writer
-from rmt_jax import optim
-from rmt_jax import sharding
+from rmt_jax.weights import checkpoint
+from rmt_jax.data import eval_preprocessing
+from rmt_jax.data import input_pipeline
+from rmt_jax.weights import loading
+from rmt_jax.train import metrics_writer
+from rmt_jax.train import optim
+from rmt_jax.train import sharding
 from rmt_jax.models import RMT, create_model
-from rmt_jax.models import kernels as kernel_forms
+from rmt_jax.kernels import selection as kernel_forms
 
 HEAD_MODULES = ('head', 'aux_head')
 

@@ -49,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from rmt_jax.models import tpu_bands
-from rmt_jax.models import tpu_memory
+from rmt_jax.kernels.tpu import bands as tpu_bands
+from rmt_jax.kernels.tpu import memory as tpu_memory
 
 # Tokens per grid step are kept near this (whole images, so stage 1 takes one 56 x 56 image):
 # large enough that the step's fixed cost is small against its work.
