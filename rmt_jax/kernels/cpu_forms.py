@@ -1,23 +1,19 @@
 """Forms of RMT's operations written for XLA's CPU backend (`kernels='cpu'`).
 
-Each computes the same function as the plain form in `layers.py` (tested against it, values
-and gradients, in tests/test_kernels.py); they differ in how XLA CPU runs them. Measured on
-2-core x86 VMs with jax 0.10.2, batch 16:
+Each computes the same function as the plain form in `rmt_jax/models/layers.py` (tested against
+it, values and gradients, in tests/test_kernels.py); they differ in how XLA CPU runs them:
 
 - `shifted_depthwise_conv`: the depthwise k x k conv as a sum of k*k shifted slices with a
-  written backward. XLA CPU runs a grouped convolution with one group per channel 20-70x slower
-  (56x56x64, 3x3: 83 ms vs 1.9 ms); autodiff of the slices pads the output gradient once per tap
-  and took more than half of RMT-T's train step.
+  written backward (XLA CPU runs a grouped convolution with one group per channel slowly).
 - `project`: the q/k/v Linear layers with one backward product for the input gradient and one
-  for all kernel gradients (XLA CPU transposes x for each kernel-gradient product): RMT-T train
-  step 3.3 -> 3.0 s.
+  for all kernel gradients (XLA CPU transposes x for each kernel-gradient product).
 - `conv3x3`: the stem's and patch merging's dense 3x3 conv with the kernel gradient as three
-  matrix products, one per kernel row. XLA writes that gradient as a convolution whose window is
-  the whole feature map, which XLA CPU runs at 30-55 GFLOP/s where the forward conv runs at ~145:
-  1.2-2.3x faster on every shape of the stem and patch merging (RMT-T train step 2.92 -> 2.67 s).
+  matrix products, one per kernel row (XLA writes that gradient as a convolution whose window
+  is the whole feature map, which XLA CPU runs slowly).
 
-cuDNN and the TPU compiler have native depthwise convs and good convolution gradients, and
-fuse the separate projections; there the plain forms are used (`kernels.py` chooses).
+docs/kernels.md gives the measurements. cuDNN and the TPU compiler have native depthwise convs
+and good convolution gradients, and fuse the separate projections; there the plain forms run
+(`selection` chooses).
 """
 
 import functools

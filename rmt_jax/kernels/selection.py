@@ -1,18 +1,17 @@
 """Which form of RMT's backend-specific operations a model runs: the `kernels` field.
 
-The architecture (`layers.py`, `rmt.py`) is written once, in plain JAX. A few operations also
-have a form written for one compiler (`cpu_forms.py` for XLA CPU; Pallas kernels for TPUs in
-`tpu_forms.py`, the attention, `tpu_block_head.py`, a block's `pos` conv with MaSA's layer norm
-and q/k/v projections, `tpu_projections.py`, the norm and projections alone, `tpu_lepe.py`,
-LePE and its sum with the attention, `tpu_feed_forward.py`, the FFN, and `tpu_block_tail.py`,
-a block's out_proj, residuals, norm and FFN); every form computes the same function. Every module of the network carries one field,
-`kernels`, that says which to use:
+The architecture (`rmt_jax/models/`) is written once, in plain JAX. A few operations also have
+a form written for one compiler: `cpu_forms` for XLA CPU, and Pallas kernels for TPUs
+(`tpu/operations.py`: the decayed attention, a block's first half (pos conv, layer norm, q/k/v
+projections), LePE with its sum, the FFN and a block's second half); every form computes the
+same function. Every module of the network carries one field, `kernels`, that says which to
+use:
 
 - `'xla'`: the plain forms, for compilers that do well with them (GPU).
 - `'cpu'`: the XLA CPU forms.
-- `'tpu'`: the TPU forms where an operation has one (the decayed attention and LePE; the
-  block's first half, the projections, the block's second half and the FFN where they fit
-  VMEM), else the plain ones.
+- `'tpu'`: the TPU forms where an operation has one, each running its kernel where the kernel's
+  memory plan fits the shape and saying so in one log line where it does not (`fallback`),
+  else the plain ones.
 - `'auto'` (the default): resolved when the model is traced, to the forms of the devices in
   context: the context mesh's (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`) where one is
   set, else the default backend's. Only the resolved form is traced, so `'auto'` costs no more
@@ -23,7 +22,9 @@ Code that knows its target devices (the trainer, the benchmarks, `rmt_jax.tpu_co
 the field up front with `for_devices`; `'auto'` serves users who call `model.apply` directly.
 """
 
-from typing import Any, Callable, Iterable
+import functools
+import logging
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
@@ -62,6 +63,22 @@ def for_context() -> str:
   if not mesh.empty and mesh.abstract_device is not None:
     return for_platform(mesh.abstract_device.platform)
   return for_platform(jax.default_backend())
+
+
+def fallback(operation: str, shape: Sequence[int], reason: str,
+             instead: str = 'the plain form runs') -> None:
+  """Says, once per operation, shape and reason in a process, that a TPU kernel does not run.
+
+  For a kernel that declines a shape at trace time (its memory plan does not fit): the run goes
+  on with `instead`, and the log says so in one line rather than falling back silently.
+  """
+  _say(f'rmt_jax: the TPU kernel of {operation} does not run at {tuple(shape)}: {reason}; '
+       f'{instead}.')
+
+
+@functools.lru_cache(maxsize=None)
+def _say(message: str) -> None:
+  logging.getLogger('rmt_jax').warning(message)
 
 
 def check(kernels: str) -> str:

@@ -10,7 +10,7 @@ inside the traced computation from iotas, so a program never embeds a constant o
 instead of reading a table from memory. Distances are small integers, exact in float32, and each
 decay entry is one float32 product, bit-equal to the NumPy one; sin and cos are XLA's, within one
 float32 ulp of NumPy's on the phases used here. (XLA CPU takes the rotary tables as NumPy
-constants instead, `cpu_forms.rotary_tables`: it runs the shift faster that way.)
+constants instead, `rotary_constants`.)
 
 Every step runs in float32, as in the official code: `log(1 - 2 ** -x)` loses bits to the
 subtraction, and the rotary phases `position * frequency` reach thousands of radians, so float32

@@ -5,10 +5,10 @@ All modules work on NHWC arrays. Parameter names follow the attribute paths of t
 PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ...), so that
 `rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
-its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms of
-`cpu_forms.py` or the Pallas TPU forms of `tpu_forms.py` (attention), `tpu_projections.py`
-(MaSA's layer norm and q/k/v projections), `tpu_block_tail.py` (a block's second half) and
-`tpu_feed_forward.py` (FFN) where they exist (see `kernels.py`).
+its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms
+(`rmt_jax.kernels.cpu_forms`) or the TPU forms (`rmt_jax.kernels.tpu.operations`, which decide
+for themselves where their Pallas kernels run) where an operation has one (see
+`rmt_jax.kernels.selection`).
 """
 
 import functools
@@ -19,17 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax.models import attention_maps
 from rmt_jax.kernels import cpu_forms
+from rmt_jax.kernels import selection as kernels_lib
+from rmt_jax.kernels.tpu import operations as tpu_operations
+from rmt_jax.models import attention_maps
 from rmt_jax.models import decay
 from rmt_jax.models import initializers
-from rmt_jax.kernels import selection as kernels_lib
-from rmt_jax.kernels.tpu import block_head as tpu_block_head
-from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
-from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
-from rmt_jax.kernels.tpu import attention as tpu_forms
-from rmt_jax.kernels.tpu import lepe as tpu_lepe
-from rmt_jax.kernels.tpu import projections as tpu_projections
 from rmt_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
@@ -123,7 +118,10 @@ class LayerNormParams(nn.Module):
 
 def apply_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
   """`layer_norm` with the given parameters (float32 result): the same operations."""
-  return layer_norm(None, scale.dtype).apply({'params': {'scale': scale, 'bias': bias}}, x)
+  # Unbound (`parent=None`): callers may be methods of a module that are not `nn.compact`.
+  norm = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=scale.dtype,
+                      parent=None)
+  return norm.apply({'params': {'scale': scale, 'bias': bias}}, x)
 
 
 def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
@@ -137,14 +135,13 @@ class LinearParams(nn.Module):
   For a caller that applies several layers in one function (`project`); the call returns
   (kernel (in, out), bias (out,)).
   """
-  features: int
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param('kernel', dense_kernel_init, (in_features, self.features),
+  def __call__(self, in_features: int, out_features: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', dense_kernel_init, (in_features, out_features),
                         self.param_dtype)
-    bias = self.param('bias', initializers.ZEROS, (self.features,), self.param_dtype)
+    bias = self.param('bias', initializers.ZEROS, (out_features,), self.param_dtype)
     return kernel, bias
 
 
@@ -197,12 +194,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     kernel: (k, k, 1, C), k odd.
     bias: (C,).
     kernel_forms: the model's `kernels` field: XLA's grouped convolution, or
-      `cpu_forms.shifted_depthwise_conv` on XLA CPU. TPUs take XLA's here: a Pallas kernel of
-      the conv alone (forward and backward, in the FFN kernel's bands) made XLA's estimate of
-      an RMT-S block worse (stage 1: 2.62 -> 2.91 ms, stage 3: 0.72 -> 0.84 ms), the layout
-      copies around it and the fusions it breaks costing more than the convolutions; `pos`
-      runs inside the kernel of the block's first half instead (`tpu_block_head`, with the
-      norm and the q/k/v projections that read its output).
+      `cpu_forms.shifted_depthwise_conv` on XLA CPU. TPUs take XLA's here; the block's `pos`
+      conv runs inside the kernel of its first half (docs/kernels.md says why).
   """
   pad = kernel.shape[0] // 2
 
@@ -256,11 +249,9 @@ def theta_shift(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotary position shift on interleaved channel pairs: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
 
   The pairs are swapped by reversing a size-2 axis and the sign goes into the sin table (exact:
-  the same products, negated); the TPU kernels, which apply the shift themselves, swap pairs
-  by rotating lanes (`tpu_forms._swap_pairs`). Stacking (-x1, x0) instead made XLA CPU write
-  the rotated copy out once per block (it feeds two transposes); a reversal is fused into each
-  of them. Measured in turns on a 2-core VM (jax 0.10.2, batch 16):
-  RMT-T eval 5% and train 6% faster, RMT-S train 2% faster.
+  the same products, negated), which XLA fuses into the transposes that read the result
+  rather than writing a rotated copy (docs/kernels.md); the TPU kernels apply the shift
+  themselves.
 
   Args:
     x: (..., d) with d even.
@@ -278,8 +269,8 @@ def _decayed_attention(q: jax.Array, k: jax.Array, v: jax.Array, decay_bias: np.
 
   The decay (log(gamma) * distance) is a log-space bias added to the logits. The softmax is
   taken in float32 and normalised after the product with v (dividing (.., i, d) rather than
-  (.., i, j)): the same function, and 1.5x faster for the axial attention on XLA CPU, where
-  the normalised form also materialises the bias broadcast to the logits' full shape.
+  (.., i, j)): the same function, without materialising the bias broadcast to the logits' full
+  shape.
 
   Args:
     q: (..., i, d), already scaled.
@@ -314,8 +305,7 @@ def _axial_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int,
   """
   height, width = q.shape[1:3]
   # Heads and the untouched spatial axis go next to the batch axis before each contraction:
-  # the einsums become plain batched matmuls (2.4x faster on XLA CPU than letting the
-  # einsum permute internally).
+  # the einsums become plain batched matmuls rather than permuting internally.
   q_w, k_w, v_w = (t.transpose(0, 1, 3, 2, 4) for t in (q, k, v))  # (b, h, n, w, d)
   out = _decayed_attention(q_w, k_w, v_w, decay.axial_decay(width, *rates),
                            dtype)  # (b, h, n, w, d)
@@ -342,55 +332,35 @@ def _whole_attention(q: jax.Array, k: jax.Array, v: jax.Array, rates: tuple[int,
   return out.transpose(0, 2, 1, 3).reshape(q.shape)
 
 
-def _tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, axial: bool,
-                   rates: tuple[int, float, float], dtype: Dtype,
-                   columns: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-  """`_axial_attention` or `_whole_attention` with `tpu_forms.decayed_attention`.
+def _scaled_projections(x: jax.Array, norm: tuple[jax.Array, jax.Array] | None,
+                        projections: Sequence[tuple[jax.Array, jax.Array]],
+                        scales: Sequence[float], dtype: Dtype,
+                        forms: str) -> tuple[jax.Array, ...]:
+  """(LN(x) @ kernel_i + bias_i) * scales[i] for each projection, in the plain form (`forms`
+  'xla' or 'cpu' for `project`); without the norm where `norm` is None."""
+  if norm is not None:
+    x = apply_layer_norm(x, *norm)
+  kernels, biases = zip(*projections)
+  out = project(x.astype(dtype), tuple(w.astype(dtype) for w in kernels),
+                tuple(b.astype(dtype) for b in biases), forms)
+  return tuple(t if s == 1.0 else t * s for t, s in zip(out, scales))
 
-  The Pallas kernels take q, k, v in the layout the projections give, heads on the lane axis,
-  and no pass transposes them: the row pass and the whole attention as (problems, tokens,
-  heads * d), the column pass as the (b, h, w, heads * d) map itself (where its blocks fit
-  VMEM; else transposed into rows, as the plain form does). The
-  kernels apply the rotary shift to q and k themselves (from the tables of
-  `decay.rotary_tables`, in `dtype`, per row or column), so rotated copies of q and k are
-  never written to memory.
 
-  Args:
-    q, k, v: (b, h, w, heads * d), k scaled, neither rotated.
-    heads: number of heads.
-    axial: row then column attention (True) or whole-map attention (False).
-    rates: (num_heads, initial_value, heads_range) of `decay.log_gamma`.
-    dtype: compute dtype (of the rotary tables).
-    columns: the column pass' q and k, if not q and k themselves: the same values from a
-      producer that takes their cotangents apart (`tpu_block_head`'s uses).
+def _pos_residual(x: jax.Array, pos: tuple[jax.Array, jax.Array], dtype: Dtype,
+                  forms: str) -> jax.Array:
+  """x1 = x + pos(x), the block's 3 x 3 depthwise conv, in the plain form."""
+  # Named as the block's own module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
+  with jax.named_scope('pos'):
+    return x + depthwise_conv(x.astype(dtype), *(p.astype(dtype) for p in pos), forms)
 
-  Returns:
-    (b, h, w, heads * d) in v's dtype.
-  """
-  batch, height, width, channels = q.shape
-  log_gamma = decay.log_gamma(*rates)
-  # (h, w, heads * d): the same tables for every head.
-  sin, cos = (jnp.tile(t.astype(dtype), heads)
-              for t in decay.rotary_tables(height, width, channels // heads))
-  if not axial:
-    flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
-    tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
-    return tpu_forms.decayed_attention(*flat, log_gamma, width=width, rotary=tables
-                                       ).reshape(q.shape)
-  # Row pass: problem b * h + y takes the tables of row y. Column pass: the map as it is, the
-  # kernel attending along h in each column (column x takes the tables [:, x]).
-  rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
-  out = tpu_forms.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
-  column_q, column_k = (q, k) if columns is None else columns
-  if tpu_forms.columns_fit_vmem(q.shape, heads, q.dtype.itemsize):
-    return tpu_forms.decayed_attention(column_q, column_k, out, log_gamma, rotary=(sin, cos))
-  # Where the column layout's blocks do not fit VMEM (float32 maps of 28 columns with more
-  # than 128 channels), the columns transposed into rows: problem b * w + x, column x's tables.
-  transposed = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
-                for t in (column_q, column_k, out)]
-  out = tpu_forms.decayed_attention(*transposed, log_gamma,
-                                    rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
-  return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
+
+def _lepe_residual(out: jax.Array, v: jax.Array, lepe: tuple[jax.Array, jax.Array], dtype: Dtype,
+                   forms: str) -> jax.Array:
+  """attention + LePE(v), LePE a 5 x 5 depthwise conv, in the plain form."""
+  # Named as the official module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
+  with jax.named_scope('lepe'):
+    kernel, bias = (p.astype(dtype) for p in lepe)
+    return out.astype(dtype) + depthwise_conv(v.astype(dtype), kernel, bias, forms)
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -400,6 +370,10 @@ class ManhattanSelfAttention(nn.Module):
   `chunkwise_recurrents` flag; there is no recurrence): attention along each row (W) with the
   1-d decay, then along each column (H) on the result, O(HW(H+W)). `axial=False` attends over
   all H*W positions with the 2-d Manhattan decay (the official `VisionRetentionAll`), O((HW)^2).
+
+  Calling the module computes MaSA(x), as the official module does. `RetBlock` calls its steps
+  apart (`first_half`, `attend`, `output_projection`), so that a block's pos conv, layer norm
+  and projections, and its out_proj, residuals and FFN, can each run as one TPU kernel.
 
   Attributes:
     num_heads: heads; channels per head = dim // num_heads for q, k and v.
@@ -419,96 +393,79 @@ class ManhattanSelfAttention(nn.Module):
   kernels: str = 'auto'
   capture_attention: bool = False
 
-  @nn.compact
-  def __call__(self, x: jax.Array, norm: tuple[jax.Array, jax.Array] | None = None,
-               project_output: bool = True,
-               pos: tuple[jax.Array, jax.Array] | None = None) -> Any:
-    """MaSA of x, or of LN(x) given the layer norm's parameters.
+  def setup(self):
+    self.q_proj = LinearParams(self.param_dtype)
+    self.k_proj = LinearParams(self.param_dtype)
+    self.v_proj = LinearParams(self.param_dtype)
+    self.lepe = DepthwiseConvParams(5, self.param_dtype)
+    self.out_proj = LinearParams(self.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """MaSA(x): q, k, v projections of x, the decayed attention, LePE, out_proj.
 
     Args:
       x: (b, h, w, C).
-      norm: None, or (scale, bias) of a `layer_norm` applied to x first (the block's
-        `retention_layer_norm`, declared by the block): under `kernels='tpu'` the norm and the
-        q/k/v projections are one kernel (`tpu_projections`) where its weights fit VMEM.
-      project_output: apply out_proj (True); or return the output before it with out_proj's
-        (kernel, bias), for a caller that applies it inside a larger function (`RetBlock`).
-      pos: None, or the (kernel (3, 3, 1, C), bias (C,)) of the block's `pos` conv (declared by
-        the block), with a norm: MaSA then takes the stream before it, x1 = x + pos(x), as its
-        input and returns x1 first. Under `kernels='tpu'` the conv, the norm and the q/k/v
-        projections are one kernel (`tpu_block_head`) where it fits VMEM.
 
     Returns:
-      (b, h, w, C) in `dtype`; or that before out_proj and out_proj's parameters; with `pos`,
-      preceded by x1.
+      (b, h, w, C) in `dtype`.
     """
-    batch, height, width, dim = x.shape
+    dim = x.shape[-1]
+    plain = lambda x, projections, forms='xla': _scaled_projections(
+        x, None, projections, self._scales(dim), self.dtype, forms)
+    q, k, v = kernels_lib.select(self.kernels, x, self._projections(dim), xla=plain,
+                                 cpu=functools.partial(plain, forms='cpu'))
+    kernel, bias = self.output_projection(dim)
+    return jnp.dot(self.attend((q,), (k,), (v,)), kernel) + bias
+
+  def first_half(self, x: jax.Array, pos: tuple[jax.Array, jax.Array],
+                 norm: tuple[jax.Array, jax.Array]) -> tuple[Any, ...]:
+    """The block's first half up to the attention: x1 = x + pos(x), then q, k, v of LN(x1).
+
+    Args:
+      x: (b, h, w, C), the block's input.
+      pos: the (kernel (3, 3, 1, C), bias (C,)) of the block's `pos` conv.
+      norm: the (scale, bias) of the block's `retention_layer_norm`.
+
+    Returns:
+      (x1, q_uses, k_uses, v_uses): each projection once per consumer (q and k for the row
+      and the column pass where axial, v for the attention and LePE), the same array; a TPU
+      kernel's backward sums their cotangents itself.
+    """
+    dim = x.shape[-1]
+    scales, projections = self._scales(dim), self._projections(dim)
+    uses = (2, 2, 2) if self.axial else (1, 1, 2)
+
+    def plain(x, pos, norm, projections, forms='xla'):
+      x1 = _pos_residual(x, pos, self.dtype, forms)
+      outs = _scaled_projections(x1, norm, projections, scales, self.dtype, forms)
+      return (x1, *((out,) * n for out, n in zip(outs, uses)))
+
+    def tpu(x, pos, norm, projections):
+      return tpu_operations.first_half(
+          x, pos, norm, projections, scales, uses=uses, eps=_LAYER_NORM_EPS, dtype=self.dtype,
+          plain_pos=lambda x, pos: _pos_residual(x, pos, self.dtype, 'xla'),
+          plain_projections=lambda x, norm, projections: _scaled_projections(
+              x, norm, projections, scales, self.dtype, 'xla'))
+
+    return kernels_lib.select(self.kernels, x, pos, norm, projections, xla=plain,
+                              cpu=functools.partial(plain, forms='cpu'), tpu=tpu)
+
+  def attend(self, q_uses: Sequence[jax.Array], k_uses: Sequence[jax.Array],
+             v_uses: Sequence[jax.Array]) -> jax.Array:
+    """The decayed attention plus LePE(v), before out_proj.
+
+    Args:
+      q_uses, k_uses, v_uses: each projection's output (b, h, w, C), k scaled, once per use
+        (the first feeds the attention, the last the column pass (q, k) and LePE (v)).
+
+    Returns:
+      (b, h, w, C) in `dtype`.
+    """
+    q, k, v = q_uses[0], k_uses[0], v_uses[0]
+    batch, height, width, dim = q.shape
     heads, key_dim = self.num_heads, dim // self.num_heads
-    projections = tuple(LinearParams(dim, self.param_dtype, name=f'{name}_proj')(dim)
-                        for name in 'qkv')
-    scales = (1.0, key_dim ** -0.5, 1.0)  # k is scaled after its projection
-
-    def plain_projections(x, norm, projections, forms='xla'):
-      if norm is not None:
-        x = apply_layer_norm(x, *norm)
-      kernels, biases = zip(*projections)
-      out = project(x.astype(self.dtype), tuple(w.astype(self.dtype) for w in kernels),
-                    tuple(b.astype(self.dtype) for b in biases), forms)
-      return tuple(t if s == 1.0 else t * s for t, s in zip(out, scales))
-
-    def tpu_form(x, norm, projections):
-      if norm is None or not tpu_projections.fits_vmem(
-          x.shape, dim, len(projections), x.dtype.itemsize, jnp.dtype(self.dtype).itemsize):
-        return plain_projections(x, norm, projections)
-      return tpu_projections.normalized_projections(
-          x, norm, projections, scales, eps=_LAYER_NORM_EPS, dtype=self.dtype)
-
-    if pos is None:
-      q, k, v = kernels_lib.select(
-          self.kernels, x, norm, projections, xla=plain_projections,
-          cpu=functools.partial(plain_projections, forms='cpu'), tpu=tpu_form)
-      uses = (q,), (k,), (v,)
-    else:
-      if norm is None:
-        raise ValueError('MaSA takes the pos conv together with the layer norm only')
-
-      def plain_pos(x, pos, forms):
-        # Named as the block's own module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
-        with jax.named_scope('pos'):
-          return x + depthwise_conv(x.astype(self.dtype), *(p.astype(self.dtype) for p in pos),
-                                    forms)
-
-      # Each form gives x1 and q, k, v once per use: q and k for the row and the column pass
-      # (axial), v for the attention and LePE; the TPU kernel's backward sums their cotangents
-      # itself.
-      counts = (2, 2, 2) if self.axial else (1, 1, 2)
-      repeat = lambda outs: tuple((t,) * n for t, n in zip(outs, counts))
-
-      def plain_first_half(x, pos, norm, projections, forms='xla'):
-        x1 = plain_pos(x, pos, forms)
-        return (x1, *repeat(plain_projections(x1, norm, projections, forms)))
-
-      def tpu_first_half(x, pos, norm, projections):
-        # The kernel taking every use's cotangent where that fits VMEM, else one of each (and
-        # autodiff adds the others'), else `pos` plainly and the projections' kernel.
-        for kernel_uses in (counts, (1,) * len(counts)):
-          if tpu_block_head.fits_vmem(x.shape, len(projections), jnp.dtype(self.dtype).itemsize,
-                                      x.dtype.itemsize, uses=kernel_uses):
-            x1, *outs = tpu_block_head.block_first_half(
-                x, pos, norm, projections, scales, eps=_LAYER_NORM_EPS, dtype=self.dtype,
-                uses=kernel_uses)
-            return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, counts)))
-        x1 = plain_pos(x, pos, 'xla')
-        return (x1, *repeat(tpu_form(x1, norm, projections)))
-
-      x1, *uses = kernels_lib.select(
-          self.kernels, x, pos, norm, projections, xla=plain_first_half,
-          cpu=functools.partial(plain_first_half, forms='cpu'), tpu=tpu_first_half)
-    # Each projection's first use is the attention's (the row pass'); the last, the column
-    # pass' (q, k) and LePE's (v).
-    q, k, v = (u[0] for u in uses)
-    lepe = DepthwiseConvParams(5, self.param_dtype, name='lepe')(dim)
-
     rates = (self.num_heads, self.initial_value, self.heads_range)
+    lepe = self.lepe(dim)
 
     def shifted(t):  # (b, h, w, heads, d) with the rotary shift
       # Constants on XLA CPU (see decay.rotary_constants), computed in the program elsewhere.
@@ -522,70 +479,67 @@ class ManhattanSelfAttention(nn.Module):
       # Apart from the attention itself, which may run as a kernel that never forms the weights.
       attention_maps.sow(self, shifted(q), shifted(k), self.axial, rates)
 
-    def plain(q, k, v):
-      q, k = shifted(q), shifted(k)
+    def plain(q, k, v, *_):
       v = v.reshape(batch, height, width, heads, key_dim)
       attend = _axial_attention if self.axial else _whole_attention
-      return attend(q, k, v, rates, self.dtype).reshape(batch, height, width, dim)
+      return attend(shifted(q), shifted(k), v, rates, self.dtype).reshape(q.shape)
 
     def tpu(q, k, v, column_q, column_k):
-      # Heads stay on the lane axis with their channels: (b, h, w, heads * d) throughout; the
-      # kernels rotate q and k.
-      return _tpu_attention(q, k, v, heads, self.axial, rates, self.dtype,
-                            columns=(column_q, column_k))
+      # Heads stay on the lane axis with their channels; the kernels rotate q and k.
+      tables = tuple(jnp.tile(t.astype(self.dtype), heads)
+                     for t in decay.rotary_tables(height, width, key_dim))
+      return tpu_operations.attention(q, k, v, heads=heads, axial=self.axial,
+                                      log_gamma=decay.log_gamma(*rates), rotary=tables,
+                                      columns=(column_q, column_k))
 
-    out = kernels_lib.select(self.kernels, q, k, v, uses[0][-1], uses[1][-1],
-                             xla=lambda q, k, v, *_: plain(q, k, v),
-                             cpu=lambda q, k, v, *_: plain(q, k, v), tpu=tpu)
+    out = kernels_lib.select(self.kernels, q, k, v, q_uses[-1], k_uses[-1], xla=plain,
+                             cpu=plain, tpu=tpu)
+    plain_lepe = lambda out, v, lepe, forms='xla': _lepe_residual(out, v, lepe, self.dtype,
+                                                                  forms)
+    return kernels_lib.select(
+        self.kernels, out, v_uses[-1], lepe, xla=plain_lepe,
+        cpu=functools.partial(plain_lepe, forms='cpu'),
+        tpu=lambda out, v, lepe: tpu_operations.lepe_add(out, v.astype(self.dtype), lepe,
+                                                         plain=plain_lepe))
 
-    def plain_lepe(out, v, lepe, forms='xla'):
-      # Named as the official module, for `rmt_jax.analysis.tpu_traffic`'s accounting.
-      with jax.named_scope('lepe'):
-        kernel, bias = (p.astype(self.dtype) for p in lepe)
-        return out.astype(self.dtype) + depthwise_conv(v.astype(self.dtype), kernel, bias, forms)
+  def output_projection(self, dim: int) -> tuple[jax.Array, jax.Array]:
+    """out_proj's (kernel (C, C), bias (C,)) in the compute dtype."""
+    return tuple(p.astype(self.dtype) for p in self.out_proj(dim, dim))
 
-    def tpu_lepe_form(out, v, lepe):
-      if not tpu_lepe.fits_vmem(v.shape, jnp.dtype(self.dtype).itemsize):
-        return plain_lepe(out, v, lepe)
-      return tpu_lepe.lepe_add(out.astype(self.dtype), v.astype(self.dtype), *lepe)
+  def _projections(self, dim: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    return tuple(p(dim, dim) for p in (self.q_proj, self.k_proj, self.v_proj))
 
-    # o = attention + LePE(v); on TPUs one kernel (`tpu_lepe`).
-    out = kernels_lib.select(self.kernels, out, uses[2][-1], lepe, xla=plain_lepe,
-                             cpu=functools.partial(plain_lepe, forms='cpu'), tpu=tpu_lepe_form)
-    if project_output:
-      results = (dense(dim, self.dtype, self.param_dtype, 'out_proj')(out),)
-    else:  # for a caller that applies out_proj itself (`RetBlock`)
-      results = (out, LinearParams(dim, self.param_dtype, name='out_proj')(dim))
-    if pos is not None:
-      results = (x1, *results)
-    return results[0] if len(results) == 1 else results
+  def _scales(self, dim: int) -> tuple[float, float, float]:
+    return (1.0, (dim // self.num_heads) ** -0.5, 1.0)  # k is scaled after its projection
 
 
 class FeedForward(nn.Module):
   """fc1 -> exact GELU -> (+ depthwise 3x3 conv of itself) -> fc2 (the official `FeedForwardNetwork`).
 
-  With `kernels='tpu'` the whole FFN is one Pallas kernel (`tpu_feed_forward.feed_forward`),
-  whose hidden activations never pass through HBM, where its weights fit VMEM
-  (`tpu_feed_forward.fits_vmem`); elsewhere the plain form.
+  With `kernels='tpu'` the whole FFN is one Pallas kernel, whose hidden activations never pass
+  through HBM, where its weights fit VMEM (`rmt_jax.kernels.tpu.operations.feed_forward`).
   """
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: str = 'auto'
 
-  @nn.compact
-  def __call__(self, x: jax.Array, weights_only: bool = False) -> Any:
-    """FFN(x); or, with `weights_only`, its parameters in the compute dtype (fc1, dwconv, fc2),
-    for a caller that applies it inside a larger function (`RetBlock`'s second half)."""
-    dim, hidden = x.shape[-1], self.hidden_dim
+  def setup(self):
+    self.fc1 = LinearParams(self.param_dtype)
+    self.dwconv = DepthwiseConvParams(3, self.param_dtype)
+    self.fc2 = LinearParams(self.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """FFN(x) for x (b, h, w, C), in `dtype`."""
+    return kernels_lib.select(self.kernels, x.astype(self.dtype), *self.weights(x.shape[-1]),
+                              **feed_forward_forms())
+
+  def weights(self, dim: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """(fc1, dwconv, fc2) as (kernel, bias) pairs in the compute dtype, for a caller that
+    applies the FFN inside a larger function (`RetBlock`'s second half)."""
     cast = lambda params: tuple(p.astype(self.dtype) for p in params)
-    fc1 = cast(LinearParams(hidden, self.param_dtype, name='fc1')(dim))
-    dwconv = cast(DepthwiseConvParams(3, self.param_dtype, name='dwconv')(hidden))
-    fc2 = cast(LinearParams(dim, self.param_dtype, name='fc2')(hidden))
-    if weights_only:
-      return fc1, dwconv, fc2
-    forms = feed_forward_forms(x.shape, hidden, self.dtype)
-    return kernels_lib.select(self.kernels, x.astype(self.dtype), fc1, dwconv, fc2, **forms)
+    hidden = self.hidden_dim
+    return cast(self.fc1(dim, hidden)), cast(self.dwconv(hidden)), cast(self.fc2(hidden, dim))
 
 
 def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
@@ -597,16 +551,10 @@ def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
   return jnp.dot(u, fc2[0]) + fc2[1]
 
 
-def feed_forward_forms(x_shape: Sequence[int], hidden: int,
-                       dtype: Dtype) -> dict[str, Callable[..., jax.Array]]:
-  """The FFN's forms for `kernels_lib.select` (xla, cpu, tpu), each (x, fc1, dwconv, fc2) -> y.
-
-  The TPU kernel keeps the weights in VMEM: where they leave too little of it (the last stage
-  of RMT-S, -B and -L, the third of RMT-B and -L), the TPU runs the plain form.
-  """
-  fits = tpu_feed_forward.fits_vmem(x_shape, hidden, jnp.dtype(dtype).itemsize)
+def feed_forward_forms() -> dict[str, Callable[..., jax.Array]]:
+  """The FFN's forms for `kernels_lib.select` (xla, cpu, tpu), each (x, fc1, dwconv, fc2) -> y."""
   return dict(xla=feed_forward, cpu=functools.partial(feed_forward, conv_forms='cpu'),
-              tpu=tpu_feed_forward.feed_forward if fits else feed_forward)
+              tpu=functools.partial(tpu_operations.feed_forward, plain=feed_forward))
 
 
 def block_second_half(x1: jax.Array, o: jax.Array, out_proj: tuple[jax.Array, jax.Array],
@@ -615,7 +563,7 @@ def block_second_half(x1: jax.Array, o: jax.Array, out_proj: tuple[jax.Array, ja
                       drop_scales: jax.Array | None, *,
                       ffn_form: Callable[..., jax.Array] = feed_forward) -> jax.Array:
   """`RetBlock`'s second half in plain form: x2 + s2 gamma2 FFN(LN(x2)), x2 = x1 + s1 gamma1
-  out_proj(o) (`tpu_block_tail.block_second_half` is its TPU form).
+  out_proj(o) (`rmt_jax.kernels.tpu.block_tail.block_second_half` is its TPU form).
 
   Args:
     x1: (b, h, w, C), the residual stream after `pos`.
@@ -648,8 +596,9 @@ def block_second_half(x1: jax.Array, o: jax.Array, out_proj: tuple[jax.Array, ja
 class RetBlock(nn.Module):
   """x += DWConv3x3(x); x += DropPath(gamma_1 * MaSA(LN(x))); x += DropPath(gamma_2 * FFN(LN(x))).
 
-  The second half (from MaSA's out_proj on) is `block_second_half`, one function of MaSA's
-  unprojected output, which the TPU runs as one kernel pair (`tpu_block_tail`).
+  The first half (pos, the norm, the q/k/v projections) is MaSA's `first_half`; the second
+  (from MaSA's out_proj on) is `block_second_half`, one function of MaSA's unprojected output,
+  so that on TPUs each half runs as one kernel pair.
 
   Attributes:
     drop_path: stochastic depth rate of this block (drawn from the 'dropout' rng stream).
@@ -672,36 +621,31 @@ class RetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
-    common = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernels=self.kernels)
+    common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
-    # x1 = x + pos(x); the conv's and the norm's parameters are the block's, MaSA applies them
-    # (on TPUs in one kernel with its projections, `tpu_block_head`).
+    # The conv's and the norm's parameters are the block's (the official attribute paths).
     pos = DepthwiseConvParams(3, self.param_dtype, name='pos')(dim)
     norm = LayerNormParams(self.param_dtype, name='retention_layer_norm')(dim)
     masa = ManhattanSelfAttention(self.num_heads, self.initial_value, self.heads_range,
                                   self.axial, name='retention',
                                   capture_attention=self.capture_attention, **common)
-    hidden = int(self.mlp_ratio * dim)
-    # The second half is one function of MaSA's unprojected output, the parameters and drop
-    # path's per-image scales, so that the TPU runs it as one kernel pair
-    # (`tpu_block_tail`). Parameter names and the dropout rng's use are those of the official
-    # block's `x + drop_path(gamma * f(x))`.
-    x, o, out_proj = masa(x, norm, project_output=False, pos=pos)
+    x, *uses = masa.first_half(x, pos, norm)
+    o = masa.attend(*uses)
+    out_proj = masa.output_projection(dim)
+    # Parameter names and the dropout rng's use are those of the official block's
+    # `x + drop_path(gamma * f(x))`.
     final_norm = LayerNormParams(self.param_dtype, name='final_layer_norm')(dim)
-    ffn = FeedForward(hidden, name='ffn', **common)(x, weights_only=True)
+    ffn = FeedForward(int(self.mlp_ratio * dim), name='ffn', **common).weights(dim)
     gammas = ((self._gamma('gamma_1', dim), self._gamma('gamma_2', dim))
               if self.layerscale else None)
     drop_scales = None
     if train and self.drop_path > 0:
       ones = jnp.ones((x.shape[0], 1, 1, 1), jnp.float32)
       drop_scales = jnp.stack([drop(ones), drop(ones)]).reshape(2, -1)
-    ffn_forms = feed_forward_forms(x.shape, hidden, self.dtype)
-    forms = {form: functools.partial(block_second_half, ffn_form=ffn_forms[form])
-             for form in ('xla', 'cpu', 'tpu')}
-    if tpu_block_tail.fits_vmem(x.shape, hidden, jnp.dtype(self.dtype).itemsize,
-                                x.dtype.itemsize):
-      forms['tpu'] = tpu_block_tail.block_second_half
+    forms = {form: functools.partial(block_second_half, ffn_form=ffn_form)
+             for form, ffn_form in feed_forward_forms().items()}
+    forms['tpu'] = functools.partial(tpu_operations.second_half, eps=_LAYER_NORM_EPS,
+                                     plain=forms['tpu'])
     with jax.named_scope('second_half'):
       return kernels_lib.select(self.kernels, x, o.astype(self.dtype), out_proj, final_norm,
                                 ffn, gammas, drop_scales, **forms)

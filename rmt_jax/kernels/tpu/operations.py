@@ -1,0 +1,157 @@
+"""The TPU forms of RMT's operations as the model calls them (`kernels='tpu'`).
+
+Each function takes the arrays of one step of the paper's block and the plain form of that
+step, and decides for itself what runs: its Pallas kernel where the kernel's memory plan fits
+the shape (VMEM, `memory.BUDGET`), else the plain form, which it reports in one log line per
+operation and shape (`selection.fallback`). The model never asks a kernel whether it fits.
+
+- `first_half`: x1 = x + pos(x), then LN(x1) and the q/k/v projections (`block_head`, else
+  `projections` after a plain `pos`, else plain).
+- `attention`: the decayed softmax attention, axial (rows, then columns) or whole (`attention`).
+- `lepe_add`: attention + LePE(v) (`lepe`).
+- `feed_forward`: the FFN (`feed_forward`).
+- `second_half`: out_proj, the residuals, LN and the FFN (`block_tail`, else the plain second
+  half with the FFN's kernel where that fits).
+"""
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rmt_jax.kernels import selection
+from rmt_jax.kernels.tpu import attention as tpu_attention
+from rmt_jax.kernels.tpu import block_head
+from rmt_jax.kernels.tpu import block_tail
+from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
+from rmt_jax.kernels.tpu import lepe
+from rmt_jax.kernels.tpu import projections as tpu_projections
+
+Pair = tuple[jax.Array, jax.Array]
+
+
+def first_half(x: jax.Array, pos: Pair, norm: Pair, projections: Sequence[Pair],
+               scales: Sequence[float], *, uses: Sequence[int], eps: float, dtype: Any,
+               plain_pos: Callable[[jax.Array, Pair], jax.Array],
+               plain_projections: Callable[..., tuple[jax.Array, ...]]) -> tuple[Any, ...]:
+  """x1 = x + pos(x) and each projection of LN(x1), once per use.
+
+  Args:
+    x: (b, h, w, C), the residual stream.
+    pos: the 3 x 3 depthwise conv's (kernel, bias).
+    norm: the layer norm's (scale, bias).
+    projections: (kernel (C, C), bias (C,)) each.
+    scales: a constant per projection.
+    uses: consumers of each projection's output: the kernel that takes every use's cotangent
+      runs where it fits, else the kernel that takes one of each (autodiff adds the others).
+    eps: the layer norm's epsilon.
+    dtype: the compute dtype.
+    plain_pos: (x, pos) -> x1 in the plain form.
+    plain_projections: (x1, norm, projections) -> the scaled projections in the plain form.
+
+  Returns:
+    (x1, *(a tuple of `uses[i]` outputs for each projection)).
+  """
+  itemsize, stream = jnp.dtype(dtype).itemsize, x.dtype.itemsize
+  for kernel_uses in (tuple(uses), (1,) * len(uses)):
+    if block_head.fits_vmem(x.shape, len(projections), itemsize, stream, uses=kernel_uses):
+      x1, *outs = block_head.block_first_half(x, pos, norm, projections, scales, eps=eps,
+                                              dtype=dtype, uses=kernel_uses)
+      return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, uses)))
+  selection.fallback('the block head (pos, norm, q/k/v)', x.shape, 'its weights leave too '
+                     'little VMEM', 'pos runs plainly, then the projections')
+  x1 = plain_pos(x, pos)
+  outs = normalized_projections(x1, norm, projections, scales, eps=eps, dtype=dtype,
+                                plain=plain_projections)
+  return (x1, *((out,) * n for out, n in zip(outs, uses)))
+
+
+def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair],
+                           scales: Sequence[float], *, eps: float, dtype: Any,
+                           plain: Callable[..., tuple[jax.Array, ...]]) -> tuple[jax.Array, ...]:
+  """(LN(x) @ kernel_i + bias_i) * scales[i] for each projection (`plain(x, norm, projections)`
+  where the kernel does not fit)."""
+  features = projections[0][0].shape[1]
+  if not tpu_projections.fits_vmem(x.shape, features, len(projections), x.dtype.itemsize,
+                                   jnp.dtype(dtype).itemsize):
+    selection.fallback('the q/k/v projections', x.shape, 'their weights leave too little VMEM')
+    return plain(x, norm, projections)
+  return tpu_projections.normalized_projections(x, norm, projections, scales, eps=eps,
+                                                dtype=dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, axial: bool,
+              log_gamma: Sequence[float], rotary: Pair,
+              columns: Pair | None = None) -> jax.Array:
+  """MaSA's decayed attention on the (b, h, w, heads * d) maps the projections give.
+
+  The kernels take q, k, v with heads on the lane axis and no pass transposes them: the row
+  pass and the whole attention as (problems, tokens, heads * d), the column pass as the map
+  itself (where its blocks fit VMEM; else transposed into rows, as the plain form does). The
+  kernels apply the rotary shift to q and k themselves, so rotated copies are never written.
+
+  Args:
+    q, k, v: (b, h, w, heads * d), k scaled, neither rotated.
+    heads: number of heads.
+    axial: row then column attention (True) or whole-map attention (False).
+    log_gamma: per head, the decay's log rate.
+    rotary: (sin, cos) tables of shape (h, w, heads * d) in the compute dtype.
+    columns: the column pass' q and k, if not q and k themselves: the same values from a
+      producer that takes their cotangents apart (`first_half`'s uses).
+
+  Returns:
+    (b, h, w, heads * d) in v's dtype.
+  """
+  batch, height, width, channels = q.shape
+  sin, cos = rotary
+  if not axial:
+    flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
+    tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
+    return tpu_attention.decayed_attention(*flat, log_gamma, width=width, rotary=tables
+                                           ).reshape(q.shape)
+  # Row pass: problem b * h + y takes the tables of row y. Column pass: the map as it is, the
+  # kernel attending along h in each column (column x takes the tables [:, x]).
+  rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
+  out = tpu_attention.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
+  column_q, column_k = (q, k) if columns is None else columns
+  if tpu_attention.columns_fit_vmem(q.shape, heads, q.dtype.itemsize):
+    return tpu_attention.decayed_attention(column_q, column_k, out, log_gamma,
+                                           rotary=(sin, cos))
+  # Where the column layout's blocks do not fit VMEM (float32 maps of 28 columns with more
+  # than 128 channels), the columns transposed into rows: problem b * w + x, column x's tables.
+  transposed = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
+                for t in (column_q, column_k, out)]
+  out = tpu_attention.decayed_attention(*transposed, log_gamma,
+                                        rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
+  return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
+
+
+def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
+             plain: Callable[[jax.Array, jax.Array, Pair], jax.Array]) -> jax.Array:
+  """attention + LePE(v): `lepe.lepe_add` where it fits, else `plain(out, v, weights)`."""
+  if not lepe.fits_vmem(v.shape, v.dtype.itemsize):
+    selection.fallback('LePE', v.shape, 'its blocks do not fit VMEM')
+    return plain(out, v, weights)
+  return lepe.lepe_add(out.astype(v.dtype), v, *weights)
+
+
+def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
+                 plain: Callable[..., jax.Array]) -> jax.Array:
+  """The FFN: its kernel, which keeps the weights in VMEM, where they leave room enough (not
+  the last stage of RMT-S, -B and -L, nor the third of RMT-B and -L), else `plain`."""
+  if not tpu_feed_forward.fits_vmem(x.shape, fc1[0].shape[1], x.dtype.itemsize):
+    selection.fallback('the FFN', x.shape, 'its weights leave too little VMEM')
+    return plain(x, fc1, dwconv, fc2)
+  return tpu_feed_forward.feed_forward(x, fc1, dwconv, fc2)
+
+
+def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: Any,
+                gammas: Pair | None, drop_scales: jax.Array | None, *, eps: float,
+                plain: Callable[..., jax.Array]) -> jax.Array:
+  """A block's second half: the tail kernel pair where it fits, else `plain` (whose arguments
+  are this function's, the FFN's form its own choice)."""
+  hidden = ffn[0][0].shape[1]
+  if not block_tail.fits_vmem(x1.shape, hidden, o.dtype.itemsize, x1.dtype.itemsize):
+    selection.fallback("the block's second half", x1.shape, 'its weights leave too little VMEM')
+    return plain(x1, o, out_proj, norm, ffn, gammas, drop_scales)
+  return block_tail.block_second_half(x1, o, out_proj, norm, ffn, gammas, drop_scales, eps=eps)
