@@ -98,7 +98,7 @@ _MAY_IMPORT = {
     'rmt_jax.weights': ('rmt_jax.weights', 'rmt_jax.models'),
     'rmt_jax.analysis': ('rmt_jax.analysis', 'rmt_jax.models'),
     'rmt_jax.runtime': ('rmt_jax.runtime',),
-    'rmt_jax.train': ('rmt_jax.train', 'rmt_jax.models', 'rmt_jax.kernels.selection',
+    'rmt_jax.train': ('rmt_jax.train', 'rmt_jax.models', 'rmt_jax.kernels',
                       'rmt_jax.data', 'rmt_jax.weights'),
 }
 # What of `rmt_jax.kernels` the architecture calls: the form selection, the XLA CPU forms and

@@ -486,11 +486,11 @@ class ManhattanSelfAttention(nn.Module):
 
     def tpu(q, k, v, column_q, column_k):
       # Heads stay on the lane axis with their channels; the kernels rotate q and k.
-      tables = tuple(jnp.tile(t.astype(self.dtype), heads)
-                     for t in decay.rotary_tables(height, width, key_dim))
-      return tpu_operations.attention(q, k, v, heads=heads, axial=self.axial,
-                                      log_gamma=decay.log_gamma(*rates), rotary=tables,
-                                      columns=(column_q, column_k))
+      tables = lambda: tuple(jnp.tile(t.astype(self.dtype), heads)
+                             for t in decay.rotary_tables(height, width, key_dim))
+      return tpu_operations.attention(q, k, v, column_q, column_k, heads=heads,
+                                      axial=self.axial, log_gamma=decay.log_gamma(*rates),
+                                      rotary=tables, plain=plain)
 
     out = kernels_lib.select(self.kernels, q, k, v, q_uses[-1], k_uses[-1], xla=plain,
                              cpu=plain, tpu=tpu)

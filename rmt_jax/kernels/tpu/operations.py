@@ -2,8 +2,9 @@
 
 Each function takes the arrays of one step of the paper's block and the plain form of that
 step, and decides for itself what runs: its Pallas kernel where the kernel's memory plan fits
-the shape (VMEM, `memory.BUDGET`), else the plain form, which it reports in one log line per
-operation and shape (`selection.fallback`). The model never asks a kernel whether it fits.
+the shape (VMEM, `memory.BUDGET`) and the on-device check has not declined it (`declined`,
+`rmt_jax.kernels.check`), else the plain form, which it reports in one log line per operation
+and shape (`selection.fallback`). The model never asks a kernel whether it fits.
 
 - `first_half`: x1 = x + pos(x), then LN(x1) and the q/k/v projections (`block_head`, else
   `projections` after a plain `pos`, else plain).
@@ -12,9 +13,15 @@ operation and shape (`selection.fallback`). The model never asks a kernel whethe
 - `feed_forward`: the FFN (`feed_forward`).
 - `second_half`: out_proj, the residuals, LN and the FFN (`block_tail`, else the plain second
   half with the FFN's kernel where that fits).
+
+`recording()` collects, while a model is traced, each kernel call it would make (operation,
+per-image shape, dtype, abstract arguments, the kernel and the plain form as functions), which
+is what the on-device check runs.
 """
 
-from typing import Any, Callable, Sequence
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +33,93 @@ from rmt_jax.kernels.tpu import block_tail
 from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
 from rmt_jax.kernels.tpu import lepe
 from rmt_jax.kernels.tpu import projections as tpu_projections
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """What a decision about a kernel is keyed by: the operation, the per-image shape of its main
+  input (the batch is split over devices, the kernel's program is the same per image shape)
+  and the compute dtype's name."""
+  operation: str
+  shape: tuple[int, ...]
+  dtype: str
+
+  def __str__(self) -> str:
+    return f'{self.operation} {"x".join(map(str, self.shape))} {self.dtype}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """A kernel call recorded while tracing: `kernel(*arguments)` and `plain(*arguments)` compute
+  the same function of arrays shaped as `arguments` (a pytree of ShapeDtypeStructs)."""
+  key: Key
+  arguments: Any
+  kernel: Callable[..., Any]
+  plain: Callable[..., Any]
+
+
+_declined: frozenset[Key] = frozenset()
+_plain_only = False
+_recorded: dict[Key, Call] | None = None
+
+
+@contextlib.contextmanager
+def declined(keys: Iterable[Key]) -> Iterator[None]:
+  """Within the block, the kernels of `keys` are not used: their plain forms run (one log line
+  each). The trainer traces its programs within the on-device check's decisions."""
+  global _declined
+  previous, _declined = _declined, frozenset(keys)
+  try:
+    yield
+  finally:
+    _declined = previous
+
+
+@contextlib.contextmanager
+def plain_only() -> Iterator[None]:
+  """Within the block, every operation runs its plain form, silently (the check's reference)."""
+  global _plain_only
+  previous, _plain_only = _plain_only, True
+  try:
+    yield
+  finally:
+    _plain_only = previous
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[Key, Call]]:
+  """Collects the kernel calls of what is traced within the block: {key: `Call`}, the first
+  call of each key."""
+  global _recorded
+  previous, _recorded = _recorded, {}
+  try:
+    yield _recorded
+  finally:
+    _recorded = previous
+
+
+def _run(operation: str, arguments: tuple[Any, ...], dtype: Any, kernel: Callable[..., Any],
+         plain: Callable[..., Any], independent: int | None = None) -> Any:
+  """`kernel(*arguments)`, unless the plain forms are asked for or the check declined it.
+
+  `independent`: how many leading arguments are independent inputs (default all); the others
+  equal some of them (the attention's column q and k), and the recorded call takes only those.
+  """
+  if _plain_only:
+    return plain(*arguments)
+  key = Key(operation, tuple(arguments[0].shape[1:]), jnp.dtype(dtype).name)
+  if _recorded is not None and key not in _recorded:
+    n = len(arguments) if independent is None else independent
+    tied = lambda f: (lambda *a: f(*a, *a[:len(arguments) - n])) if n < len(arguments) else f
+    _recorded[key] = Call(key, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                            arguments[:n]), tied(kernel), tied(plain))
+  if key in _declined:
+    selection.fallback(operation, arguments[0].shape, 'the on-device check declined it '
+                       '(rmt_jax.kernels.check)')
+    with plain_only():
+      return plain(*arguments)
+  return kernel(*arguments)
+
 
 Pair = tuple[jax.Array, jax.Array]
 
@@ -52,18 +146,28 @@ def first_half(x: jax.Array, pos: Pair, norm: Pair, projections: Sequence[Pair],
   Returns:
     (x1, *(a tuple of `uses[i]` outputs for each projection)).
   """
+  repeat = lambda outs: tuple((out,) * n for out, n in zip(outs, uses))
+
+  def plain(x, pos, norm, projections):
+    x1 = plain_pos(x, pos)
+    return (x1, *repeat(plain_projections(x1, norm, projections)))
+
   itemsize, stream = jnp.dtype(dtype).itemsize, x.dtype.itemsize
-  for kernel_uses in (tuple(uses), (1,) * len(uses)):
-    if block_head.fits_vmem(x.shape, len(projections), itemsize, stream, uses=kernel_uses):
-      x1, *outs = block_head.block_first_half(x, pos, norm, projections, scales, eps=eps,
-                                              dtype=dtype, uses=kernel_uses)
-      return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, uses)))
-  selection.fallback('the block head (pos, norm, q/k/v)', x.shape, 'its weights leave too '
-                     'little VMEM', 'pos runs plainly, then the projections')
-  x1 = plain_pos(x, pos)
-  outs = normalized_projections(x1, norm, projections, scales, eps=eps, dtype=dtype,
-                                plain=plain_projections)
-  return (x1, *((out,) * n for out, n in zip(outs, uses)))
+  kernel_uses = next((u for u in (tuple(uses), (1,) * len(uses)) if block_head.fits_vmem(
+      x.shape, len(projections), itemsize, stream, uses=u)), None)
+  if kernel_uses is None:
+    selection.fallback('the block head (pos, norm, q/k/v)', x.shape, 'its weights leave too '
+                       'little VMEM', 'pos runs plainly, then the projections')
+    x1 = plain_pos(x, pos)
+    return (x1, *repeat(normalized_projections(x1, norm, projections, scales, eps=eps,
+                                               dtype=dtype, plain=plain_projections)))
+
+  def kernel(x, pos, norm, projections):
+    x1, *outs = block_head.block_first_half(x, pos, norm, projections, scales, eps=eps,
+                                            dtype=dtype, uses=kernel_uses)
+    return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, uses)))
+
+  return _run('first_half', (x, pos, norm, tuple(projections)), dtype, kernel, plain)
 
 
 def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair],
@@ -76,13 +180,14 @@ def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair]
                                    jnp.dtype(dtype).itemsize):
     selection.fallback('the q/k/v projections', x.shape, 'their weights leave too little VMEM')
     return plain(x, norm, projections)
-  return tpu_projections.normalized_projections(x, norm, projections, scales, eps=eps,
-                                                dtype=dtype)
+  kernel = lambda x, norm, projections: tpu_projections.normalized_projections(
+      x, norm, projections, scales, eps=eps, dtype=dtype)
+  return _run('projections', (x, norm, tuple(projections)), dtype, kernel, plain)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, axial: bool,
-              log_gamma: Sequence[float], rotary: Pair,
-              columns: Pair | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, column_q: jax.Array,
+              column_k: jax.Array, *, heads: int, axial: bool, log_gamma: Sequence[float],
+              rotary: Callable[[], Pair], plain: Callable[..., jax.Array]) -> jax.Array:
   """MaSA's decayed attention on the (b, h, w, heads * d) maps the projections give.
 
   The kernels take q, k, v with heads on the lane axis and no pass transposes them: the row
@@ -92,38 +197,44 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, axial: bo
 
   Args:
     q, k, v: (b, h, w, heads * d), k scaled, neither rotated.
+    column_q, column_k: the column pass' q and k: the same values as q and k, from a producer
+      that takes their cotangents apart (`first_half`'s uses).
     heads: number of heads.
     axial: row then column attention (True) or whole-map attention (False).
     log_gamma: per head, the decay's log rate.
-    rotary: (sin, cos) tables of shape (h, w, heads * d) in the compute dtype.
-    columns: the column pass' q and k, if not q and k themselves: the same values from a
-      producer that takes their cotangents apart (`first_half`'s uses).
+    rotary: () -> the (sin, cos) tables of shape (h, w, heads * d) in the compute dtype,
+      computed where the kernel is traced (functions of the static shape, not arguments).
+    plain: (q, k, v, column_q, column_k) -> the attention in the plain form.
 
   Returns:
     (b, h, w, heads * d) in v's dtype.
   """
-  batch, height, width, channels = q.shape
-  sin, cos = rotary
-  if not axial:
-    flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
-    tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
-    return tpu_attention.decayed_attention(*flat, log_gamma, width=width, rotary=tables
-                                           ).reshape(q.shape)
-  # Row pass: problem b * h + y takes the tables of row y. Column pass: the map as it is, the
-  # kernel attending along h in each column (column x takes the tables [:, x]).
-  rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
-  out = tpu_attention.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
-  column_q, column_k = (q, k) if columns is None else columns
-  if tpu_attention.columns_fit_vmem(q.shape, heads, q.dtype.itemsize):
-    return tpu_attention.decayed_attention(column_q, column_k, out, log_gamma,
-                                           rotary=(sin, cos))
-  # Where the column layout's blocks do not fit VMEM (float32 maps of 28 columns with more
-  # than 128 channels), the columns transposed into rows: problem b * w + x, column x's tables.
-  transposed = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
-                for t in (column_q, column_k, out)]
-  out = tpu_attention.decayed_attention(*transposed, log_gamma,
-                                        rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
-  return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
+  def kernel(q, k, v, column_q, column_k):
+    batch, height, width, channels = q.shape
+    sin, cos = rotary()
+    if not axial:
+      flat = [t.reshape(batch, height * width, channels) for t in (q, k, v)]
+      tables = tuple(t.reshape(1, height * width, channels) for t in (sin, cos))
+      return tpu_attention.decayed_attention(*flat, log_gamma, width=width, rotary=tables
+                                             ).reshape(q.shape)
+    # Row pass: problem b * h + y takes the tables of row y. Column pass: the map as it is,
+    # the kernel attending along h in each column (column x takes the tables [:, x]).
+    rows = [t.reshape(batch * height, width, channels) for t in (q, k, v)]
+    out = tpu_attention.decayed_attention(*rows, log_gamma, rotary=(sin, cos)).reshape(q.shape)
+    if tpu_attention.columns_fit_vmem(q.shape, heads, q.dtype.itemsize):
+      return tpu_attention.decayed_attention(column_q, column_k, out, log_gamma,
+                                             rotary=(sin, cos))
+    # Where the column layout's blocks do not fit VMEM (float32 maps of 28 columns with more
+    # than 128 channels), the columns transposed into rows: problem b * w + x, column x's
+    # tables.
+    transposed = [t.transpose(0, 2, 1, 3).reshape(batch * width, height, channels)
+                  for t in (column_q, column_k, out)]
+    out = tpu_attention.decayed_attention(
+        *transposed, log_gamma, rotary=tuple(t.transpose(1, 0, 2) for t in (sin, cos)))
+    return out.reshape(batch, width, height, channels).transpose(0, 2, 1, 3)
+
+  operation = 'axial attention' if axial else 'whole attention'
+  return _run(operation, (q, k, v, column_q, column_k), v.dtype, kernel, plain, independent=3)
 
 
 def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
@@ -132,7 +243,8 @@ def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
   if not lepe.fits_vmem(v.shape, v.dtype.itemsize):
     selection.fallback('LePE', v.shape, 'its blocks do not fit VMEM')
     return plain(out, v, weights)
-  return lepe.lepe_add(out.astype(v.dtype), v, *weights)
+  kernel = lambda out, v, weights: lepe.lepe_add(out.astype(v.dtype), v, *weights)
+  return _run('lepe', (out, v, weights), v.dtype, kernel, plain)
 
 
 def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
@@ -142,7 +254,7 @@ def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
   if not tpu_feed_forward.fits_vmem(x.shape, fc1[0].shape[1], x.dtype.itemsize):
     selection.fallback('the FFN', x.shape, 'its weights leave too little VMEM')
     return plain(x, fc1, dwconv, fc2)
-  return tpu_feed_forward.feed_forward(x, fc1, dwconv, fc2)
+  return _run('ffn', (x, fc1, dwconv, fc2), x.dtype, tpu_feed_forward.feed_forward, plain)
 
 
 def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: Any,
@@ -150,8 +262,10 @@ def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: An
                 plain: Callable[..., jax.Array]) -> jax.Array:
   """A block's second half: the tail kernel pair where it fits, else `plain` (whose arguments
   are this function's, the FFN's form its own choice)."""
+  arguments = (x1, o, out_proj, norm, ffn, gammas, drop_scales)
   hidden = ffn[0][0].shape[1]
   if not block_tail.fits_vmem(x1.shape, hidden, o.dtype.itemsize, x1.dtype.itemsize):
     selection.fallback("the block's second half", x1.shape, 'its weights leave too little VMEM')
-    return plain(x1, o, out_proj, norm, ffn, gammas, drop_scales)
-  return block_tail.block_second_half(x1, o, out_proj, norm, ffn, gammas, drop_scales, eps=eps)
+    return plain(*arguments)
+  kernel = lambda *arguments: block_tail.block_second_half(*arguments, eps=eps)
+  return _run('second_half', arguments, o.dtype, kernel, plain)

@@ -1,0 +1,60 @@
+"""The on-device kernel check for a network: which TPU kernels a run keeps.
+
+`check_model` traces the network's train-mode forward pass under `kernels='tpu'` at the run's
+per-device batch, records every kernel call it would make (`kernels.tpu.operations.recording`),
+and runs each against its plain form on the device at hand (`kernels.check`). The results are
+cached in the workdir (`KERNEL_CHECK_FILE`), keyed by the device kind, jax's and libtpu's
+versions and the calls' shapes, so a resumed run does not check again.
+"""
+
+from typing import Callable
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+
+from rmt_jax.kernels import check
+from rmt_jax.kernels.tpu import operations
+from rmt_jax.models import RMT
+
+KERNEL_CHECK_FILE = 'kernel_check.json'
+
+
+def record_calls(model: RMT, batch: int, image_size: int) -> list[operations.Call]:
+  """The kernel calls of `model`'s train-mode forward pass (and so of its backward) on `batch`
+  images of `image_size`, under `kernels='tpu'`, without running anything."""
+  model = model.clone(kernels='tpu')
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  key = jax.random.key(0)
+  variables = jax.eval_shape(model.init, key, images)
+  with operations.recording() as calls:
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
+                                            mutable=['batch_stats']), variables, images)
+  return list(calls.values())
+
+
+def check_model(model: RMT, batch: int, image_size: int, workdir: str | None = None, *,
+                say: Callable[[str], None] = print) -> list[check.Result]:
+  """Checks every kernel `model` would call (see the module docstring); returns the results.
+
+  Args:
+    model: the network as the run builds it (its dtype is the check's).
+    batch: images per device.
+    image_size: the training resolution.
+    workdir: where the results are cached (read if they hold for this device, software and
+      these shapes; written otherwise); None: no cache.
+    say: where progress and the warnings of dropped kernels go.
+  """
+  calls = record_calls(model, batch, image_size)
+  fingerprint = check.fingerprint(calls)
+  path = epath.Path(workdir) / KERNEL_CHECK_FILE if workdir else None
+  if path is not None and (results := check.load(path, fingerprint)) is not None:
+    say(f'kernel check: the results in {path} hold for this device, software and shapes')
+    return results
+  say(f'kernel check: {len(calls)} TPU kernels against their plain forms on '
+      f'{jax.devices()[0].device_kind}, {batch} images of {image_size} per device')
+  results = check.check(calls, say=say)
+  if path is not None and jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check.save(path, fingerprint, results)
+  return results
