@@ -1,561 +1,219 @@
-"""Weights between the official PyTorch RMT (`state_dict` keys of qhfan/RMT) and Flax variables.
+"""Converts RMT weights between official PyTorch `.pth` files and rmt_jax variables directories.
 
-    python -m rmt_jax.convert torch2flax --model rmt_s --src RMT-S.pth --dst rmt_s_vars [--ema]
-    python -m rmt_jax.convert flax2torch --model rmt_s --src rmt_s_vars --dst rmt_s.pth
+    python -m rmt_jax.convert torch2flax --model=rmt_s --src=RMT-S.pth --dst=weights/rmt_s [--ema]
+    python -m rmt_jax.convert flax2torch --model=rmt_s --src=weights/rmt_s --dst=rmt_s.pth
 
-With `--backbone`, both commands convert the detection / segmentation backbone instead
-(mmdetection / mmsegmentation checkpoints, `rmt_jax.convert_backbone`).
+With `--backbone`, both convert the detection / segmentation backbone instead
+(`rmt_jax.models.RMTBackbone`): torch2flax reads an mmdetection / mmsegmentation checkpoint
+(`backbone.*`), a backbone state_dict or a classification checkpoint (its head dropped, the
+extra norms fresh); flax2torch writes `{'state_dict': {'backbone.' + key: ...}}`.
 
 `torch2flax` reads a bare state_dict or a training checkpoint (`model` / `state_dict`, or with
 `--ema` `model_ema` / `state_dict_ema`; a DDP `module.` prefix is removed; optimizer, args, epoch
 ... are ignored) with `torch.load(weights_only=True)`, unpickling fully only with
-`--allow-pickle`. `num_classes` and `token_label` are read off the file (rows of `head.weight`,
-presence of `aux_head.*`) unless `--num-classes` / `--[no-]token-label` say otherwise; the
+`--allow_pickle`. `num_classes` and `token_label` are read off the file (rows of `head.weight`,
+presence of `aux_head.*`) unless `--num_classes` / `--[no]token_label` say otherwise; the
 variant is never guessed: `--model` is checked strictly against every key and shape. It writes
 a variables directory (`rmt_jax.weights.checkpoint.save_variables`: orbax + JSON description).
-`flax2torch` reads such a directory (or what `checkpoint.load_variables` reads) and writes
-`{'model': state_dict}` for the official code's `load_state_dict(..., strict=True)`. Both write
-atomically and fail with one line on stderr and exit status 1. `--src` and `--dst` may be local
-or on an object store (gs://...). A 1000-class model's directory stores ImageNet's class names
-(`rmt_jax.data.class_names`), which `python -m rmt_jax.predict` prints, and every classifier's the
-official evaluation preprocessing (`rmt_jax.data.eval_preprocessing.OFFICIAL`), which it applies.
-torch is imported only by the functions that read or write `.pth` files: `import
-rmt_jax.convert` and the model run without it.
+`--ema`, `--num_classes`, `--token_label` and `--allow_pickle` are torch2flax's only.
+`flax2torch` reads such a directory (or what `checkpoint.load_variables` reads: a training
+workdir) and writes `{'model': state_dict}` for the official code's `load_state_dict(...,
+strict=True)`.
 
-The mapping is a rename plus a transpose, derived from the Flax variable tree itself:
+Both write atomically and fail with one line on stderr and exit status 1 (usage errors: status
+2). `--src` and `--dst` may be local or on an object store (gs://...). A 1000-class model's
+directory stores ImageNet's class names (`rmt_jax.data.class_names`), which `python -m
+rmt_jax.predict` prints, and every classifier's the official evaluation preprocessing
+(`rmt_jax.data.eval_preprocessing.OFFICIAL`), which it applies.
 
-| Flax (collection / path)                 | official key                         | layout            |
-| ---------------------------------------- | ------------------------------------ | ----------------- |
-| params/.../layers_0/blocks_1/...         | layers.0.blocks.1....                | list index        |
-| params/.../<Dense>/kernel (in, out)      | ....weight (out, in)                 | transpose         |
-| params/.../<Conv>/kernel (kh, kw, in, out) | ....weight (out, in, kh, kw)       | transpose         |
-| params/.../{pos,lepe,dwconv}/kernel      | ....{pos,lepe,dwconv}.conv.weight    | (C, 1, kh, kw)    |
-| params/.../scale (LayerNorm, BatchNorm)  | ....weight                           |                   |
-| batch_stats/.../mean, var                | ....running_mean, running_var        |                   |
-| params/.../gamma_1 (C,)                  | ....gamma_1 (1, 1, 1, C)             | reshape           |
-
-Buffers of the official model that are not Flax variables: `layers.N.Relpos.angle` and
-`layers.N.Relpos.decay` (functions of the config, see `rmt_jax.models.decay`) and BatchNorm's
-`num_batches_tracked`. Reading, they are checked (the decay tables encode the variant) and kept,
-unchanged, in the extra collection `official_buffers`, which the model ignores; writing, they are
-taken from there when present and regenerated otherwise (`num_batches_tracked` = 0), so that
-official -> Flax -> official is bit-exact and a Flax-trained model still loads with `strict=True`.
+The mapping and the files are `rmt_jax.weights.pytorch` (and `pytorch_backbone` for the
+backbone's files); this module is the command line over them. torch is imported only to read or
+write `.pth` files.
 """
 
-import argparse
-import functools
 import hashlib
-import io
 import os
-import re
 import sys
 from typing import Any, Mapping, Sequence
-import warnings
-import zipfile
 
+from absl import flags
 from etils import epath
-from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rmt_jax.weights import checkpoint
 from rmt_jax.data import class_names
 from rmt_jax.data import eval_preprocessing
+from rmt_jax.models import canonical_name, create_backbone, create_model
+from rmt_jax.runtime import command_line
+from rmt_jax.weights import checkpoint
 from rmt_jax.weights import loading
-from rmt_jax.models import RMT, VARIANTS, canonical_name, create_model
-from rmt_jax.models import decay
-
-BUFFERS = 'official_buffers'
-_DEPTHWISE = ('pos', 'lepe', 'dwconv')
-_INDEXED = re.compile(r'^(.*)_(\d+)$')
-
-
-class ConversionError(ValueError):
-  """The checkpoint does not fit the model: the message lists the offending keys."""
-
-
-def torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """The official state_dict key of one Flax leaf, e.g. ('params', (..., 'q_proj', 'kernel'))."""
-  *modules, leaf = path
-  parts = []
-  for name in modules:
-    match = _INDEXED.match(name)
-    parts.extend([match.group(1), match.group(2)] if match else [name])
-  if modules and modules[-1] in _DEPTHWISE:
-    parts.append('conv')
-  if collection == 'batch_stats':
-    parts.append({'mean': 'running_mean', 'var': 'running_var'}[leaf])
-  else:
-    parts.append({'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf))
-  return '.'.join(parts)
-
-
-def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  if leaf.startswith('gamma_'):
-    return value.reshape(1, 1, 1, -1)
-  return value
-
-
-def _to_flax_layout(leaf: str, value: np.ndarray, ndim: int) -> np.ndarray:
-  if leaf == 'kernel' and ndim == 2:
-    return value.T
-  if leaf == 'kernel' and ndim == 4:
-    return value.transpose(2, 3, 1, 0)
-  if leaf.startswith('gamma_'):
-    return value.reshape(-1)
-  return value
-
-
-def abstract_variables(model: RMT) -> dict[str, Any]:
-  """Shapes and dtypes of `model`'s params and batch_stats, without allocating them."""
-  return jax.tree.map(lambda x: x, _traced_variables(model))  # a copy of the cached tree
-
-
-@functools.lru_cache(maxsize=8)
-def _traced_variables(model: RMT) -> dict[str, Any]:
-  # Tracing the full-size variants takes seconds; every conversion needs the tree two or three
-  # times (flax modules are hashable dataclasses, so the module itself is the cache key).
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
-
-
-def official_buffers(model: RMT) -> dict[str, np.ndarray]:
-  """The official model's non-parameter buffers, regenerated from the config."""
-  buffers = {}
-  for i, (dim, heads) in enumerate(zip(model.embed_dims, model.num_heads)):
-    buffers[f'layers.{i}.Relpos.angle'] = decay.rotary_angles(dim // heads)
-    buffers[f'layers.{i}.Relpos.decay'] = decay.log_gamma(heads, model.init_values[i],
-                                                          model.heads_ranges[i])
-  for path, _ in _leaves(abstract_variables(model)['batch_stats']):
-    if path[-1] == 'mean':
-      key = torch_key('batch_stats', path).rsplit('.', 1)[0] + '.num_batches_tracked'
-      buffers[key] = np.zeros((), np.int64)
-  return buffers
-
-
-def torch_to_flax(state_dict: Mapping[str, Any], model: RMT) -> dict[str, Any]:
-  """Official state_dict -> Flax variables for `model`, strictly.
-
-  Args:
-    state_dict: official keys -> numpy arrays or torch tensors (without a `module.` prefix).
-    model: the RMT module the weights are for.
-
-  Returns:
-    {'params': ..., 'batch_stats': ..., 'official_buffers': {key: array}} of numpy arrays.
-
-  Raises:
-    ConversionError: keys missing or unexpected, shapes that do not match, or Relpos buffers
-      that belong to another configuration.
-  """
-  arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
-  target = abstract_variables(model)
-  variables: dict[str, Any] = {}
-  missing, mis_shaped, used = [], [], set()
-  for collection in ('params', 'batch_stats'):
-    for path, spec in _leaves(target[collection]):
-      key = torch_key(collection, path)
-      if key not in arrays:
-        missing.append(f'{key} {tuple(_to_torch_layout(path[-1], np.empty(spec.shape)).shape)}')
-        continue
-      used.add(key)
-      value = _to_flax_layout(path[-1], arrays[key], len(spec.shape))
-      if value.shape != spec.shape:
-        mis_shaped.append(f'{key}: checkpoint {arrays[key].shape}, model expects '
-                          f'{_to_torch_layout(path[-1], np.empty(spec.shape)).shape}')
-        continue
-      _set(variables, (collection, *path), value.astype(spec.dtype))
-  expected_buffers = official_buffers(model)
-  buffers, wrong_buffers = {}, []
-  for key, want in expected_buffers.items():
-    if key not in arrays:
-      missing.append(f'{key} {want.shape}')
-      continue
-    used.add(key)
-    got = arrays[key]
-    if got.shape != want.shape or (want.dtype.kind == 'f' and
-                                   not np.allclose(got, want, rtol=1e-5, atol=0)):
-      wrong_buffers.append(f'{key}: checkpoint {_head(got)}, config gives {_head(want)}')
-    buffers[key] = got
-  unexpected = [f'{k} {arrays[k].shape}' for k in arrays if k not in used]
-  problems = []
-  for title, items in (('missing', missing), ('unexpected', unexpected),
-                       ('mis-shaped', mis_shaped), ('decay/rotary buffers of another config',
-                                                   wrong_buffers)):
-    if items:
-      shown = '; '.join(items[:5]) + (f'; ... ({len(items) - 5} more)' if len(items) > 5 else '')
-      problems.append(f'{len(items)} {title}: {shown}')
-  if problems:
-    raise ConversionError('checkpoint does not fit the model: ' + ' | '.join(problems))
-  variables[BUFFERS] = buffers
-  return variables
-
-
-def flax_to_torch(variables: Mapping[str, Any], model: RMT) -> dict[str, np.ndarray]:
-  """Flax variables -> the official state_dict (numpy), buffers included.
-
-  Args:
-    variables: {'params', 'batch_stats'} and optionally 'official_buffers' (kept from a
-      conversion); extra collections are ignored.
-    model: the RMT module the variables belong to.
-
-  Returns:
-    Every key of the official `state_dict()`, in its layout; `torch.from_numpy` each value and
-    `load_state_dict(..., strict=True)` into the official model.
-
-  Raises:
-    ConversionError: the variables do not match `model`'s variable tree.
-  """
-  target = abstract_variables(model)
-  state_dict: dict[str, np.ndarray] = {}
-  problems = []
-  for collection in ('params', 'batch_stats'):
-    have = dict(_leaves(variables.get(collection, {})))
-    want = dict(_leaves(target[collection]))
-    for path in sorted(set(have) - set(want)):
-      problems.append(f"unexpected {collection}/{'/'.join(path)}")
-    for path, spec in want.items():
-      if path not in have:
-        problems.append(f"missing {collection}/{'/'.join(path)} {spec.shape}")
-        continue
-      value = np.asarray(jax.device_get(have[path]))
-      if value.shape != spec.shape:
-        problems.append(f"mis-shaped {collection}/{'/'.join(path)}: {value.shape}, "
-                        f'model expects {spec.shape}')
-        continue
-      state_dict[torch_key(collection, path)] = _to_torch_layout(path[-1], value)
-  if problems:
-    raise ConversionError(f'variables do not fit the model ({len(problems)} problems): '
-                          + '; '.join(problems[:5]))
-  kept = variables.get(BUFFERS, {})
-  for key, value in official_buffers(model).items():
-    state_dict[key] = np.asarray(kept.get(key, value))
-  return state_dict
-
-
-def _head(values: np.ndarray) -> str:
-  """'(4,) [-0.2877, -0.1335, ...]': a buffer's shape and first values, for messages."""
-  shown = ', '.join(f'{x:.4g}' for x in values.ravel()[:3])
-  return f"{values.shape} [{shown}{', ...' if values.size > 3 else ''}]"
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, 'detach'):  # a torch tensor; torch itself is not imported here
-    value = value.detach().cpu()
-    if str(value.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16; float32 holds it exactly
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
-
-
-def _leaves(tree: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
-  flat = traverse_util.flatten_dict(dict(tree)) if tree else {}
-  return sorted(flat.items())
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-# --- .pth files -----------------------------------------------------------------------------
-
-# Entries of a training checkpoint (DeiT-style `main.py` of the official code, timm, plain loops)
-# that hold the network's weights, in order of preference; everything else (optimizer, args,
-# epoch, lr_scheduler, scaler, max_accuracy, ...) is ignored.
-WEIGHT_ENTRIES = ('model', 'state_dict')
-EMA_ENTRIES = ('model_ema', 'state_dict_ema')
-_DDP_PREFIX = 'module.'
-_INSTALL_TORCH = ('pip install torch==2.13.0 (the CPU wheel this project is tested with) or '
-                  'pip install -r requirements-test.txt')
-
-
-class CheckpointFileError(ValueError):
-  """The file is not a readable PyTorch checkpoint, or holds no weights of the kind asked for."""
-
-
-def _import_torch():
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise CheckpointFileError(f'reading and writing .pth files needs PyTorch, which is not '
-                              f'installed: {_INSTALL_TORCH}') from None
-  return torch
-
-
-def _torch_load(path: epath.Path, allow_pickle: bool) -> tuple[Any, bool]:
-  """torch.load, restricted unpickler first; returns (object, whether full unpickling ran)."""
-  torch = _import_torch()
-  try:
-    # argparse.Namespace (the `args` entry of the official training checkpoints) holds only
-    # data: allowing it keeps those files on the restricted unpickler.
-    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]), \
-        path.open('rb') as f:
-      warnings.simplefilter('ignore')
-      return torch.load(f, map_location='cpu', weights_only=True), False
-  except Exception as e:  # pylint: disable=broad-except
-    if type(e).__name__ != 'UnpicklingError' or 'Weights only load failed' not in str(e):
-      raise CheckpointFileError(_unreadable(path, e)) from None
-    reason = _weights_only_reason(e)
-    with path.open('rb') as f:
-      is_zip = zipfile.is_zipfile(f)
-    if not allow_pickle and not (is_zip or 'global' in reason.lower()):
-      # Random bytes read as pickle opcodes fail here too: not a file that needs unpickling.
-      raise CheckpointFileError(f'{path} is not a PyTorch checkpoint (torch.load(weights_only='
-                                f'True): {reason})') from None
-    if not allow_pickle:
-      raise CheckpointFileError(
-          f'{path} cannot be read with torch.load(weights_only=True) ({reason}); reading it '
-          'needs full unpickling, which can run arbitrary code from the file. If you trust its '
-          'source, rerun with --allow-pickle') from None
-  try:
-    with warnings.catch_warnings(), path.open('rb') as f:
-      warnings.simplefilter('ignore')
-      return torch.load(f, map_location='cpu', weights_only=False), True
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointFileError(_unreadable(path, e)) from None
-
-
-def _weights_only_reason(error: Exception) -> str:
-  text = str(error).split('WeightsUnpickler error:', 1)[-1]
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  return (lines[0].split('. Please use')[0] if lines else 'restricted unpickler refused it')
-
-
-def _unreadable(path: epath.Path, error: Exception) -> str:
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  if isinstance(error, EOFError) or (isinstance(error, RuntimeError) and 'zip archive' in text):
-    return (f'{path} is truncated or corrupt ({path.stat().length} bytes; torch.load: '
-            f'{text.split(". This is")[0] or "unexpected end of file"}); copy it again')
-  return (f'{path} is not a PyTorch checkpoint (torch.load failed: {type(error).__name__}: '
-          f'{text[:200]})')
-
-
-def read_torch_checkpoint(path: str | os.PathLike, ema: bool = False,
-                          allow_pickle: bool = False
-                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """The official state_dict in a `.pth` file, as NumPy arrays.
-
-  Args:
-    path: a bare state_dict, or a training checkpoint dict holding it under 'model' or
-      'state_dict' (EMA weights under 'model_ema' or 'state_dict_ema'); a `module.` prefix
-      (DistributedDataParallel) on every key is removed. Local or gs://...
-    ema: take the EMA weights of a training checkpoint.
-    allow_pickle: if the restricted unpickler (`weights_only=True`) refuses the file, unpickle
-      it fully. Only for files from a trusted source: unpickling can run any code.
-
-  Returns:
-    (state_dict, source) where source = {'entry': the entry used ('model_ema', ...; None for a
-    bare state_dict), 'prefix_removed': whether keys had `module.`, 'unpickled': whether full
-    unpickling ran}.
-
-  Raises:
-    CheckpointFileError: torch is missing; the file is truncated, corrupt or not a checkpoint;
-      it needs full unpickling and allow_pickle is False; the asked-for entry is absent.
-  """
-  path = checkpoint.resolve_path(path)
-  if not path.exists() or path.is_dir():
-    raise CheckpointFileError(f'{path} does not exist' if not path.exists() else
-                              f'{path} is not a file (torch2flax reads a .pth file; '
-                              'flax2torch reads a variables directory)')
-  obj, unpickled = _torch_load(path, allow_pickle)
-  if not isinstance(obj, Mapping):
-    raise CheckpointFileError(f'{path} holds a {type(obj).__module__}.{type(obj).__qualname__}, '
-                              'not a state_dict or a training checkpoint dict')
-  present = [k for k in (*WEIGHT_ENTRIES, *EMA_ENTRIES) if k in obj]
-  if present:
-    wanted = EMA_ENTRIES if ema else WEIGHT_ENTRIES
-    entry = next((k for k in wanted if k in obj), None)
-    if entry is None:
-      hint = 'drop --ema to take ' if ema else 'pass --ema to take '
-      raise CheckpointFileError(
-          f"{path} has no {'EMA ' if ema else ''}weights entry ({' or '.join(wanted)}); its "
-          f"entries: {', '.join(map(str, obj))}; {hint}{' or '.join(present)}")
-  elif ema:
-    raise CheckpointFileError(f'{path} is a bare state_dict, without EMA weights; drop --ema')
-  else:
-    entry = None
-  state_dict = obj if entry is None else obj[entry]
-  source = {'entry': entry, 'prefix_removed': False, 'unpickled': unpickled}
-  where = describe_source(source)
-  if not isinstance(state_dict, Mapping) or not state_dict:
-    raise CheckpointFileError(f'{where} of {path} is not a non-empty state_dict '
-                              f'(it holds a {type(state_dict).__name__})')
-  not_tensors = [f'{k} ({type(v).__name__})' for k, v in state_dict.items()
-                 if not hasattr(v, 'detach') and not isinstance(v, np.ndarray)]
-  if not_tensors:
-    raise CheckpointFileError(
-        f'{path} is neither a state_dict nor a training checkpoint with one of the entries '
-        f"{', '.join(WEIGHT_ENTRIES + EMA_ENTRIES)}: {where} holds non-tensors: "
-        f"{', '.join(not_tensors[:5])}")
-  keys = [str(k) for k in state_dict]
-  if all(k.startswith(_DDP_PREFIX) for k in keys):
-    source['prefix_removed'] = True
-    keys = [k[len(_DDP_PREFIX):] for k in keys]
-  return {k: _as_numpy(v) for k, v in zip(keys, state_dict.values())}, source
-
-
-def describe_source(source: Mapping[str, Any]) -> str:
-  """E.g. "entry 'model_ema' (prefix 'module.' removed)", for messages and summaries."""
-  text = 'the bare state_dict' if source['entry'] is None else f"entry {source['entry']!r}"
-  if source['prefix_removed']:
-    text += f' (prefix {_DDP_PREFIX!r} removed)'
-  if source['unpickled']:
-    text += ' (fully unpickled: --allow-pickle)'
-  return text
-
-
-def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
-                           entry: str = 'model') -> None:
-  """Writes `{entry: state_dict}` as torch tensors to a new file, atomically.
-
-  `entry` is 'model' for the official classification code, 'state_dict' for mmdetection /
-  mmsegmentation (`rmt_jax.convert_backbone`).
-
-  Floating arrays are written as float32 and `num_batches_tracked` as int64, the official
-  dtypes. The file appears whole or not at all (`checkpoint.write_atomically`); `path` may
-  be local or on an object store (gs://...).
-
-  Raises:
-    FileExistsError: `path` exists.
-    CheckpointFileError: torch is missing.
-  """
-  torch = _import_torch()
-  path = checkpoint.resolve_path(path)
-  if path.exists():
-    raise FileExistsError(f'{path} exists; choose a new file or remove it first')
-  tensors = {}
-  for key, value in state_dict.items():
-    dtype = np.int64 if key.endswith('num_batches_tracked') else np.float32
-    # np.array, not np.ascontiguousarray: that one turns the 0-d num_batches_tracked into (1,).
-    tensors[key] = torch.from_numpy(np.array(value, dtype=dtype, order='C'))
-  data = io.BytesIO()
-  torch.save({entry: tensors}, data)
-  checkpoint.write_atomically(path, data.getvalue())
-
-
-def infer_overrides(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """`num_classes` (rows of head.weight, 0 without a head) and `token_label` (aux_head.* keys)."""
-  head = state_dict.get('head.weight')
-  return {'num_classes': int(head.shape[0]) if head is not None else 0,
-          'token_label': any(k.startswith('aux_head.') for k in state_dict)}
-
-
-def guess_variants(state_dict: Mapping[str, Any]) -> list[str]:
-  """The variants whose widths, depths, MLP ratios and layer scales match the state_dict's."""
-  stages: dict[int, set[int]] = {}
-  for key in state_dict:
-    match = re.match(r'layers\.(\d+)\.blocks\.(\d+)\.', key)
-    if match:
-      stages.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
-  try:
-    seen = dict(
-        depths=tuple(len(stages[i]) for i in range(len(stages))),
-        embed_dims=tuple(state_dict[f'layers.{i}.blocks.0.retention.q_proj.weight'].shape[0]
-                         for i in range(len(stages))),
-        layerscales=tuple(f'layers.{i}.blocks.0.gamma_1' in state_dict
-                          for i in range(len(stages))))
-    seen['mlp_ratios'] = tuple(
-        state_dict[f'layers.{i}.blocks.0.ffn.fc1.weight'].shape[0] / dim
-        for i, dim in enumerate(seen['embed_dims']))
-  except KeyError:
-    return []
-  return [name for name, kw in VARIANTS.items()
-          if all(tuple(kw[k]) == tuple(v) for k, v in seen.items())]
-
-
-def parameter_count(variables: Mapping[str, Any]) -> int:
-  """Number of trainable parameters (the `params` collection)."""
-  return int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
-
-
-# --- the command line ---------------------------------------------------------------------
-
-
-def _describe(name: str, overrides: Mapping[str, Any]) -> str:
+from rmt_jax.weights import pytorch
+from rmt_jax.weights import pytorch_backbone
+
+PROGRAM = 'python -m rmt_jax.convert'
+COMMANDS = ('torch2flax', 'flax2torch')
+# Flags that describe the .pth file being read, or the classifier built from it.
+_TORCH2FLAX_ONLY = ('ema', 'num_classes', 'token_label', 'allow_pickle')
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the command's flags on `flag_values` (a fresh one per `main` call)."""
+  flags.DEFINE_string('model', None, 'variant: rmt_t, rmt_s, rmt_b, rmt_l, rmt_tiny or an '
+                      'official name (RMT_T3, RMT_S, RMT_M2, RMT_L6)', flag_values=flag_values,
+                      required=True)
+  flags.DEFINE_string('src', None, 'torch2flax: a .pth file; flax2torch: a variables directory '
+                      'or a training workdir; local or gs://...', flag_values=flag_values,
+                      required=True)
+  flags.DEFINE_string('dst', None, 'must not exist; local or gs://...', flag_values=flag_values,
+                      required=True)
+  flags.DEFINE_boolean('backbone', False,
+                       'the detection / segmentation backbone (rmt_jax.models.RMTBackbone): '
+                       'torch2flax reads mmdet/mmseg checkpoints (backbone.*), backbone and '
+                       "classification state_dicts; flax2torch writes {'state_dict': "
+                       "{'backbone.' + key: ...}}", flag_values=flag_values)
+  flags.DEFINE_boolean('ema', False, "torch2flax: take 'model_ema' / 'state_dict_ema' of a "
+                       'training checkpoint', flag_values=flag_values)
+  flags.DEFINE_integer('num_classes', None, "torch2flax: default: the rows of the file's "
+                       'head.weight (0 if it has no head)', lower_bound=0,
+                       flag_values=flag_values)
+  flags.DEFINE_boolean('token_label', None, 'torch2flax: token-labeling aux_head; default: '
+                       'whether the file has aux_head.*', flag_values=flag_values)
+  flags.DEFINE_boolean('allow_pickle', False,
+                       'torch2flax: unpickle the file fully if torch.load(weights_only=True) '
+                       'refuses it (runs code from the file: trusted files only)',
+                       flag_values=flag_values)
+
+
+def _describe(name: str, overrides: Mapping[str, Any], backbone: bool) -> str:
+  """'rmt_s (num_classes=1000, token_label=False)' or 'rmt_s backbone', for messages."""
+  if backbone:
+    return f'{name} backbone'
   return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})"
 
 
-def _torch2flax(args: argparse.Namespace) -> str:
-  name = canonical_name(args.model)
-  dst = checkpoint.resolve_path(args.dst)
-  if dst.exists():
-    raise FileExistsError(f'{dst} exists; choose a new directory or remove it first')
-  print(f'torch2flax: reading {args.src} ...', flush=True)
-  state_dict, source = read_torch_checkpoint(args.src, args.ema, args.allow_pickle)
-  entry = describe_source(source)
-  overrides = infer_overrides(state_dict)
-  if args.num_classes is not None:
-    overrides['num_classes'] = args.num_classes
-  if args.token_label is not None:
-    overrides['token_label'] = args.token_label
-  model = create_model(name, **overrides)
-  print(f'torch2flax: {len(state_dict)} tensors of {entry} -> {_describe(name, overrides)}, '
-        f'writing {dst} ...', flush=True)
+def _the(what: str, backbone: bool) -> str:
+  """'the rmt_s backbone', as messages name it after 'does not fit'; a classifier as it is."""
+  return f'the {what}' if backbone else what
+
+
+def _new_path(path: str, kind: str) -> epath.Path:
+  """`path` resolved (local or gs://...), refused if it exists: nothing is ever overwritten."""
+  resolved = checkpoint.resolve_path(path)
+  if resolved.exists():
+    raise FileExistsError(f'{resolved} exists; choose a new {kind} or remove it first')
+  return resolved
+
+
+def _torch2flax(options: flags.FlagValues) -> str:
+  """`torch2flax`: a .pth file -> a variables directory; returns the summary to print."""
+  name = canonical_name(options.model)
+  if options.backbone and (options.num_classes is not None or options.token_label is not None):
+    raise ValueError('--num_classes and --token_label describe a classification head; the '
+                     'backbone has none (drop them, or drop --backbone)')
+  dst = _new_path(options.dst, 'directory')
+  print(f'torch2flax: reading {options.src} ...', flush=True)
+  state_dict, source = pytorch.read_torch_checkpoint(options.src, options.ema,
+                                                     options.allow_pickle)
+  entry = pytorch.describe_source(source)
+  if options.backbone:
+    overrides: dict[str, Any] = {}
+    model = create_backbone(name)
+    weights, report = pytorch_backbone.backbone_state_dict(state_dict, model)
+    read_as = f', read {pytorch_backbone.describe_report(report).splitlines()[0]},'
+  else:
+    overrides = pytorch.infer_overrides(state_dict)
+    if options.num_classes is not None:
+      overrides['num_classes'] = options.num_classes
+    if options.token_label is not None:
+      overrides['token_label'] = options.token_label
+    model = create_model(name, **overrides)
+    weights, report, read_as = state_dict, None, ''
+  what = _describe(name, overrides, options.backbone)
+  print(f'torch2flax: {len(state_dict)} tensors of {entry} -> {what}, writing {dst} ...',
+        flush=True)
   try:
-    variables = torch_to_flax(state_dict, model)
-  except ConversionError as e:
-    guesses = [g for g in guess_variants(state_dict) if g != name]
+    variables = pytorch.torch_to_flax(weights, model)
+  except pytorch.ConversionError as e:
+    guesses = [g for g in pytorch.guess_variants(weights) if g != name]
     hint = f' (its shapes are those of --model {" or ".join(guesses)})' if guesses else ''
-    if any(k.startswith(('backbone.', 'extra_norms.')) for k in state_dict):
+    if not options.backbone and any(k.startswith(('backbone.', 'extra_norms.'))
+                                    for k in weights):
       hint = ' (it holds a detection / segmentation backbone: pass --backbone)'
-    raise ConversionError(f'{entry} of {args.src} does not fit {_describe(name, overrides)}'
-                          f'{hint}: {str(e).removeprefix("checkpoint does not fit the model: ")}') \
-        from None
-  count = parameter_count(variables)
+    raise pytorch.ConversionError(
+        f'{entry} of {options.src}{read_as} does not fit {_the(what, options.backbone)}{hint}: '
+        f'{str(e).removeprefix("checkpoint does not fit the model: ")}') from None
+  count = _parameter_count(variables)
   metadata = {
       'model': name, 'model_overrides': overrides, 'parameter_count': count,
-      'source': {'file': str(checkpoint.resolve_path(args.src)), **source,
-                 'sha256': _sha256(args.src)},
-      'converted_by': 'python -m rmt_jax.convert torch2flax',
-      # The official evaluation (timm's 224 crop at 0.875, bicubic, ImageNet mean/std).
-      eval_preprocessing.METADATA_KEY: eval_preprocessing.OFFICIAL.to_metadata()}
-  if overrides['num_classes'] == class_names.IMAGENET_NUM_CLASSES:
-    metadata['class_names'] = class_names.imagenet_class_names()
+      'source': {'file': str(checkpoint.resolve_path(options.src)), **source, **(report or {}),
+                 'sha256': _sha256(options.src)},
+      'converted_by': f'{PROGRAM} torch2flax' + (' --backbone' if options.backbone else '')}
+  if options.backbone:
+    # No 'eval_preprocessing': detection and segmentation resize whole images, without the
+    # classifier's centre crop, so there is no crop recipe to store.
+    metadata['backbone'] = True
+  else:
+    # The official evaluation (timm's 224 crop at 0.875, bicubic, ImageNet mean/std).
+    metadata[eval_preprocessing.METADATA_KEY] = eval_preprocessing.OFFICIAL.to_metadata()
+    if overrides['num_classes'] == class_names.IMAGENET_NUM_CLASSES:
+      metadata['class_names'] = class_names.imagenet_class_names()
   checkpoint.save_variables(dst, variables, metadata)
-  return (f'{_describe(name, overrides)}: {count:,} parameters, {len(state_dict)} tensors '
-          f'from {entry} of {args.src}\nwrote {dst}')
+  used = len(state_dict) - sum(report['not_converted'].values()) if report else len(state_dict)
+  described = f' {pytorch_backbone.describe_report(report)}' if report else ''
+  return (f'{what}: {count:,} parameters, {used} tensors from {entry} of {options.src}'
+          f'{described}\nwrote {dst}')
 
 
-def _flax2torch(args: argparse.Namespace) -> str:
-  name = canonical_name(args.model)
-  dst = checkpoint.resolve_path(args.dst)
-  if dst.exists():
-    raise FileExistsError(f'{dst} exists; choose a new file or remove it first')
-  print(f'flax2torch: reading {args.src} ...', flush=True)
+def _flax2torch(options: flags.FlagValues) -> str:
+  """`flax2torch`: a variables directory or training workdir -> a .pth file; returns the
+  summary to print."""
+  name = canonical_name(options.model)
+  dst = _new_path(options.dst, 'file')
+  print(f'flax2torch: reading {options.src} ...', flush=True)
   try:  # a converted variables directory, or a training workdir (its latest checkpoint)
-    variables, metadata = checkpoint.load_variables(args.src)
+    variables, metadata = checkpoint.load_variables(options.src)
   except checkpoint.CheckpointNotFoundError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     first_line = (str(e).strip().splitlines() or [''])[0][:200]
-    raise CheckpointFileError(f'cannot read the variables in {args.src} (truncated or corrupt?): '
-                              f'{type(e).__name__}: {first_line}') from None
+    raise pytorch.CheckpointFileError(f'cannot read the variables in {options.src} (truncated '
+                                      f'or corrupt?): {type(e).__name__}: {first_line}') from None
+  if metadata.get('backbone') and not options.backbone:
+    raise pytorch.ConversionError(f'{options.src} holds backbone variables (per its metadata): '
+                                  'pass --backbone')
+  if options.backbone and not metadata.get('backbone'):
+    raise pytorch.ConversionError(f'{options.src} holds classifier variables (per its '
+                                  'metadata), not a backbone: drop --backbone')
   if canonical_name(metadata['model']) != name:
-    raise ConversionError(f"{args.src} holds {metadata['model']} variables (per its metadata), "
-                          f'not {name}')
-  if metadata.get('backbone'):
-    raise ConversionError(f'{args.src} holds backbone variables (per its metadata): pass '
-                          '--backbone')
+    raise pytorch.ConversionError(
+        f"{options.src} holds {metadata['model']}{' backbone' if options.backbone else ''} "
+        f'variables (per its metadata), not {name}')
   overrides = dict(metadata.get('model_overrides', {}))
+  what = _describe(name, overrides, options.backbone)
   try:
     model = loading.model_from_metadata(metadata)
   except ValueError as e:
-    raise ConversionError(f'{args.src}: {e}') from None
+    raise pytorch.ConversionError(f'{options.src}: {e}') from None
   try:
-    state_dict = flax_to_torch(variables, model)
-  except ConversionError as e:
-    raise ConversionError(f'{args.src} does not fit {_describe(name, overrides)}: {e}') from None
-  write_torch_checkpoint(dst, state_dict)
+    state_dict = pytorch.flax_to_torch(variables, model)
+  except pytorch.ConversionError as e:
+    raise pytorch.ConversionError(
+        f'{options.src} does not fit {_the(what, options.backbone)}: {e}') from None
+  if options.backbone:
+    pytorch_backbone.write_mmdet_checkpoint(dst, state_dict)
+    layout = "entry 'state_dict', prefix 'backbone.'"
+  else:
+    pytorch.write_torch_checkpoint(dst, state_dict)
+    layout = "entry 'model'"
   origin = (f" from step {metadata['step']} ({metadata.get('weights', 'raw')} weights)"
             if 'step' in metadata else '')
-  return (f'{_describe(name, overrides)}: {parameter_count(variables):,} parameters{origin}, '
-          f"{len(state_dict)} tensors as entry 'model'\nwrote {dst}")
+  return (f'{what}: {_parameter_count(variables):,} parameters{origin}, {len(state_dict)} '
+          f'tensors as {layout}\nwrote {dst}')
+
+
+def _parameter_count(variables: Mapping[str, Any]) -> int:
+  """Trainable parameters (the `params` collection), for the summary and the metadata."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(variables['params'])))
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -566,50 +224,28 @@ def _sha256(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m rmt_jax.convert',
-      description='Convert RMT weights between official PyTorch .pth files and rmt_jax '
-                  'variables directories (orbax).')
-  commands = parser.add_subparsers(dest='command', required=True)
-  to_flax = commands.add_parser('torch2flax', help='.pth -> variables directory')
-  to_torch = commands.add_parser('flax2torch', help="variables directory -> .pth {'model': ...}")
-  for command in (to_flax, to_torch):
-    command.add_argument('--model', required=True,
-                         help='variant: rmt_t, rmt_s, rmt_b, rmt_l, rmt_tiny or an official name '
-                              '(RMT_T3, RMT_S, RMT_M2, RMT_L6)')
-    command.add_argument('--src', required=True)
-    command.add_argument('--dst', required=True, help='must not exist')
-  to_flax.add_argument('--ema', action='store_true',
-                       help="take 'model_ema' / 'state_dict_ema' of a training checkpoint")
-  to_flax.add_argument('--num-classes', type=int, default=None,
-                       help="default: the rows of the file's head.weight (0 if it has no head)")
-  to_flax.add_argument('--token-label', action=argparse.BooleanOptionalAction, default=None,
-                       help='token-labeling aux_head; default: whether the file has aux_head.*')
-  for command in (to_flax, to_torch):
-    command.add_argument('--backbone', action='store_true',
-                         help='the detection / segmentation backbone (rmt_jax.models.RMTBackbone):'
-                              ' torch2flax reads mmdet/mmseg checkpoints (backbone.*), backbone '
-                              'and classification state_dicts; flax2torch writes '
-                              "{'state_dict': {'backbone.' + key: ...}}")
-  to_flax.add_argument('--allow-pickle', action='store_true',
-                       help='unpickle the file fully if torch.load(weights_only=True) refuses it '
-                            '(runs code from the file: trusted files only)')
-  return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (errors: one line on stderr, status 1)."""
-  args = _parser().parse_args(argv)
+  """Runs the command line; returns the exit status (errors: one line on stderr, status 1;
+  usage errors: status 2).
+
+  Args:
+    argv: the arguments after the program name: the command (torch2flax or flax2torch) and its
+      flags; None takes `sys.argv[1:]`.
+  """
+  options = flags.FlagValues()
+  _define_flags(options)
+  command, = command_line.parse(options, argv, program=PROGRAM, doc=__doc__,
+                                positional=('command',))
+  misplaced = [f'--{name}' for name in _TORCH2FLAX_ONLY if options[name].present]
+  usage = None
+  if command not in COMMANDS:
+    usage = f"unknown command {command!r}; expected {' or '.join(COMMANDS)}"
+  elif command == 'flax2torch' and misplaced:
+    usage = f"{', '.join(misplaced)} only apply to torch2flax"
+  if usage:
+    command_line.usage_error(PROGRAM, usage)
   try:
-    if args.backbone:
-      # Imported here: convert_backbone builds on this module.
-      from rmt_jax import convert_backbone  # pylint: disable=g-import-not-at-top
-      run = convert_backbone.torch2flax if args.command == 'torch2flax' else \
-          convert_backbone.flax2torch
-    else:
-      run = _torch2flax if args.command == 'torch2flax' else _flax2torch
-    summary = run(args)
+    summary = _torch2flax(options) if command == 'torch2flax' else _flax2torch(options)
   except (ValueError, OSError, checkpoint.CheckpointNotFoundError) as e:
     # ConversionError, CheckpointFileError, unknown variants, existing or unreadable paths.
     print(f'error: {e}', file=sys.stderr)

@@ -10,10 +10,11 @@ import pytest
 
 import rmt_jax
 from conftest import official_case, official_det_case, official_manifest, relative_error
-from rmt_jax.weights import checkpoint
 from rmt_jax import convert
-from rmt_jax import convert_backbone
 from rmt_jax.models import backbone_from_official_kwargs, create_backbone, create_model
+from rmt_jax.weights import checkpoint
+from rmt_jax.weights import pytorch
+from rmt_jax.weights import pytorch_backbone
 
 NEEDS_TORCH = 'reading and writing .pth files needs torch (pip install -r requirements-test.txt)'
 
@@ -22,7 +23,7 @@ NEEDS_TORCH = 'reading and writing .pth files needs torch (pip install -r requir
 def _converted():
   ref = official_det_case()
   backbone = backbone_from_official_kwargs(**ref['kwargs'])
-  return ref, backbone, convert.torch_to_flax(ref['state_dict'], backbone)
+  return ref, backbone, pytorch.torch_to_flax(ref['state_dict'], backbone)
 
 
 @functools.partial(jax.jit, static_argnames=('backbone', 'train'))
@@ -58,14 +59,14 @@ def test_out_indices_select_maps_and_keep_every_official_key():
     assert relative_error(out, want) < 1e-5
   # The official class builds all four extra norms whatever out_indices says: so does init
   # (flax_to_torch checks the variables against the tree that `backbone.init` makes).
-  fresh = convert.flax_to_torch(
+  fresh = pytorch.flax_to_torch(
       jax.tree.map(np.zeros_like, _model_variables(variables)), backbone)
   assert sorted(fresh) == sorted(ref['state_dict'])
 
 
 def test_conversion_round_trip_is_bit_exact():
   ref, backbone, variables = _converted()
-  back = convert.flax_to_torch(variables, backbone)
+  back = pytorch.flax_to_torch(variables, backbone)
   assert sorted(back) == sorted(ref['state_dict'])
   for key, want in ref['state_dict'].items():
     assert back[key].dtype == want.dtype, key
@@ -147,18 +148,18 @@ def test_rmt_b_backbone_keys_are_the_classifiers_without_head_plus_extra_norms()
                for p in ('weight', 'bias')})
   backbone = create_backbone('rmt_b')
   zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
-                       convert.abstract_variables(backbone))
-  assert {k: v.shape for k, v in convert.flax_to_torch(zeros, backbone).items()} == want
+                       pytorch.abstract_variables(backbone))
+  assert {k: v.shape for k, v in pytorch.flax_to_torch(zeros, backbone).items()} == want
 
 
 def test_classification_weights_start_a_backbone_with_fresh_extra_norms():
   ref = official_case('b')  # the classifier with rmt_tiny's shapes
   backbone = create_backbone('rmt_tiny')
-  weights, report = convert_backbone.backbone_state_dict(ref['state_dict'], backbone)
+  weights, report = pytorch_backbone.backbone_state_dict(ref['state_dict'], backbone)
   assert report['layout'] == 'classifier'
   assert report['not_converted'] == {'head': 2, 'norm': 5, 'proj': 2}
   assert len(report['initialised']) == 8
-  variables = convert.torch_to_flax(weights, backbone)
+  variables = pytorch.torch_to_flax(weights, backbone)
   outs = _apply(backbone, _model_variables(variables), ref['images'])
   # Extra norms at their init (weight 1, bias 0): each map is the classifier's stage output,
   # layer-normed with eps 1e-5.
@@ -249,11 +250,11 @@ def test_bad_input_fails_with_one_message_and_writes_nothing(tmp_path, capsys):
   classifier = create_model('rmt_tiny', num_classes=10)
   checkpoint.save_variables(
       tmp_path / 'cls_vars', jax.tree.map(np.zeros_like, _model_variables(
-          convert.torch_to_flax(official_case('b')['state_dict'], classifier))),
+          pytorch.torch_to_flax(official_case('b')['state_dict'], classifier))),
       {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 10}})
   checkpoint.save_variables(
       tmp_path / 'det_vars',
-      convert.torch_to_flax(_tiny_backbone_state_dict(), create_backbone('rmt_tiny')),
+      pytorch.torch_to_flax(_tiny_backbone_state_dict(), create_backbone('rmt_tiny')),
       {'model': 'rmt_tiny', 'model_overrides': {}, 'backbone': True})
   before = sorted(p.name for p in tmp_path.iterdir())
   cases = (
@@ -262,7 +263,7 @@ def test_bad_input_fails_with_one_message_and_writes_nothing(tmp_path, capsys):
        'rmt_t backbone (its shapes are those of --model rmt_tiny)'),
       (['torch2flax', '--backbone', '--model', 'rmt_tiny', '--src', tmp_path / 'truncated.pth'],
        'is truncated or corrupt'),
-      (['torch2flax', '--backbone', '--model', 'rmt_tiny', '--num-classes', '10', '--src', mmdet],
+      (['torch2flax', '--backbone', '--model', 'rmt_tiny', '--num_classes', '10', '--src', mmdet],
        'the backbone has none'),
       (['torch2flax', '--model', 'rmt_tiny', '--src', mmdet],
        'does not fit rmt_tiny (num_classes=0, token_label=False) (it holds a detection / '

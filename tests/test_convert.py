@@ -1,4 +1,5 @@
-"""rmt_jax.convert: official state_dict <-> Flax variables, the .pth reader and the command line."""
+"""rmt_jax.weights.pytorch (official state_dict <-> Flax variables, the .pth reader and writer) and
+the command over it, `python -m rmt_jax.convert`."""
 
 import argparse
 import decimal
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import CASES, official_case, official_manifest, relative_error
-from rmt_jax.weights import checkpoint
 from rmt_jax import convert
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.models import create_model, from_official_kwargs
+from rmt_jax.weights import checkpoint
+from rmt_jax.weights import pytorch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
@@ -28,7 +30,7 @@ NEEDS_TORCH = 'reading and writing .pth files needs torch (pip install -r requir
 def _converted(case: str):
   ref = official_case(case)
   model = from_official_kwargs(**ref['kwargs'])
-  return ref, model, convert.torch_to_flax(ref['state_dict'], model)
+  return ref, model, pytorch.torch_to_flax(ref['state_dict'], model)
 
 
 def _zeros_like(tree):
@@ -61,9 +63,9 @@ def _assert_exact(got: dict, want: dict) -> None:
 @pytest.mark.parametrize('case', CASES)
 def test_official_to_flax_to_official_is_bit_exact_and_reproduces_logits(case):
   ref, model, variables = _converted(case)
-  _assert_exact(convert.flax_to_torch(variables, model), ref['state_dict'])
+  _assert_exact(pytorch.flax_to_torch(variables, model), ref['state_dict'])
   logits = jax.jit(model.apply)(
-      {k: v for k, v in variables.items() if k != convert.BUFFERS}, ref['images'])
+      {k: v for k, v in variables.items() if k != pytorch.BUFFERS}, ref['images'])
   assert relative_error(logits, ref['logits']) < 1e-5
 
 
@@ -71,8 +73,8 @@ def test_official_to_flax_to_official_is_bit_exact_and_reproduces_logits(case):
 def test_flax_trained_variables_give_the_official_keys_shapes_and_dtypes(case):
   # Variables that never came from PyTorch carry no official_buffers: they are regenerated.
   ref, model, _ = _converted(case)
-  fresh = _zeros_like(convert.abstract_variables(model))
-  state_dict = convert.flax_to_torch(fresh, model)
+  fresh = _zeros_like(pytorch.abstract_variables(model))
+  state_dict = pytorch.flax_to_torch(fresh, model)
   assert sorted(state_dict) == sorted(ref['state_dict'])
   for key, want in ref['state_dict'].items():
     assert (state_dict[key].shape, state_dict[key].dtype) == (want.shape, want.dtype), key
@@ -86,8 +88,8 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
   del state_dict['head.bias']
   state_dict['head.extra'] = np.zeros(3, np.float32)
   state_dict['proj.weight'] = state_dict['proj.weight'][:, :-1]
-  with pytest.raises(convert.ConversionError) as info:
-    convert.torch_to_flax(state_dict, model)
+  with pytest.raises(pytorch.ConversionError) as info:
+    pytorch.torch_to_flax(state_dict, model)
   message = str(info.value)
   assert '1 missing: head.bias (10,)' in message
   assert '1 unexpected: head.extra (3,)' in message
@@ -99,27 +101,27 @@ def test_mapping_covers_the_official_manifest_both_ways(name):
   entry = official_manifest()[name]
   manifest = {key: (tuple(shape), dtype) for key, shape, dtype in entry['state_dict']}
   model = create_model(name)
-  abstract = convert.abstract_variables(model)
+  abstract = pytorch.abstract_variables(model)
   # Flax -> official: exactly the manifest's keys, shapes and dtypes.
-  state_dict = convert.flax_to_torch(_zeros_like(abstract), model)
+  state_dict = pytorch.flax_to_torch(_zeros_like(abstract), model)
   assert {k: (v.shape, str(v.dtype)) for k, v in state_dict.items()} == manifest
   # Official -> Flax: every entry used, every leaf filled with its shape.
   official = {key: np.broadcast_to(np.zeros((), dtype), shape)
               for key, (shape, dtype) in manifest.items()}
-  official.update(convert.official_buffers(model))
-  variables = convert.torch_to_flax(official, model)
+  official.update(pytorch.official_buffers(model))
+  variables = pytorch.torch_to_flax(official, model)
   assert jax.tree.map(np.shape, {k: variables[k] for k in abstract}) == jax.tree.map(
       lambda s: s.shape, abstract)
-  assert sorted(variables[convert.BUFFERS]) == sorted(
+  assert sorted(variables[pytorch.BUFFERS]) == sorted(
       k for k in manifest if '.Relpos.' in k or k.endswith('num_batches_tracked'))
-  assert convert.parameter_count(variables) == entry['trainable_params']
-  assert convert.guess_variants(official) == [name]
+  assert sum(np.size(x) for x in jax.tree.leaves(variables['params'])) == entry['trainable_params']
+  assert pytorch.guess_variants(official) == [name]
 
 
 def test_inferred_overrides():
-  assert convert.infer_overrides(official_case('b')['state_dict']) == {
+  assert pytorch.infer_overrides(official_case('b')['state_dict']) == {
       'num_classes': 10, 'token_label': False}
-  assert convert.infer_overrides(official_case('tokenlabel')['state_dict']) == {
+  assert pytorch.infer_overrides(official_case('tokenlabel')['state_dict']) == {
       'num_classes': 10, 'token_label': True}
 
 
@@ -127,9 +129,10 @@ def test_importing_and_running_the_model_does_not_import_torch():
   # Variables from the abstract tree and a jitted apply: an eager init/apply compiles op by op
   # (~30 s on a loaded CI core instead of ~5 s).
   code = ("import sys, jax, jax.numpy as jnp, rmt_jax, rmt_jax.convert\n"
+          "from rmt_jax.weights import pytorch\n"
           "model = rmt_jax.create_model('rmt_tiny', num_classes=10)\n"
           "variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype),\n"
-          "                         rmt_jax.convert.abstract_variables(model))\n"
+          "                         pytorch.abstract_variables(model))\n"
           "y = jax.jit(model.apply)(variables, jnp.ones((1, 32, 32, 3)))\n"
           "assert y.shape == (1, 10) and bool(jnp.isfinite(y).all())\n"
           "assert 'torch' not in sys.modules, 'torch was imported'\n")
@@ -169,7 +172,7 @@ def test_command_line_round_trips_a_training_checkpoint_and_picks_the_entry(tmp_
     assert metadata['model'] == 'rmt_tiny'
     assert metadata['model_overrides'] == {'num_classes': 10, 'token_label': True}
     assert metadata['source']['entry'] == entry and metadata['parameter_count'] == 147164
-    expected = convert.torch_to_flax(want, model)
+    expected = pytorch.torch_to_flax(want, model)
     jax.tree.map(np.testing.assert_array_equal, variables, expected)
   out = tmp_path / 'back.pth'
   result = _run('flax2torch', '--model', 'RMT_TINY', '--src', str(tmp_path / 'vars_model_ema'),
@@ -225,14 +228,30 @@ def test_flags_override_what_the_file_says(bad_files, tmp_path, capsys):
   torch.save({k: torch.from_numpy(v) for k, v in official_case('tokenlabel')['state_dict'].items()},
              tokenlabel)
   for src, flags, says in (
-      (bad_files / 'rmt_tiny.pth', ['--num-classes', '1000'],
+      (bad_files / 'rmt_tiny.pth', ['--num_classes', '1000'],
        'head.weight: checkpoint (10, 96), model expects (1000, 96)'),
-      (tokenlabel, ['--no-token-label'], '2 unexpected: aux_head.weight (10, 64); aux_head.bias (10,)')):
+      (tokenlabel, ['--notoken_label'], '2 unexpected: aux_head.weight (10, 64); aux_head.bias (10,)')):
     assert convert.main(['torch2flax', '--model', 'rmt_tiny', '--src', str(src),
                          '--dst', str(tmp_path / 'out'), *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith('error: ') and says in err and err.count('\n') == 1, err
   assert not (tmp_path / 'out').exists()
+
+
+def test_usage_errors_are_one_line_with_status_2(capsys):
+  for args, says in (
+      (['flax2torch', '--ema', '--notoken_label'], '--ema, --token_label only apply to torch2flax'),
+      (['torchtoflax'], "unknown command 'torchtoflax'; expected torch2flax or flax2torch"),
+      (['torch2flax', '--num-classes=3'], "Unknown command line flag 'num-classes'"),
+      (['torch2flax', 'extra'], 'expected <command>; got torch2flax extra'),
+  ):
+    try:
+      status = convert.main(args + ['--model=rmt_tiny', '--src=a.pth', '--dst=b'])
+    except SystemExit as e:
+      status = e.code
+    assert status == 2, args
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and says in err and err.count('\n') == 1, err
 
 
 def test_converted_weights_store_the_official_eval_preprocessing(bad_files, tmp_path, capsys):
@@ -250,7 +269,7 @@ def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_direc
     bad_files, tmp_path, capsys):
   model = create_model('rmt_tiny', num_classes=10)
   variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype),
-                           convert.abstract_variables(model))
+                           pytorch.abstract_variables(model))
   checkpoint.save_variables(tmp_path / 'vars', variables,
                             {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 10}})
   shutil.copytree(tmp_path / 'vars', tmp_path / 'corrupt')
@@ -272,7 +291,7 @@ def test_flax2torch_refuses_another_variant_an_existing_file_and_a_corrupt_direc
 def test_flax2torch_hands_a_training_run_back_with_its_ema_weights(tmp_path, capsys):
   torch = pytest.importorskip('torch', reason=NEEDS_TORCH)
   model = create_model('rmt_tiny', num_classes=10)
-  abstract = convert.abstract_variables(model)
+  abstract = pytorch.abstract_variables(model)
   fill = lambda value: jax.tree.map(lambda s: np.full(s.shape, value, s.dtype), abstract)
   raw, ema = fill(1.0), fill(2.0)
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path / 'run'))
@@ -285,7 +304,7 @@ def test_flax2torch_hands_a_training_run_back_with_its_ema_weights(tmp_path, cap
   assert 'from step 7 (ema weights)' in capsys.readouterr().out
   state_dict = torch.load(tmp_path / 'run.pth', weights_only=True)['model']
   _assert_exact({k: v.numpy() for k, v in state_dict.items()},
-                convert.flax_to_torch(ema, model))
+                pytorch.flax_to_torch(ema, model))
 
 
 def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
@@ -300,22 +319,22 @@ def test_reader_entries_prefixes_and_pickle_policy(tmp_path):
   }
   for name, obj in cases.items():
     torch.save(obj, tmp_path / name)
-  sd, source = convert.read_torch_checkpoint(tmp_path / 'bare.pth')
+  sd, source = pytorch.read_torch_checkpoint(tmp_path / 'bare.pth')
   assert source == {'entry': None, 'prefix_removed': False, 'unpickled': False}
   assert sd['b.num_batches_tracked'].dtype == np.int64 and sd['b.num_batches_tracked'].shape == ()
   np.testing.assert_array_equal(sd['c.weight'], np.full(2, 1.5, np.float32))  # bfloat16 -> f32
-  sd, source = convert.read_torch_checkpoint(tmp_path / 'state_dict.pth', ema=True)
+  sd, source = pytorch.read_torch_checkpoint(tmp_path / 'state_dict.pth', ema=True)
   assert source['entry'] == 'state_dict_ema' and sorted(sd) == ['a.weight']
-  sd, _ = convert.read_torch_checkpoint(tmp_path / 'partial_prefix.pth')
+  sd, _ = pytorch.read_torch_checkpoint(tmp_path / 'partial_prefix.pth')
   assert sorted(sd) == ['b', 'module.a.weight']  # stripped only when every key has it
-  with pytest.raises(convert.CheckpointFileError, match='without EMA weights; drop --ema'):
-    convert.read_torch_checkpoint(tmp_path / 'bare.pth', ema=True)
-  with pytest.raises(convert.CheckpointFileError, match=r'decimal\.Decimal.*--allow-pickle'):
-    convert.read_torch_checkpoint(tmp_path / 'decimal.pth')
-  sd, source = convert.read_torch_checkpoint(tmp_path / 'decimal.pth', allow_pickle=True)
+  with pytest.raises(pytorch.CheckpointFileError, match='without EMA weights; drop --ema'):
+    pytorch.read_torch_checkpoint(tmp_path / 'bare.pth', ema=True)
+  with pytest.raises(pytorch.CheckpointFileError, match=r'decimal\.Decimal.*--allow_pickle'):
+    pytorch.read_torch_checkpoint(tmp_path / 'decimal.pth')
+  sd, source = pytorch.read_torch_checkpoint(tmp_path / 'decimal.pth', allow_pickle=True)
   assert source['unpickled'] and sorted(sd) == sorted(weights)
-  with pytest.raises(convert.CheckpointFileError, match='does not exist'):
-    convert.read_torch_checkpoint(tmp_path / 'missing.pth')
+  with pytest.raises(pytorch.CheckpointFileError, match='does not exist'):
+    pytorch.read_torch_checkpoint(tmp_path / 'missing.pth')
 
 
 def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
@@ -327,14 +346,14 @@ def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(torch, 'save', save_half_then_fail)
   with pytest.raises(KeyboardInterrupt):
-    convert.write_torch_checkpoint(tmp_path / 'out.pth', {'a.weight': np.ones(2)})
+    pytorch.write_torch_checkpoint(tmp_path / 'out.pth', {'a.weight': np.ones(2)})
   assert not list(tmp_path.iterdir())
 
 
 def test_missing_torch_says_how_to_install_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # makes `import torch` raise ImportError
   (tmp_path / 'x.pth').write_bytes(b'')
-  with pytest.raises(convert.CheckpointFileError, match=r'pip install torch==2\.13\.0'):
-    convert.read_torch_checkpoint(tmp_path / 'x.pth')
-  with pytest.raises(convert.CheckpointFileError, match='requirements-test.txt'):
-    convert.write_torch_checkpoint(tmp_path / 'y.pth', {})
+  with pytest.raises(pytorch.CheckpointFileError, match=r'pip install torch==2\.13\.0'):
+    pytorch.read_torch_checkpoint(tmp_path / 'x.pth')
+  with pytest.raises(pytorch.CheckpointFileError, match='requirements-test.txt'):
+    pytorch.write_torch_checkpoint(tmp_path / 'y.pth', {})

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import rmt_jax
-from rmt_jax.weights import checkpoint
 from rmt_jax.data import class_names
+from rmt_jax.weights import checkpoint
 from rmt_jax.weights import loading
+from rmt_jax.weights import pytorch
+from rmt_jax.weights import pytorch_backbone
 from conftest import FOLDER_CLASSES  # pylint: disable=g-bad-import-order
 
 # A 10-class head: the model must come back from the stored description, not the default.
@@ -143,8 +145,8 @@ def test_converter_and_predict_on_a_bucket(bucket, capsys, tmp_path_factory):
   from rmt_jax import convert, predict  # pylint: disable=g-import-not-at-top
   model = rmt_jax.create_model('rmt_tiny')  # 1000 classes: the converter stores ImageNet's names
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  state_dict = convert.flax_to_torch(variables, model)
-  convert.write_torch_checkpoint('gs://bucket/official.pth', state_dict)
+  state_dict = pytorch.flax_to_torch(variables, model)
+  pytorch.write_torch_checkpoint('gs://bucket/official.pth', state_dict)
 
   assert convert.main(['torch2flax', '--model', 'rmt_tiny', '--src', 'gs://bucket/official.pth',
                        '--dst', 'gs://bucket/converted']) == 0, capsys.readouterr().err
@@ -163,8 +165,39 @@ def test_converter_and_predict_on_a_bucket(bucket, capsys, tmp_path_factory):
   image = tmp_path_factory.mktemp('images') / 'a.png'
   image.write_bytes(tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)).numpy())
   capsys.readouterr()
-  assert predict.main(['--weights', 'gs://bucket/converted', '--json', '--image-size', '32',
+  assert predict.main(['--weights', 'gs://bucket/converted', '--json', '--image_size', '32',
                        str(image)]) == 0
   rows = json.loads(capsys.readouterr().out)
   names = class_names.imagenet_class_names()
   assert [e['name'] for e in rows[0]['top']] == [names[e['label']] for e in rows[0]['top']]
+
+
+def test_backbone_converter_on_a_bucket(bucket, capsys):
+  # `--backbone` resolves its paths as the classifier's do: a gs:// --dst is the bucket, not a
+  # local folder ./gs:/bucket/... (the fixture fails the test on anything written locally).
+  torch = pytest.importorskip('torch', reason='the converter reads .pth files with PyTorch')
+  from rmt_jax import convert  # pylint: disable=g-import-not-at-top
+  backbone = rmt_jax.create_backbone('rmt_tiny')
+  rng = np.random.default_rng(0)
+  # Random values from the abstract tree: an eager init of even the tiny backbone takes seconds.
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                           pytorch.abstract_variables(backbone))
+  state_dict = pytorch.flax_to_torch(variables, backbone)
+  pytorch_backbone.write_mmdet_checkpoint('gs://bucket/mask_rcnn.pth', state_dict)
+
+  assert convert.main(['torch2flax', '--backbone', '--model=rmt_tiny',
+                       '--src=gs://bucket/mask_rcnn.pth', '--dst=gs://bucket/det']) == 0, \
+      capsys.readouterr().err
+  assert 'wrote gs://bucket/det' in capsys.readouterr().out
+  loaded, metadata = checkpoint.load_variables('gs://bucket/det')
+  assert metadata['backbone'] and metadata['source']['file'] == 'gs://bucket/mask_rcnn.pth'
+  jax.tree.map(np.testing.assert_array_equal,
+               {k: loaded[k] for k in ('params', 'batch_stats')}, variables)
+
+  assert convert.main(['flax2torch', '--backbone', '--model=rmt_tiny', '--src=gs://bucket/det',
+                       '--dst=gs://bucket/back.pth']) == 0, capsys.readouterr().err
+  with bucket.open('gs://bucket/back.pth', 'rb') as f:
+    back = torch.load(f, weights_only=True)['state_dict']
+  assert sorted(back) == sorted(f'backbone.{k}' for k in state_dict)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(back[f'backbone.{key}'].numpy(), value, err_msg=key)

@@ -9,9 +9,9 @@ import pytest
 
 import rmt_jax
 from conftest import CASES, official_case, official_manifest, relative_error
-from rmt_jax import convert
-from rmt_jax.models import RMT, Stage, from_official_kwargs, layers
 from rmt_jax.analysis.counting import count_macs, count_params
+from rmt_jax.models import RMT, Stage, from_official_kwargs, layers
+from rmt_jax.weights import pytorch
 
 VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
 
@@ -20,7 +20,7 @@ VARIANTS = ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')
 def _converted(case: str, kernels: str = 'auto', dtype=jnp.float32):
   ref = official_case(case)
   model = from_official_kwargs(**ref['kwargs'], kernels=kernels, dtype=dtype)
-  return ref, model, convert.torch_to_flax(ref['state_dict'], model)
+  return ref, model, pytorch.torch_to_flax(ref['state_dict'], model)
 
 
 @pytest.mark.parametrize('kernels', ['xla', 'cpu', 'tpu', 'auto'])

@@ -6,7 +6,7 @@ from the classifier: the same stem and stages, no head, and for each stage in `o
 stage's output before its downsampling, through an extra LayerNorm (`extra_norms.{i}`, PyTorch's
 default eps 1e-5). `RMTBackbone` computes the same maps, returned NHWC (the official returns
 them NCHW; a Flax neck takes NHWC) in float32, and takes the official checkpoints through
-`rmt_jax.convert` (the variable names are the official ones, as in `RMT`).
+`rmt_jax.weights.pytorch` (the variable names are the official ones, as in `RMT`).
 
 `norm_eval=True` keeps the stem's and patch merging's BatchNorms on their running statistics in
 training (PyTorch `eval()` mode: neither batch statistics nor updates); drop path still trains.

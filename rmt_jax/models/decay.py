@@ -3,7 +3,7 @@
 Everything here is a function of static shapes and the stage's hyper-parameters; nothing is a
 parameter. The per-head rates and per-channel frequencies are small NumPy float32 vectors (the
 official code stores them as the buffers `Relpos.decay` and `Relpos.angle`, and
-`rmt_jax.convert` regenerates them from `log_gamma` and `rotary_angles`). The tables that grow
+`rmt_jax.weights.pytorch` regenerates them from `log_gamma` and `rotary_angles`). The tables that grow
 with the map (the rotary sin/cos, H*W*d; the decays, heads*L^2 and heads*(H*W)^2) are computed
 inside the traced computation from iotas, so a program never embeds a constant of size (H*W)^2
 (70 MB for RMT-S's last stage at 1344x800) and XLA fuses the decay into the attention logits

@@ -3,7 +3,7 @@ patch merging.
 
 All modules work on NHWC arrays. Parameter names follow the attribute paths of the official
 PyTorch code (`q_proj`, `lepe`, `ffn/fc1`, `retention_layer_norm`, `gamma_1`, ...), so that
-`rmt_jax.convert` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
+`rmt_jax.weights.pytorch` is a rename plus a transpose. `dtype` is the compute dtype, `param_dtype` the
 storage dtype; attention softmax and the norms always run in float32. Every operation here is in
 its plain form; `kernels` ('auto', 'xla', 'cpu', 'tpu') selects the XLA CPU forms
 (`rmt_jax.kernels.cpu_forms`) or the TPU forms (`rmt_jax.kernels.tpu.operations`, which decide

@@ -28,27 +28,37 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, program:
     program: how a user runs the command, e.g. 'python -m rmt_jax.convert', for messages.
     doc: the command's description (its module docstring), printed by `--help`.
     positional: the names of the positional arguments the command takes, in order; more or
-      fewer than these is a usage error.
+      fewer than these is a usage error. A last name in brackets, '[image]', may be left out;
+      a last '...', as in ('image', '...'), lets the name before it repeat (one or more).
 
   Raises:
     SystemExit: 0 after `--help`; 2 after a usage error, reported in one line on stderr.
   """
   args = list(sys.argv[1:] if argv is None else argv)
+  names = list(positional)
+  repeats = names[-1:] == ['...']
+  if repeats:
+    names.pop()
+  optional = bool(names) and names[-1].startswith('[')
+  shown = ' '.join(f'[<{name[1:-1]}>]' if name.startswith('[') else f'<{name}>'
+                   for name in names) + (' ...' if repeats else '')
   if any(a in ('-h', '--help', '-help', '--helpfull') for a in args):
-    usage = ' '.join([program, *(f'<{name}>' for name in positional), '[flags]'])
+    usage = ' '.join(filter(None, [program, shown, '[flags]']))
     print(f'usage: {usage}\n\n{doc.strip()}\n\nflags:\n{flag_values.get_help()}')
     raise SystemExit(0)
   try:
     rest = flag_values([program, *args])[1:]
   except flags.Error as e:
-    _usage_error(program, str(e))
-  if len(rest) != len(positional):
-    expected = ' '.join(f'<{name}>' for name in positional) or 'no positional arguments'
+    usage_error(program, str(e))
+  fewest = len(names) - optional
+  most = float('inf') if repeats else len(names)
+  if not fewest <= len(rest) <= most:
     got = ' '.join(rest) or 'none'
-    _usage_error(program, f'expected {expected}; got {got}')
+    usage_error(program, f'expected {shown or "no positional arguments"}; got {got}')
   return rest
 
 
-def _usage_error(program: str, message: str) -> None:
+def usage_error(program: str, message: str) -> None:
+  """Reports a usage error in one line on stderr and exits with status 2."""
   print(f'error: {message} (see {program} --help)', file=sys.stderr)
   raise SystemExit(2)

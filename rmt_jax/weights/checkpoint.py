@@ -6,7 +6,7 @@ A variables directory, as written by `python -m rmt_jax.convert torch2flax` or
     DIR/rmt_jax.json   {"format": "rmt_jax.variables", "version": 1, "model": "rmt_s",
                         "model_overrides": {...}, ...anything the writer adds}
     DIR/variables/     an orbax StandardCheckpointer tree: {'params', 'batch_stats',
-                        and optionally 'official_buffers'} (see rmt_jax.convert)
+                        and optionally 'official_buffers'} (see rmt_jax.weights.pytorch)
 
 `load_variables` reads it back as host (NumPy) arrays; it also reads a training workdir (the
 latest checkpoint's EMA weights, or raw weights where the run kept no EMA).
@@ -27,7 +27,9 @@ import logging as std_logging
 import os
 import re
 import secrets
+import sys
 import tempfile
+import traceback
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from absl import logging
@@ -395,10 +397,19 @@ class _DropAbandonedReads(std_logging.Filter):
 def _abandoned_reads_quiet():
   """Keeps a failed read to the one line its caller writes.
 
-  orbax reads a checkpoint's arrays concurrently; when one read fails it raises, and the other
-  reads of the damaged files fail unobserved. asyncio logs each of those, when collected, with
-  TensorStore's whole spec: hundreds of lines repeating the damage already reported.
+  orbax reads a checkpoint's arrays concurrently, each an asyncio task awaiting a TensorStore
+  read, in an event loop of its own; when one read fails it raises and closes that loop, and the
+  other reads of the damaged files are abandoned. Two kinds of noise follow, each repeating the
+  damage already reported, hundreds of lines of it:
+  - asyncio logs each abandoned read's error, when collected, with TensorStore's whole spec;
+  - each abandoned read that finishes later (on TensorStore's threads, possibly after the run
+    has printed its `error:` line) wakes its task through the closed loop, and TensorStore
+    reports the resulting "Event loop is closed" RuntimeError as an unraisable exception, whose
+    traceback Python prints. `_drop_closed_loop_wakeups` drops those, from the first read to
+    the end of the process: they may come before the failure reaches this function (orbax
+    closes its loop first) and long after it, and nothing waits for those reads any more.
   """
+  _drop_closed_loop_wakeups()
   asyncio_logger = std_logging.getLogger('asyncio')
   quiet = _DropAbandonedReads()
   asyncio_logger.addFilter(quiet)
@@ -407,6 +418,30 @@ def _abandoned_reads_quiet():
   finally:
     gc.collect()  # The abandoned reads are logged now, while the filter holds.
     asyncio_logger.removeFilter(quiet)
+
+
+def _is_closed_loop_wakeup(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a finished read waking a task whose loop is closed."""
+  error = unraisable.exc_value
+  return (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+          and unraisable.object is None
+          and any(frame.name == 'call_soon_threadsafe'
+                  for frame in traceback.extract_tb(unraisable.exc_traceback)))
+
+
+def _drop_closed_loop_wakeups() -> None:
+  """Installs, once, a `sys.unraisablehook` that drops `_is_closed_loop_wakeup` exceptions and
+  passes every other one to the hook it replaces."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_wakeups', False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_wakeup(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_wakeups = True
+  sys.unraisablehook = hook
 
 
 def _one_line(error: Exception, limit: int = 320) -> str:
