@@ -27,7 +27,6 @@ dilation (a strided conv's input gradient dilates the output gradient with zeros
 work).
 """
 
-import argparse
 import collections
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any, Callable
 if __package__ in (None, ''):  # `python benchmarks/matmul_bound.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.extend.core  # pylint: disable=g-import-not-at-top
 # JAX's own dead-code elimination of jaxprs (nested ones included); it has no public name.
@@ -48,6 +48,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from rmt_jax import bench  # pylint: disable=g-import-not-at-top
 from rmt_jax.models import canonical_name, create_model  # pylint: disable=g-import-not-at-top
 from rmt_jax.kernels import selection as kernel_forms  # pylint: disable=g-import-not-at-top
+from rmt_jax.runtime import command_line  # pylint: disable=g-import-not-at-top
+
+PROGRAM = 'python -m benchmarks.matmul_bound'
 
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 
@@ -216,28 +219,37 @@ def format_report(result: dict[str, Any], top: int = 15) -> str:
   return '\n'.join(lines)
 
 
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('variant', 'rmt_t', 'a variant create_model knows (rmt_t, ..., rmt_tiny)',
+                      flag_values=flag_values)
+  flags.DEFINE_enum('mode', 'train', ['eval', 'train'], 'the forward pass or the train step',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('batch', 16, 'images per step', flag_values=flag_values)
+  flags.DEFINE_integer('resolution', 224, 'input height and width', flag_values=flag_values)
+  flags.DEFINE_enum('dtype', 'float32', sorted(bench.DTYPES), 'compute dtype',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('repeats', 5, 'timed calls of each product', flag_values=flag_values)
+  flags.DEFINE_integer('step_repeats', 3, 'timed calls of the step', flag_values=flag_values)
+  flags.DEFINE_integer('top', 15, 'products listed', flag_values=flag_values)
+  flags.DEFINE_string('json', None, 'also write the result to this file',
+                      flag_values=flag_values)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variant', default='rmt_t')
-  parser.add_argument('--mode', default='train', choices=['eval', 'train'])
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--resolution', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=sorted(bench.DTYPES))
-  parser.add_argument('--repeats', type=int, default=5, help='timed calls of each product')
-  parser.add_argument('--step_repeats', type=int, default=3, help='timed calls of the step')
-  parser.add_argument('--top', type=int, default=15, help='products listed')
-  parser.add_argument('--json', default=None, help='also write the result to this file')
-  args = parser.parse_args(argv)
+  """Runs the command line; returns the exit status (2: a usage error, in one line)."""
+  options = flags.FlagValues()
+  _define_flags(options)
+  command_line.parse(options, argv, program=PROGRAM, doc=__doc__)
   try:
-    canonical_name(args.variant)
+    canonical_name(options.variant)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  result = run(args.variant, args.mode, args.batch, args.resolution, args.dtype, args.repeats,
-               args.step_repeats)
-  print(format_report(result, args.top), flush=True)
-  if args.json:
-    with open(args.json, 'w') as f:
+  result = run(options.variant, options.mode, options.batch, options.resolution, options.dtype,
+               options.repeats, options.step_repeats)
+  print(format_report(result, options.top), flush=True)
+  if options.json:
+    with open(options.json, 'w') as f:
       json.dump(result, f, indent=2)
   return 0
 

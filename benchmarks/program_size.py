@@ -9,15 +9,19 @@ program that embeds a table of size (H*W)^2 (the whole-attention decay, before i
 from iotas inside the program) shows it here.
 """
 
-import argparse
 import re
 import resource
+import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 from rmt_jax.models import create_model
+from rmt_jax.runtime import command_line
+
+PROGRAM = 'python -m benchmarks.program_size'
 
 _DENSE = re.compile(r'dense<"0x([0-9A-Fa-f]+)">')
 
@@ -51,21 +55,28 @@ def measure(variant: str, resolution: int, kernels: str = 'auto', batch: int = 1
           'peak_rss_before_compile': before, 'peak_rss_after_compile': _peak_rss_bytes()}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variant', default='rmt_s')
-  parser.add_argument('--resolution', type=int, default=1024)
-  parser.add_argument('--kernels', default='auto', choices=('auto', 'xla', 'cpu'))
-  args = parser.parse_args()
-  r = measure(args.variant, args.resolution, args.kernels)
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('variant', 'rmt_s', 'the variant to compile', flag_values=flag_values)
+  flags.DEFINE_integer('resolution', 1024, 'input height and width', flag_values=flag_values)
+  flags.DEFINE_enum('kernels', 'auto', ['auto', 'xla', 'cpu'], "the model's kernel forms",
+                    flag_values=flag_values)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Measures and prints one line; returns the exit status."""
+  options = flags.FlagValues()
+  _define_flags(options)
+  command_line.parse(options, argv, program=PROGRAM, doc=__doc__)
+  r = measure(options.variant, options.resolution, options.kernels)
   mib = lambda n: f'{n / 2**20:.1f} MiB'  # pylint: disable=unnecessary-lambda-assignment
-  print(f'{args.variant} forward at {args.resolution}x{args.resolution}, kernels '
-        f'{args.kernels!r}, {jax.default_backend()}: StableHLO text {mib(r["hlo_text_bytes"])} '
+  print(f'{options.variant} forward at {options.resolution}x{options.resolution}, kernels '
+        f'{options.kernels!r}, {jax.default_backend()}: StableHLO text {mib(r["hlo_text_bytes"])} '
         f'(embedded constants {mib(r["embedded_constant_bytes"])}), lowered in '
         f'{r["lower_seconds"]:.1f} s, compiled in {r["compile_seconds"]:.1f} s; peak RSS '
         f'{mib(r["peak_rss_before_compile"])} before compiling, '
         f'{mib(r["peak_rss_after_compile"])} after')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

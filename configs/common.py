@@ -9,12 +9,13 @@ global batch 2048 with AdamW (lr 5e-4 x batch / 512, weight decay 0.05), 5 warmu
 1e-6, cosine to 1e-5 (per step here; per epoch, as the official loop, with
 `--config.lr_schedule_per_epoch=True`), RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
 Mixup 0.8 / CutMix 1.0, label smoothing 0.1, repeated augmentation (3), EMA 0.99996 (per batch
-512), SyncBatchNorm. `config.data` is documented in `rmt_jax/input_pipeline.py`.
+512), SyncBatchNorm. `config.data` is documented in `rmt_jax/data/config.py`.
 """
 
 import ml_collections
 
-from rmt_jax.data import input_pipeline
+# The data fields' defaults, not the pipeline: reading a config imports no TensorFlow.
+from rmt_jax.data import config as data_config
 
 # Stochastic depth of the official factories (RMT_T3, RMT_S, RMT_M2, RMT_L6).
 DROP_PATH = {'rmt_t': 0.1, 'rmt_s': 0.15, 'rmt_b': 0.4, 'rmt_l': 0.5}
@@ -34,12 +35,12 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.residual_dtype = 'float32'
   c.remat = (False, False, False, False)  # Rematerialise each stage's blocks (saves memory).
   # Forms of the backend-specific operations: 'auto' = those for the mesh's devices; 'xla' or
-  # 'cpu' force one (rmt_jax/models/kernels.py). The function is the same either way.
+  # 'cpu' force one (rmt_jax/kernels/selection.py). The function is the same either way.
   c.kernels = 'auto'
   c.prng_impl = ''  # '' = JAX's default; 'rbg' compiles faster on CPU.
   c.compilation_cache_dir = ''  # E.g. gs://BUCKET/jax_cache: restarts skip compilation.
 
-  c.data = input_pipeline.default_config()
+  c.data = data_config.default_config()
   # One number of classes for the head and the targets.
   c.data.num_classes = c.get_ref('num_classes')
 
@@ -48,7 +49,7 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.eval_batch_size = 1024
   c.num_epochs = 300
   c.total_steps = -1  # > 0 stops after that many steps (tests, smoke runs).
-  c.grad_accum_steps = 1  # Micro-batches per step (see rmt_jax.train.loop.train_step).
+  c.grad_accum_steps = 1  # Micro-batches per step (see rmt_jax.train.steps.train_step).
   c.grad_clip_norm = 0.0  # Official: no clipping (--clip-grad None); > 0 clips.
 
   # AdamW; lr = base_lr x global_batch_size / 512.
@@ -63,11 +64,11 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.b2 = 0.999
   c.eps = 1e-8
   c.weight_decay = 0.05
-  # timm decays the official (1, 1, 1, C) layer-scale gammas; see train.weight_decay_mask.
+  # timm decays the official (1, 1, 1, C) layer-scale gammas; see optim.weight_decay_mask.
   c.decay_layer_scale = True
   c.ema_decay = 0.99996  # Per step at batch 512; scaled to the global batch. 0 disables.
 
-  # Devices: mesh.data x mesh.fsdp = all devices (-1 = the rest); see rmt_jax/sharding.py.
+  # Devices: mesh.data x mesh.fsdp = all devices (-1 = the rest); see rmt_jax/train/sharding.py.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
   c.fsdp_min_size = 2**14  # Smaller arrays stay replicated when mesh.fsdp > 1.
 

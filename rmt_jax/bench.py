@@ -9,7 +9,7 @@ r"""Throughput of RMT against the machine's own ceiling: eval and train images/s
 For one variant, batch size, resolution and compute dtype, on the default device (or N
 of them, below):
   eval     the jitted forward pass (inference mode: running BatchNorm statistics, no drop path);
-  train    the trainer's step (`rmt_jax.train.loop.train_step`), jitted with the state donated:
+  train    the trainer's step (`rmt_jax.train.steps.train_step`), jitted with the state donated:
            forward with batch statistics and drop path, soft-target cross-entropy, backward,
            AdamW update, EMA of the weights and BatchNorm statistics;
   ceiling  a size^3 matrix product in the same dtype on the same device (2048^3 by default),
@@ -49,7 +49,6 @@ the shapes that `jax.eval_shape(model.init)` gives: throughput does not depend o
 XLA's CPU compiler spends longer on the random initialisers than on the model itself.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
@@ -65,12 +65,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from rmt_jax.runtime import command_line
 from rmt_jax.runtime import host_allocator
 from rmt_jax.train import sharding
+from rmt_jax.train import steps as train_steps
 from rmt_jax.analysis import counting
 from rmt_jax.models import RMT, canonical_name, create_model
 from rmt_jax.kernels import selection as kernel_forms
 
+PROGRAM = 'python -m rmt_jax.bench'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # The training recipe's optimizer constants (official RMT: AdamW, weight decay 0.05; EMA as in
 # timm's ModelEmaV2). Their values do not change the cost of a step.
@@ -111,7 +114,7 @@ def synthetic_variables(model: RMT, images: jax.Array, seed: int = 0) -> Any:
 def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_RATE,
                     weight_decay: float = WEIGHT_DECAY, ema_decay: float = EMA_DECAY
                     ) -> tuple[Callable[..., Any], Any]:
-  """The trainer's step (`rmt_jax.train.loop.train_step`) with AdamW and the EMA, and its state.
+  """The trainer's step (`rmt_jax.train.steps.train_step`) with AdamW and the EMA, and its state.
 
   Args:
     model: the network.
@@ -122,23 +125,20 @@ def make_train_step(model: RMT, variables: Any, learning_rate: float = LEARNING_
 
   Returns:
     (step, state): `step(state, images, targets) -> (state, metrics)` (not yet jitted) and
-    a fresh `loop.TrainState`.
+    a fresh `steps.TrainState`.
   """
-  # Imported here: the trainer brings the input pipeline (TensorFlow), which eval does not need.
-  from rmt_jax.train import loop  # pylint: disable=g-import-not-at-top
-
   tx = optax.adamw(learning_rate, weight_decay=weight_decay)
   # Copies: the step donates its state, and the caller may still use `variables`.
   params = jax.tree.map(jnp.copy, variables['params'])
   batch_stats = jax.tree.map(jnp.copy, variables['batch_stats'])
-  state = loop.TrainState(
+  state = train_steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=jax.random.PRNGKey(1))
 
   def step(state, images, targets):
-    return loop.train_step(state, {'image': images, 'label': targets}, model=model, tx=tx,
-                            ema=ema_decay)
+    return train_steps.train_step(state, {'image': images, 'label': targets}, model=model,
+                                  tx=tx, ema=ema_decay)
 
   return step, state
 
@@ -404,48 +404,59 @@ def format_table(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('variant', 'rmt_t', 'a variant create_model knows (rmt_t, ..., rmt_tiny)',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('batch', 16, 'images per step', flag_values=flag_values)
+  flags.DEFINE_integer('resolution', 224, 'input height and width', flag_values=flag_values)
+  flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'compute dtype (parameters stay '
+                    'float32)', flag_values=flag_values)
+  flags.DEFINE_enum('residual_dtype', 'float32', sorted(DTYPES),
+                    "the residual stream's dtype (RMT.residual_dtype)", flag_values=flag_values)
+  flags.DEFINE_enum('mode', 'both', ['eval', 'train', 'both'], 'which steps to time',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('repeats', 5, 'timed rounds (medians of this many calls)',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('warmup', 1, 'untimed rounds after compiling', flag_values=flag_values)
+  flags.DEFINE_integer('ceiling_size', 2048, 'n of the n^3 matrix product of the ceiling',
+                       flag_values=flag_values)
+  flags.DEFINE_boolean('remat', False, 'rematerialise the blocks in the backward pass',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('devices', 1, 'split the batch over this many devices (on CPU: split '
+                       'the host into this many XLA devices)', flag_values=flag_values)
+  flags.DEFINE_string('json', None, 'also write the result to this file',
+                      flag_values=flag_values)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variant', default='rmt_t')
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--resolution', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
-  parser.add_argument('--residual_dtype', default='float32', choices=sorted(DTYPES),
-                      help="the residual stream's dtype (RMT.residual_dtype)")
-  parser.add_argument('--mode', default='both', choices=['eval', 'train', 'both'])
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--warmup', type=int, default=1)
-  parser.add_argument('--ceiling_size', type=int, default=2048)
-  parser.add_argument('--remat', action='store_true',
-                      help='rematerialise the blocks in the backward pass')
-  parser.add_argument('--devices', type=int, default=1,
-                      help='split the batch over this many devices (on CPU: split the host '
-                      'into this many XLA devices)')
-  parser.add_argument('--json', default=None, help='also write the result to this file')
-  args = parser.parse_args(argv)
-  if args.devices > 1:
+  """Runs the command line; returns the exit status (2: a usage error, in one line)."""
+  options = flags.FlagValues()
+  _define_flags(options)
+  command_line.parse(options, argv, program=PROGRAM, doc=__doc__)
+  if options.devices > 1:
     # Must precede the backend's start; only the CPU backend reads it, so it is harmless on
     # accelerator hosts.
     try:
-      jax.config.update('jax_num_cpu_devices', args.devices)
+      jax.config.update('jax_num_cpu_devices', options.devices)
     except RuntimeError as e:
       print(f'error: --devices: {e}', file=sys.stderr)
       return 2
   try:
-    canonical_name(args.variant)
+    canonical_name(options.variant)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   try:
-    check_devices(args.devices, args.batch)
+    check_devices(options.devices, options.batch)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  result = run(args.variant, args.batch, args.resolution, args.dtype, args.mode, args.repeats,
-               args.warmup, args.ceiling_size, args.remat, args.devices, args.residual_dtype)
+  result = run(options.variant, options.batch, options.resolution, options.dtype, options.mode,
+               options.repeats, options.warmup, options.ceiling_size, options.remat,
+               options.devices, options.residual_dtype)
   print(format_table(result), flush=True)
-  if args.json:
-    with open(args.json, 'w') as f:
+  if options.json:
+    with open(options.json, 'w') as f:
       json.dump(result, f, indent=2)
   return 0
 

@@ -5,59 +5,66 @@
 `DIR` is a variables directory (from `python -m rmt_jax.convert torch2flax`) or a training
 workdir, local or on an object store (gs://...); the model is rebuilt from the description
 stored with the weights, so `--model` is only a check. Images get the evaluation preprocessing
-stored with the weights (`rmt_jax.data.eval_preprocessing`: the run's own, e.g. 32 px whole digits for
-the demo; the official 224 crop at crop_pct 0.875, bicubic, ImageNet mean/std for converted
-weights and for weights that store none), each field overridable by its flag, and one line on
-stderr says which was used and where it came from. They go through the model in batches of a
-fixed size (one compilation whatever the number of images). Class names are those stored with the weights (the folder
-names of a model trained on an image folder; ImageNet's for converted and ImageNet models),
-else ImageNet's readable names for 1000-class models, else the class indices.
+stored with the weights (`rmt_jax.data.eval_preprocessing`: the run's own, e.g. 32 px whole
+digits for the demo; the official 224 crop at crop_pct 0.875, bicubic, ImageNet mean/std for
+converted weights and for weights that store none), each field overridable by its flag
+(`--image_size`, `--crop_pct`, `--interpolation`), and one line on stderr says which was used
+and where it came from. They go through the model in batches of a fixed size (one compilation
+whatever the number of images). Class names are those stored with the weights (the folder names
+of a model trained on an image folder; ImageNet's for converted and ImageNet models), else
+ImageNet's readable names for 1000-class models, else the class indices.
 """
 
-import argparse
 import json
 import sys
 from typing import Any
 
-from rmt_jax.runtime import console
+from absl import flags
+
 from rmt_jax.data import eval_preprocessing
+from rmt_jax.runtime import command_line
+from rmt_jax.runtime import console
+
+PROGRAM = 'python -m rmt_jax.predict'
 
 
 class PredictError(Exception):
   """Bad input to the predict command; the message says what to fix."""
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m rmt_jax.predict',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--weights', required=True,
-                      help='variables directory or training workdir (local or gs://...)')
-  parser.add_argument('--model', default=None,
-                      help='variant, e.g. rmt_s or RMT_S; default: the one the weights name '
-                           '(given, it must agree with them)')
-  parser.add_argument('--top', type=int, default=5, help='classes to print per image')
-  parser.add_argument('--batch-size', type=int, default=16,
-                      help='images per forward pass (the last batch is padded)')
-  eval_preprocessing.add_flags(parser)
-  parser.add_argument('--json', action='store_true',
-                      help='print one JSON list: [{"image", "top": [{"label", "name", '
-                           '"probability"}]}]')
-  parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, GIF, BMP), local or '
-                                                'gs://...')
-  return parser
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('weights', None, 'variables directory or training workdir (local or '
+                      'gs://...)', flag_values=flag_values, required=True)
+  flags.DEFINE_string('model', None, 'variant, e.g. rmt_s or RMT_S; default: the one the '
+                      'weights name (given, it must agree with them)', flag_values=flag_values)
+  flags.DEFINE_integer('top', 5, 'classes to print per image', flag_values=flag_values)
+  flags.DEFINE_integer('batch_size', 16, 'images per forward pass (the last batch is padded)',
+                       flag_values=flag_values)
+  eval_preprocessing.add_flags(flag_values)
+  flags.DEFINE_boolean('json', False, 'print one JSON list: [{"image", "top": [{"label", '
+                       '"name", "probability"}]}]', flag_values=flag_values)
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (errors: one line on stderr, status 1)."""
-  args = _parser().parse_args(argv)
+  """Runs the command line; returns the exit status (errors: one line on stderr, status 1;
+  usage errors: status 2).
+
+  Args:
+    argv: the arguments after the program name: flags and image files (JPEG, PNG, GIF, BMP),
+      local or gs://...; None takes `sys.argv[1:]`.
+  """
+  options = flags.FlagValues()
+  _define_flags(options)
+  images = command_line.parse(options, argv, program=PROGRAM, doc=__doc__,
+                              positional=('image', '...'))
   try:
-    rows = predict(args.weights, args.images, model_name=args.model, top=args.top,
-                   batch_size=args.batch_size, image_size=args.image_size,
-                   crop_pct=args.crop_pct, interpolation=args.interpolation)
+    rows = predict(options.weights, images, model_name=options.model, top=options.top,
+                   batch_size=options.batch_size, image_size=options.image_size,
+                   crop_pct=options.crop_pct, interpolation=options.interpolation)
   except PredictError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  if args.json:
+  if options.json:
     print(json.dumps(rows, indent=1))
     return 0
   for row in rows:
@@ -112,7 +119,7 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
   # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
   tf.config.set_visible_devices([], 'GPU')
   if batch_size < 1 or top < 1:
-    raise PredictError('--batch-size and --top must be at least 1')
+    raise PredictError('--batch_size and --top must be at least 1')
   try:
     wanted = canonical_name(model_name) if model_name else None
     model, variables, metadata = loading.load_with_metadata(weights)

@@ -1,7 +1,7 @@
 """`python -m rmt_jax.tpu_compile`: compile a run's steps for a TPU slice from any machine.
 
 Builds exactly what `main.py` builds for the config on that slice (mesh, shardings, model,
-optimizer, train step, eval step: `loop.build_programs`), compiles it ahead of time with
+optimizer, train step, eval step: `steps.build_programs`), compiles it ahead of time with
 libtpu for the slice's abstract devices (`jax.experimental.topologies`), and reports, per chip:
 memory against the chip's HBM ("fits" or by how much it does not), XLA's FLOPs against the
 model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TPU compiler's
@@ -50,8 +50,9 @@ import numpy as np
 
 from rmt_jax.train import sharding
 from rmt_jax.analysis import counting
+from rmt_jax.analysis import tpu_floor
 from rmt_jax.analysis import tpu_traffic
-from rmt_jax.train import loop
+from rmt_jax.train import steps as train_steps
 from rmt_jax.models import layers
 
 INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2 "
@@ -115,6 +116,25 @@ def _cost(compiled: Any) -> dict[str, float]:
           'optimal_seconds': float(cost.get('optimal_seconds', 0.0))}
 
 
+def custom_calls(compiled: Any) -> int:
+  """The Pallas kernels (Mosaic custom calls) in a compiled TPU program's text."""
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def _physical(jaxpr: Any, compiled: Any, chip: str, devices_per_chip: int,
+              xla_seconds: float | None, log: Any) -> dict[str, Any]:
+  """`tpu_floor.floor` of a traced program, with the compiled program's custom-call count
+  ('custom_calls'), which must equal the jaxpr's Pallas calls: a kernel that XLA dropped (its
+  results unused) would be counted but never run."""
+  physical = tpu_floor.floor(jaxpr, chip, devices_per_chip, xla_seconds)
+  physical['custom_calls'] = custom_calls(compiled)
+  if physical['custom_calls'] != physical['pallas_calls']:
+    log(f"warning: the compiled program has {physical['custom_calls']} Pallas custom calls, "
+        f"the traced one {physical['pallas_calls']}: the physical estimate counts kernels "
+        'that XLA dropped (or misses some)')
+  return physical
+
+
 def compile_for_topology(config: Any, topology: str, mode: str = 'both',
                          log: Any = print, traffic: bool = False) -> dict[str, Any]:
   """Compiles the config's train and/or eval step for a TPU slice; see the module docstring.
@@ -142,8 +162,8 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
   mesh = sharding.create_mesh(config.mesh, devices)
   batch, size = int(config.global_batch_size), int(config.data.image_size)
   steps_per_epoch = max(IMAGENET_TRAIN_IMAGES // batch, 1)
-  programs = loop.build_programs(config, mesh, steps_per_epoch,
-                                  int(math.ceil(config.num_epochs * steps_per_epoch)))
+  programs = train_steps.build_programs(config, mesh, steps_per_epoch,
+                                         int(math.ceil(config.num_epochs * steps_per_epoch)))
   model = programs.model
   macs = counting.count_macs(model.clone(dtype=jnp.float32), size, batch=1)
   result = {
@@ -174,7 +194,8 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
     log(f'{name}: compiling {config.model} for {topology} ({len(devices)} devices, global '
         f'batch {batch}) ...')
     start = time.perf_counter()
-    compiled = fn.lower(programs.abstract_state, batch_spec).compile()
+    traced = fn.trace(programs.abstract_state, batch_spec)
+    compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
     memory, cost = _memory(compiled), _cost(compiled)
     per_chip_memory = memory['total'] * per_chip_devices
@@ -196,6 +217,14 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
         'estimated_images_per_second': batch / step_s if step_s else None,
         'estimated_utilisation': (model_flops / chips / (step_s * chip.bf16_flops)
                                   if step_s else None)}
+    # Beside XLA's estimate, what the chip would spend on the Pallas kernels (`tpu_floor`).
+    physical = _physical(traced.jaxpr, compiled, chip.name, per_chip_devices, step_s, log)
+    physical_s = physical.get('step_seconds')
+    entry.update({
+        'physical': physical, 'physical_step_seconds': physical_s,
+        'physical_images_per_second': batch / physical_s if physical_s else None,
+        'physical_utilisation': (model_flops / chips / (physical_s * chip.bf16_flops)
+                                 if physical_s else None)})
     if traffic:
       entry['traffic'] = tpu_traffic.traffic(compiled)
     steps[name] = entry
@@ -207,19 +236,24 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
 def compile_block(config: Any, topology: str, stage: int, images: int, log: Any = print,
                   traffic: bool = False) -> dict[str, Any]:
   """Compiles one block of `stage` (1-4) of the config's model, forward and backward, for one
-  device of a TPU slice, and reports XLA's estimate for it.
+  device of a TPU slice, and reports XLA's estimate and the physical one (`tpu_floor`) for it.
 
   The block is the stage's `RetBlock` with the model's dims, dtypes and kernel forms (those for
   the topology's devices), on `images` maps of the stage's size at the config's image size; its
-  input is the residual stream (`residual_dtype`) and so is the cotangent. No drop path.
+  input is the residual stream (`residual_dtype`) and so is the cotangent. No drop path. The
+  program returns the block's output beside the cotangents, so that every kernel of the block
+  stays in it (with the cotangents alone XLA drops the forward kernel of the second half, whose
+  output the backward pass does not read).
 
   Returns:
     A JSON-ready dict: the setup and the compiled program's flops, bytes (XLA's count), estimated
-    seconds, compile seconds (and with `traffic`, the breakdown under 'traffic').
+    seconds, compile seconds, the physical estimate ('physical', 'physical_seconds'; the
+    kernels' and custom calls' counts in 'physical'), and with `traffic`, the breakdown under
+    'traffic'.
   """
   devices = topology_devices(topology)
   mesh = jax.sharding.Mesh(np.array(devices[:1]), ('data',))
-  model = loop.build_model(config, mesh)
+  model = train_steps.build_model(config, mesh)
   if not 1 <= stage <= len(model.depths):
     raise ValueError(f'stage must be 1 to {len(model.depths)}, got {stage}')
   i = stage - 1
@@ -236,22 +270,32 @@ def compile_block(config: Any, topology: str, stage: int, images: int, log: Any 
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), variables)
 
   def step(variables, x, cotangent):
-    return jax.vjp(block.apply, variables, x)[1](cotangent)
+    out, pullback = jax.vjp(block.apply, variables, x)
+    return out, pullback(cotangent)
 
   log(f'block: compiling a stage-{stage} block of {config.model} ({images} x {size} x {size} x '
       f'{model.embed_dims[i]}) for one {devices[0].device_kind} device ...')
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jax.jit(step).lower(variables, x, x).compile()
+    traced = jax.jit(step).trace(variables, x, x)
+    compiled = traced.lower().compile()
   seconds = time.perf_counter() - start
   cost = _cost(compiled)
+  kind = devices[0].device_kind
+  xla_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
+  physical = None
+  if kind in CHIPS:
+    per_chip_devices = len(devices) // len({tuple(d.coords) for d in devices})
+    physical = _physical(traced.jaxpr, compiled, CHIPS[kind].name, per_chip_devices, xla_s,
+                         log)
   result = {'topology': topology, 'device_kind': devices[0].device_kind, 'model': config.model,
             'stage': stage, 'images': images, 'map': [size, size, model.embed_dims[i]],
             'dtype': str(config.get('dtype')),
             'residual_dtype': jnp.dtype(model.residual_dtype).name, 'kernels': model.kernels,
             'compile_seconds': seconds, 'flops': cost['flops'],
             'bytes_accessed': cost['bytes_accessed'],
-            'estimated_seconds': cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None}
+            'estimated_seconds': xla_s, 'physical': physical,
+            'physical_seconds': physical.get('step_seconds') if physical else None}
   if traffic:
     result['traffic'] = tpu_traffic.traffic(compiled)
   return result
@@ -265,8 +309,17 @@ def format_block(result: dict[str, Any]) -> str:
           f"{result['device_kind']} device, {result['dtype']} ({result['residual_dtype']} "
           f"residual stream), kernels {result['kernels']!r}: XLA's estimate "
           + (f'{1e3 * estimate:.3f} ms' if estimate else 'none') +
-          f", {result['bytes_accessed'] / 1e9:.3f} GB, {result['flops'] / 1e9:.1f} GFLOP "
-          f"(compiled in {result['compile_seconds']:.0f} s). An estimate, not a measurement.")
+          f", {result['bytes_accessed'] / 1e9:.3f} GB, {result['flops'] / 1e9:.1f} GFLOP"
+          + _physical_clause(result['physical'], result['physical_seconds']) +
+          f" (compiled in {result['compile_seconds']:.0f} s). Estimates, not measurements.")
+
+
+def _physical_clause(physical: dict[str, Any] | None, seconds: float | None) -> str:
+  if not physical:
+    return '; no physical estimate (no figures for this chip)'
+  return (f"; physical estimate {f'{1e3 * seconds:.3f} ms' if seconds else 'none'} (its "
+          f"{physical['pallas_calls']} Pallas kernels {1e3 * physical['kernel_seconds']:.3f} "
+          f"ms, which XLA charges {1e3 * physical['kernel_xla_seconds']:.3f} ms)")
 
 
 def _gib(n: float) -> str:

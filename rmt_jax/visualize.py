@@ -1,8 +1,8 @@
 """Draw what RMT attends to: each head's decay prior and attention map around a query point.
 
     python -m rmt_jax.visualize --weights DIR IMAGE --out attention.png \\
-        [--stage S] [--block B] [--query X,Y] [--image-size N] [--crop-pct F] [--interpolation M]
-    python -m rmt_jax.visualize --decay-only --model rmt_s --out priors.png [--query X,Y]
+        [--stage S] [--block B] [--query X,Y] [--image_size N] [--crop_pct F] [--interpolation M]
+    python -m rmt_jax.visualize --decay_only --model rmt_s --out priors.png [--query X,Y]
 
 The first writes one PNG: the (preprocessed) image with the query token marked, and for each
 head of block B of stage S its decay prior `gamma_h ** manhattan_distance` around the query and
@@ -10,23 +10,25 @@ the attention of the query over the map (for axial blocks the effective 2-d atte
 then column passes), both upsampled onto the image. `DIR` is a variables directory or a training
 workdir; the model comes from its metadata, and the image is preprocessed as `rmt_jax.predict`
 does it (the evaluation preprocessing stored with the weights, each field overridable by its
-flag). The second draws the priors of every stage's heads for an image of --image-size (default
+flag). The second draws the priors of every stage's heads for an image of --image_size (default
 224), without weights. X, Y are pixels of the centre crop (default: its centre). Needs
 matplotlib (in requirements.txt; the model does not).
 """
 
-import argparse
 import os
 import sys
 from typing import Any
 
+from absl import flags
 import numpy as np
 
 from rmt_jax.data import eval_preprocessing
+from rmt_jax.runtime import command_line
 
 # TensorFlow only decodes images here; it must not claim an accelerator that JAX will use.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+PROGRAM = 'python -m rmt_jax.visualize'
 _PRIOR_CMAP, _ATTENTION_CMAP, _ALPHA = 'viridis', 'inferno', 0.6
 
 
@@ -208,54 +210,73 @@ def _parse_query(text: str | None, image_size: int) -> tuple[int, int]:
   return x, y
 
 
-def run(args: argparse.Namespace) -> None:
-  """Writes the PNG the parsed command line asks for (see the module docstring)."""
-  if args.decay_only:
-    if not args.model:
-      raise VisualizeError('--decay-only needs --model NAME (e.g. rmt_s)')
+def run(options: flags.FlagValues, image: str | None) -> None:
+  """Writes the PNG that the parsed command line asks for (see the module docstring).
+
+  Args:
+    options: the command's parsed flags (`main`).
+    image: the image file; None with --decay_only.
+  """
+  if options.decay_only:
+    if not options.model:
+      raise VisualizeError('--decay_only needs --model NAME (e.g. rmt_s)')
     from rmt_jax.models import create_model  # pylint: disable=g-import-not-at-top
     try:
-      model = create_model(args.model)
+      model = create_model(options.model)
     except ValueError as e:
       raise VisualizeError(str(e)) from None
-    size = args.image_size or 224
-    fig = prior_figure(model, size, _parse_query(args.query, size))
+    size = options.image_size or 224
+    fig = prior_figure(model, size, _parse_query(options.query, size))
   else:
-    if not args.weights or not args.image:
-      raise VisualizeError('give --weights DIR and an IMAGE (or --decay-only --model NAME)')
-    model, variables, metadata = load_model(args.weights)
+    if not options.weights or not image:
+      raise VisualizeError('give --weights DIR and an IMAGE (or --decay_only --model NAME)')
+    model, variables, metadata = load_model(options.weights)
     try:
       preprocessing, origin = eval_preprocessing.resolve(
-          metadata, 'the flags', image_size=args.image_size, crop_pct=args.crop_pct,
-          interpolation=args.interpolation)
+          metadata, 'the flags', image_size=options.image_size, crop_pct=options.crop_pct,
+          interpolation=options.interpolation)
     except ValueError as e:
       raise VisualizeError(str(e)) from None
-    image, inputs = load_image(args.image, preprocessing)
-    fig = block_attention(model, variables, image, inputs, args.stage, args.block,
-                          _parse_query(args.query, preprocessing.image_size))
+    pixels, inputs = load_image(image, preprocessing)
+    fig = block_attention(model, variables, pixels, inputs, options.stage, options.block,
+                          _parse_query(options.query, preprocessing.image_size))
     print(f'preprocessing: {preprocessing.describe()} ({origin})', file=sys.stderr)
-  fig.savefig(args.out, format='png')
+  fig.savefig(options.out, format='png')
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('weights', None, 'variables directory or training workdir',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', None, 'the PNG to write', flag_values=flag_values, required=True)
+  flags.DEFINE_integer('stage', 0, 'stage to draw', flag_values=flag_values)
+  flags.DEFINE_integer('block', 0, 'block of the stage', flag_values=flag_values)
+  flags.DEFINE_string('query', None, 'X,Y: pixel of the crop to look from (default: centre)',
+                      flag_values=flag_values)
+  eval_preprocessing.add_flags(flag_values)
+  flags.DEFINE_boolean('decay_only', False, "draw every stage's priors of --model, without "
+                       'weights or image', flag_values=flag_values)
+  flags.DEFINE_string('model', None, 'variant for --decay_only, e.g. rmt_s',
+                      flag_values=flag_values)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('image', nargs='?', help='image file (JPEG, PNG, GIF, BMP)')
-  parser.add_argument('--weights', help='variables directory or training workdir')
-  parser.add_argument('--out', required=True, help='the PNG to write')
-  parser.add_argument('--stage', type=int, default=0, help='stage to draw (default 0)')
-  parser.add_argument('--block', type=int, default=0, help='block of the stage (default 0)')
-  parser.add_argument('--query', help='X,Y: pixel of the crop to look from (default: centre)')
-  eval_preprocessing.add_flags(parser)
-  parser.add_argument('--decay-only', action='store_true',
-                      help="draw every stage's priors of --model, without weights or image")
-  parser.add_argument('--model', help='variant for --decay-only, e.g. rmt_s')
-  args = parser.parse_args(argv)
+  """Runs the command line; returns the exit status (errors: one line on stderr, status 1;
+  usage errors: status 2).
+
+  Args:
+    argv: the arguments after the program name: flags and, unless --decay_only, the image file
+      (JPEG, PNG, GIF, BMP); None takes `sys.argv[1:]`.
+  """
+  options = flags.FlagValues()
+  _define_flags(options)
+  image = command_line.parse(options, argv, program=PROGRAM, doc=__doc__,
+                             positional=('[image]',))
   try:
-    run(args)
+    run(options, image[0] if image else None)
   except VisualizeError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'wrote {args.out}')
+  print(f'wrote {options.out}')
   return 0
 
 

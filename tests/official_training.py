@@ -1,7 +1,7 @@
 """The official training fixture (`fixtures/official_tiny_train.npz`) run through rmt_jax.
 
 `run` takes the fixture's initial weights, images, soft targets and learning rates through the
-project's jitted `loop.train_step` for its 4 steps, on one device or on a mesh, and returns the
+project's jitted `steps.train_step` for its 4 steps, on one device or on a mesh, and returns the
 gradients, losses, weights and EMA under the official state_dict keys; `errors` and `summary`
 measure them against the official float64 run. tests/test_official_training.py runs it in a
 subprocess (the device count and XLA's flags are fixed when JAX starts), so it imports neither
@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rmt_jax import convert
+from rmt_jax.models import from_official_kwargs
 from rmt_jax.train import optim
 from rmt_jax.train import sharding
-from rmt_jax.train import loop
-from rmt_jax.models import from_official_kwargs
+from rmt_jax.train import steps as train_steps
+from rmt_jax.weights import pytorch
 
 # Parameters whose true gradient is exactly zero: a bias feeding a BatchNorm (directly, or
 # through a linear map, a depthwise conv's constant shift, or a residual sum, as the last
@@ -70,7 +70,7 @@ def setup(fixture: dict[str, Any], exact_zero_gradients: bool = True):
   to zero (see below); otherwise it is the project's AdamW alone.
   """
   model = from_official_kwargs(**fixture['kwargs'])
-  variables = convert.torch_to_flax(_prefixed(fixture, 'init.'), model)
+  variables = pytorch.torch_to_flax(_prefixed(fixture, 'init.'), model)
   lrs = jnp.asarray(fixture['lr'], jnp.float32)
   # optax counts updates from 0: update i uses the official step i's learning rate.
   tx = optim.create_optimizer(optimizer_config(fixture), lambda count: lrs[count])
@@ -79,15 +79,15 @@ def setup(fixture: dict[str, Any], exact_zero_gradients: bool = True):
   # include them, follow (by up to 2e-3 relative). Nothing else sees them in training mode.
   if exact_zero_gradients:
     zero = jax.tree_util.tree_map_with_path(
-        lambda path, _: convert.torch_key('params', tuple(k.key for k in path)) in ZERO_GRADIENT,
+        lambda path, _: pytorch.torch_key('params', tuple(k.key for k in path)) in ZERO_GRADIENT,
         variables['params'])
     tx = optax.chain(optax.masked(optax.set_to_zero(), zero), tx)
   params, batch_stats = (jax.tree.map(jnp.asarray, variables[c])
                          for c in ('params', 'batch_stats'))
-  state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           ema_params=params, ema_batch_stats=batch_stats,
-                           rng=jax.random.PRNGKey(0))  # Drop path 0: no randomness.
+  state = train_steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  batch_stats=batch_stats, opt_state=tx.init(params),
+                                  ema_params=params, ema_batch_stats=batch_stats,
+                                  rng=jax.random.PRNGKey(0))  # Drop path 0: no randomness.
   return model, tx, state
 
 
@@ -108,7 +108,7 @@ def _first_moment(opt_state: Any) -> Any:
 def run(fixture: dict[str, Any], mesh_shape: tuple[int, int] | None = None,
         image_spec: PartitionSpec | None = None,
         exact_zero_gradients: bool = True) -> dict[str, Any]:
-  """The fixture's 4 steps through the project's jitted `loop.train_step`.
+  """The fixture's 4 steps through the project's jitted `steps.train_step`.
 
   The first step's gradient is read off AdamW's first moment after that step: from zero,
   mu = (1 - b1) * gradient, so it is the gradient that the step itself used.
@@ -126,7 +126,7 @@ def run(fixture: dict[str, Any], mesh_shape: tuple[int, int] | None = None,
      'n_sharded': parameters not replicated}, under the official keys.
   """
   model, tx, state = setup(fixture, exact_zero_gradients)
-  step = functools.partial(loop.train_step, model=model, tx=tx,
+  step = functools.partial(train_steps.train_step, model=model, tx=tx,
                            ema=float(fixture['ema_decay']))
   data = batches(fixture)
   if mesh_shape is None:
@@ -156,12 +156,12 @@ def run(fixture: dict[str, Any], mesh_shape: tuple[int, int] | None = None,
       b1 = float(fixture['betas'][0])
       grads = jax.tree.map(lambda m: np.asarray(m, np.float64) / (1 - b1),
                            jax.device_get(_first_moment(state.opt_state)))
-      out['grad0'] = convert.flax_to_torch(
+      out['grad0'] = pytorch.flax_to_torch(
           {'params': grads, 'batch_stats': jax.device_get(state.batch_stats)}, model)
   state = jax.device_get(state)
-  out['final'] = convert.flax_to_torch({'params': state.params,
+  out['final'] = pytorch.flax_to_torch({'params': state.params,
                                         'batch_stats': state.batch_stats}, model)
-  out['ema'] = convert.flax_to_torch({'params': state.ema_params,
+  out['ema'] = pytorch.flax_to_torch({'params': state.ema_params,
                                       'batch_stats': state.ema_batch_stats}, model)
   return out
 

@@ -4,19 +4,18 @@ tests/test_checkpoint.py), the default for weights that store none, and override
 
 import json
 
+from absl import flags
 import numpy as np
 import pytest
 
+from configs import common, demo, tiny_test
 from rmt_jax.weights import checkpoint
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.data.eval_preprocessing import EvalPreprocessing
 
-pytest.importorskip('tensorflow', reason='the configs take their data fields from the input '
-                                         'pipeline, which needs TensorFlow')
-# pylint: disable=g-import-not-at-top,g-bad-import-order
-from configs import common, demo, tiny_test
-from rmt_jax.data import input_pipeline
-# pylint: enable=g-import-not-at-top,g-bad-import-order
+pytest.importorskip('tensorflow', reason='the input pipeline, whose evaluation the description '
+                                         'describes, needs TensorFlow')
+from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 DIGITS = EvalPreprocessing(image_size=32, crop_pct=1.0, interpolation='bilinear')
 
@@ -65,6 +64,18 @@ def test_overrides_replace_only_what_they_name():
                     ({'image_size': 0}, 'image_size must be at least 1')):
     with pytest.raises(ValueError, match=says.replace('(', r'\(').replace(']', r'\]')):
       eval_preprocessing.resolve(metadata, **bad)
+
+
+def test_flags_override_only_what_is_given():
+  options = flags.FlagValues()
+  eval_preprocessing.add_flags(options)
+  options(['predict', '--crop_pct=1', '--interpolation', 'bilinear'])
+  overrides = {'image_size': options.image_size, 'crop_pct': options.crop_pct,
+               'interpolation': options.interpolation}
+  assert overrides == {'image_size': None, 'crop_pct': 1.0, 'interpolation': 'bilinear'}
+  got, origin = eval_preprocessing.resolve({}, 'the flags', **overrides)
+  assert got == EvalPreprocessing(crop_pct=1.0, interpolation='bilinear')
+  assert origin.startswith('crop_pct, interpolation from the flags')
 
 
 def test_describe():

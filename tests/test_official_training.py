@@ -18,9 +18,9 @@ from flax import traverse_util
 
 from conftest import FIXTURES
 import official_training
-from rmt_jax import convert
-from rmt_jax.train import optim
 from rmt_jax.models import from_official_kwargs
+from rmt_jax.train import optim
+from rmt_jax.weights import pytorch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,9 +65,9 @@ def _check(summary: dict, where: str) -> None:
 def test_weight_decay_mask_is_the_official_parameter_groups():
   fixture = _fixture()
   model = from_official_kwargs(**fixture['kwargs'])
-  params = convert.abstract_variables(model)['params']
+  params = pytorch.abstract_variables(model)['params']
   mask = traverse_util.flatten_dict(optim.weight_decay_mask(params))
-  decayed = {convert.torch_key('params', path) for path, decays in mask.items() if decays}
+  decayed = {pytorch.torch_key('params', path) for path, decays in mask.items() if decays}
   assert decayed == set(fixture['decayed'].tolist())
 
 

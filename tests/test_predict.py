@@ -60,7 +60,7 @@ def _run(*args, env=None):
 
 def test_imagenet_model_prints_readable_names_without_model_flag(weights_and_images):
   _, _, weights, images = weights_and_images
-  result = _run('--weights', weights, '--batch-size', '2', *images)
+  result = _run('--weights', weights, '--batch_size', '2', *images)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert len(lines) == 3 * 6
@@ -115,7 +115,7 @@ def test_probabilities_are_the_models_softmax_in_padded_batches(weights_and_imag
 
 def test_flags_override_the_stored_preprocessing(weights_and_images, capsys):
   model, variables, weights, images = weights_and_images
-  assert predict.main(['--weights', weights, '--json', '--top', '1000', '--crop-pct', '1',
+  assert predict.main(['--weights', weights, '--json', '--top', '1000', '--crop_pct', '1',
                        '--interpolation', 'bilinear', *images]) == 0
   out, err = capsys.readouterr()
   want = _softmax(model, variables, images, image_size=32, crop_pct=1.0,
@@ -166,7 +166,7 @@ def test_folder_model_prints_its_folder_names(folder_workdir, weights_and_images
     (['--weights-dir-missing'], 'is not an rmt_jax variables directory'),
     (['--missing-image'], 'no such image file'),
     (['--text-file'], 'cannot decode'),
-    (['--crop-pct', '1.5'], 'crop_pct in (0, 1], got 32 and 1.5'),
+    (['--crop_pct', '1.5'], 'crop_pct in (0, 1], got 32 and 1.5'),
 ])
 def test_bad_input_is_one_clear_message(weights_and_images, tmp_path, capsys, args, message):
   _, _, weights, images = weights_and_images
@@ -180,6 +180,29 @@ def test_bad_input_is_one_clear_message(weights_and_images, tmp_path, capsys, ar
   assert predict.main([*args, '--weights', weights, *images]) == 1
   err = capsys.readouterr().err
   assert message in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--weights', 'w'], 'expected <image> ...; got none'),
+    (['a.jpg'], 'Flag --weights must have a value'),
+    (['--weights', 'w', '--crop-pct', '1', 'a.jpg'], "Unknown command line flag 'crop-pct'"),
+    (['--weights', 'w', '--interpolation', 'cubic', 'a.jpg'], 'value should be one of'),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, args, message):
+  with pytest.raises(SystemExit) as exit_:
+    predict.main(args)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith('error: ') and message in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_help_names_the_images_and_the_flags(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    predict.main(['--help'])
+  out = capsys.readouterr().out
+  assert exit_.value.code == 0
+  assert out.startswith('usage: python -m rmt_jax.predict <image> ... [flags]')
+  assert all(f'--{name}' in out for name in ('weights', 'batch_size', 'crop_pct', 'image_size'))
 
 
 @pytest.mark.slow  # A whole training run by main.py: ~65 s on two CPU cores.
@@ -216,5 +239,5 @@ def test_a_trained_digits_model_is_right_with_the_default_flags(tmp_path, capsys
   assert err == ('preprocessing: 16 px centre crop at crop_pct 1.0, bilinear, ImageNet mean/std '
                  '(stored with the weights)\n')
   assert correct >= 8, f'{correct} of 10 digits right with the stored preprocessing'
-  official, _ = right('--image-size', '224', '--crop-pct', '0.875', '--interpolation', 'bicubic')
+  official, _ = right('--image_size', '224', '--crop_pct', '0.875', '--interpolation', 'bicubic')
   assert official <= 5, f'{official} of 10 right at 224 px: the check cannot tell the two apart'

@@ -63,11 +63,11 @@ _PARITY = textwrap.dedent('''
     from configs import tiny_test
     from rmt_jax.train import optim
     from rmt_jax.train import sharding
-    from rmt_jax.train import loop
+    from rmt_jax.train import steps as train_steps
 
     config = tiny_test.get_config()
     config.global_batch_size = 16
-    model = loop.build_model(config)
+    model = train_steps.build_model(config)
     schedule = optim.learning_rate_schedule(config, steps_per_epoch=2, total_steps=10)
     tx = optim.create_optimizer(config, schedule)
     rng = np.random.default_rng(0)
@@ -78,11 +78,11 @@ _PARITY = textwrap.dedent('''
     def run(data, fsdp):
       mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': data, 'fsdp': fsdp}),
                                   devices=jax.devices()[:data * fsdp])
-      init = lambda: loop.init_state(jax.random.PRNGKey(0), model, tx, 16)
+      init = lambda: train_steps.init_state(jax.random.PRNGKey(0), model, tx, 16)
       state_sh = sharding.state_shardings(jax.eval_shape(init), mesh, fsdp_min_size=0)
       batch_sh = sharding.batch_sharding(mesh)
       step_fn = jax.jit(
-          lambda s, b: loop.train_step(s, b, model=model, tx=tx, ema=0.9),
+          lambda s, b: train_steps.train_step(s, b, model=model, tx=tx, ema=0.9),
           in_shardings=(state_sh, {'image': batch_sh, 'label': batch_sh}),
           out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
       state = jax.jit(init, out_shardings=state_sh)()

@@ -1,9 +1,14 @@
-"""Tests of rmt_jax.train.loop: the train step's EMA, gradient accumulation and loss; eval masking;
-fine-tuning's head rule; the official recipe in the configs; the loop's stop on a non-finite
-loss and its save on preemption (with a fake step: nothing compiled); eval-only's
-preprocessing (the one stored with the weights)."""
+"""Tests of rmt_jax.train.steps and rmt_jax.train.loop: the train step's EMA, gradient
+accumulation and loss; eval masking; fine-tuning's head rule; that the steps and the configs
+import no TensorFlow; the official recipe in the configs; the loop's stop on a non-finite loss
+and its save on preemption (with a fake step: nothing compiled); eval-only's preprocessing (the
+one stored with the weights)."""
 
 import math
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -14,8 +19,11 @@ import optax
 import pytest
 
 from rmt_jax.train import metrics_writer
-from rmt_jax.train import optim
 from rmt_jax.train import loop
+from rmt_jax.train import optim
+from rmt_jax.train import steps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_soft_target_cross_entropy_hand_value():
@@ -23,7 +31,7 @@ def test_soft_target_cross_entropy_hand_value():
   targets = jnp.array([[0.9, 0.05, 0.05]])
   log_z = math.log(math.exp(2) + 2)
   want = -(0.9 * (2 - log_z) + 0.1 * (0 - log_z))
-  assert float(loop.soft_target_cross_entropy(logits, targets)[0]) == pytest.approx(want)
+  assert float(steps.soft_target_cross_entropy(logits, targets)[0]) == pytest.approx(want)
 
 
 class _Toy(nn.Module):
@@ -42,7 +50,7 @@ class _Toy(nn.Module):
 def _toy_setup(use_bn=True, lr=0.1):
   model = _Toy(use_bn=use_bn)
   tx = optax.adamw(lr, weight_decay=0.05, mask=optim.weight_decay_mask)
-  state = loop.init_state(jax.random.PRNGKey(0), model, tx, image_size=2)
+  state = steps.init_state(jax.random.PRNGKey(0), model, tx, image_size=2)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(8, 2, 2, 3)), jnp.float32),
            'label': jax.nn.one_hot(rng.integers(0, 3, 8), 3)}
@@ -51,7 +59,7 @@ def _toy_setup(use_bn=True, lr=0.1):
 
 def test_train_step_updates_ema_as_timm():
   model, tx, state, batch = _toy_setup()
-  new, metrics = loop.train_step(state, batch, model=model, tx=tx, ema=0.75)
+  new, metrics = steps.train_step(state, batch, model=model, tx=tx, ema=0.75)
   assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
   for ema, old, cur in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(state.params),
                            jax.tree.leaves(new.params)):
@@ -67,8 +75,8 @@ def test_train_step_updates_ema_as_timm():
 def test_gradient_accumulation_matches_the_whole_batch():
   # Without BatchNorm the micro-batches' mean gradient is the whole batch's gradient.
   model, tx, state, batch = _toy_setup(use_bn=False, lr=1e-3)
-  whole, m1 = loop.train_step(state, batch, model=model, tx=tx, ema=0.0)
-  accum, m2 = loop.train_step(state, batch, model=model, tx=tx, ema=0.0, accum_steps=4)
+  whole, m1 = steps.train_step(state, batch, model=model, tx=tx, ema=0.0)
+  accum, m2 = steps.train_step(state, batch, model=model, tx=tx, ema=0.0, accum_steps=4)
   assert float(m2['loss']) == pytest.approx(float(m1['loss']), rel=1e-6)
   for a, b in zip(jax.tree.leaves(accum.params), jax.tree.leaves(whole.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -78,12 +86,12 @@ def test_eval_step_ignores_padding():
   model, _, state, batch = _toy_setup()
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
-  full = loop.eval_step(model, {'raw': variables},
-                         {'image': batch['image'][:5], 'label': labels[:5],
-                          'mask': jnp.ones(5)})['raw']
-  padded = loop.eval_step(model, {'raw': variables},
-                           {'image': batch['image'], 'label': labels,
-                            'mask': jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)})['raw']
+  full = steps.eval_step(model, {'raw': variables},
+                          {'image': batch['image'][:5], 'label': labels[:5],
+                           'mask': jnp.ones(5)})['raw']
+  padded = steps.eval_step(model, {'raw': variables},
+                            {'image': batch['image'], 'label': labels,
+                             'mask': jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)})['raw']
   for key in ('loss', 'top1', 'top5', 'count'):
     assert float(padded[key]) == pytest.approx(float(full[key]), rel=1e-6)
   assert float(padded['count']) == 5
@@ -93,13 +101,13 @@ def test_eval_step_ignores_padding():
 def test_merge_weights_reinitialises_a_head_of_another_size():
   fresh = {'fc': {'kernel': np.zeros((3, 4))}, 'head': {'kernel': np.zeros((4, 10))}}
   loaded = {'fc': {'kernel': np.ones((3, 4))}, 'head': {'kernel': np.ones((4, 1000))}}
-  merged = loop.merge_weights(fresh, loaded)
+  merged = steps.merge_weights(fresh, loaded)
   np.testing.assert_array_equal(merged['fc']['kernel'], 1)
   np.testing.assert_array_equal(merged['head']['kernel'], 0)  # Fresh: 10 != 1000 classes.
-  same = loop.merge_weights(fresh, {'fc': loaded['fc'], 'head': {'kernel': np.ones((4, 10))}})
+  same = steps.merge_weights(fresh, {'fc': loaded['fc'], 'head': {'kernel': np.ones((4, 10))}})
   np.testing.assert_array_equal(same['head']['kernel'], 1)
-  forced = loop.merge_weights(fresh, {'fc': loaded['fc'],
-                                       'head': {'kernel': np.ones((4, 10))}}, reinit_head=True)
+  forced = steps.merge_weights(fresh, {'fc': loaded['fc'],
+                                        'head': {'kernel': np.ones((4, 10))}}, reinit_head=True)
   np.testing.assert_array_equal(forced['head']['kernel'], 0)
 
 
@@ -107,9 +115,31 @@ def test_merge_weights_lists_what_does_not_fit():
   fresh = {'fc': {'kernel': np.zeros((3, 4)), 'bias': np.zeros(4)}, 'head': {}}
   loaded = {'fc': {'kernel': np.ones((3, 5))}, 'extra': {'kernel': np.ones(2)}}
   with pytest.raises(ValueError) as info:
-    loop.merge_weights(fresh, loaded)
+    steps.merge_weights(fresh, loaded)
   message = str(info.value)
   assert 'fc/bias' in message and 'extra/kernel' in message and '(3, 5) != (3, 4)' in message
+
+
+def _imports_tensorflow(code: str) -> bool:
+  """Whether running `code` in a fresh interpreter (in the repository) imports TensorFlow."""
+  check = textwrap.dedent(code) + "\nimport sys\nprint('tensorflow' in sys.modules)\n"
+  proc = subprocess.run([sys.executable, '-c', check], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout.strip().splitlines()[-1] == 'True'
+
+
+def test_the_steps_import_no_tensorflow():
+  """Benchmarks, AOT compiles and notebooks take the steps without the input pipeline."""
+  assert not _imports_tensorflow('from rmt_jax.train import steps')
+  assert _imports_tensorflow('from rmt_jax.train import loop')  # The check can fail.
+
+
+def test_reading_a_config_imports_no_tensorflow():
+  assert not _imports_tensorflow('''
+      from configs import rmt_s
+      assert rmt_s.get_config().data.image_size == 224
+  ''')
 
 
 def test_configs_hold_the_official_recipe():
@@ -126,7 +156,7 @@ def test_configs_hold_the_official_recipe():
 
 
 class _FakeCheckpointer:
-  """Records saves; what `loop._loop` needs of a `checkpoint.TrainCheckpointer`."""
+  """Records saves; what the loop needs of a `checkpoint.TrainCheckpointer`."""
   directory = 'fake'
 
   def __init__(self):
@@ -160,7 +190,7 @@ class _Preempted:
 
 
 def _run_loop(tmp_path, losses, preempt_at=None):
-  """`loop._loop` with a fake step whose losses are given: no model, nothing compiled."""
+  """`loop._run_loop` with a fake step whose losses are given: no model, nothing compiled."""
   config = ml_collections.ConfigDict(dict(
       log_every_steps=100, global_batch_size=8, eval_every_epochs=100,
       checkpoint_every_steps=2, checkpoint_every_epoch=False))
@@ -169,8 +199,12 @@ def _run_loop(tmp_path, losses, preempt_at=None):
   ckpt = _FakeCheckpointer()
   writer = metrics_writer.MetricsWriter(str(tmp_path))
   try:
-    result = loop._loop(config, 0, 0, len(losses), 100, _FakeIterator(), [], fake_step, None,
-                         lambda step: 0.1, ckpt, {}, writer, _Preempted(preempt_at))
+    setup = loop.LoopSetup(
+        config=config, total_steps=len(losses), steps_per_epoch=100,
+        train_batches=_FakeIterator(), eval_batches=[], train_step=fake_step, eval_step=None,
+        learning_rate=lambda step: 0.1, checkpointer=ckpt, checkpoint_metadata={},
+        writer=writer, preemption=_Preempted(preempt_at))
+    result = loop._run_loop(setup, state=0, step=0)  # pylint: disable=protected-access
   finally:
     writer.close()
   return result, ckpt
@@ -202,12 +236,12 @@ def test_eval_only_preprocesses_as_the_weights_say(tmp_path, monkeypatch):
   from rmt_jax.data import input_pipeline
   # pylint: enable=g-import-not-at-top
   config = tiny_test.get_config()
-  model = loop.build_model(config)
+  model = steps.build_model(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   stored = eval_preprocessing.EvalPreprocessing(image_size=24, crop_pct=0.9,
                                                 interpolation='bilinear')
   checkpoint.save_variables(tmp_path / 'w', variables, {
-      'model': config.model, 'model_overrides': loop.model_overrides(config),
+      'model': config.model, 'model_overrides': steps.model_overrides(config),
       eval_preprocessing.METADATA_KEY: stored.to_metadata()})
   seen = []
 

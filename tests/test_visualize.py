@@ -151,7 +151,7 @@ def test_decay_only_command_draws_each_stages_priors(tmp_path, monkeypatch):
   monkeypatch.setattr(figure.Figure, 'savefig',
                       lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
   out = tmp_path / 'priors.png'
-  assert visualize.main(['--decay-only', '--model', 'rmt_tiny', '--image-size', '64',
+  assert visualize.main(['--decay_only', '--model', 'rmt_tiny', '--image_size', '64',
                          '--query', '10,50', '--out', str(out)]) == 0
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   (fig,) = figures
@@ -175,8 +175,8 @@ def test_command_draws_the_image_and_each_heads_prior_and_attention(trained_work
   monkeypatch.setattr(figure.Figure, 'savefig',
                       lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
   out = tmp_path / 'attention.png'
-  assert visualize.main(['--weights', workdir, digit, '--out', str(out), '--image-size', '32',
-                         '--crop-pct', '1', '--stage', '1', '--query', '3,30']) == 0
+  assert visualize.main(['--weights', workdir, digit, '--out', str(out), '--image_size', '32',
+                         '--crop_pct', '1', '--stage', '1', '--query', '3,30']) == 0
   (fig,) = figures
   pixels = mpimg.imread(out)
   assert pixels.shape[:2] == tuple(int(v) for v in fig.canvas.get_width_height()[::-1])
@@ -212,6 +212,19 @@ def test_bad_input_is_one_clear_message(trained_workdir, tmp_path, capsys, args,
   if args == ['--missing-image']:
     args, digit = [], str(tmp_path / 'nope.png')
   assert visualize.main(['--weights', workdir, digit, '--out', str(tmp_path / 'a.png'),
-                         '--image-size', '32', *args]) == 1
+                         '--image_size', '32', *args]) == 1
   err = capsys.readouterr().err
   assert message in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--decay_only', '--model', 'rmt_tiny'], 'Flag --out must have a value'),
+    (['--out', 'a.png', 'a.png', 'b.png'], 'expected [<image>]; got a.png b.png'),
+    (['--out', 'a.png', '--decay-only'], "Unknown command line flag 'decay-only'"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, args, message):
+  with pytest.raises(SystemExit) as exit_:
+    visualize.main(args)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith('error: ') and message in err
+  assert len(err.strip().splitlines()) == 1

@@ -20,6 +20,8 @@ that reading the recipe costs nothing.
 import dataclasses
 from typing import Any, Mapping
 
+from absl import flags
+
 METADATA_KEY = 'eval_preprocessing'
 # timm's IMAGENET_DEFAULT_MEAN / _STD, which every official RMT run normalises with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,14 +135,13 @@ def resolve(metadata: Mapping[str, Any], overridden_by: str = 'the caller',
   return preprocessing, origin
 
 
-def add_flags(parser: Any) -> None:
-  """The command-line flags that override the stored preprocessing, on an argparse parser:
-  --image-size, --crop-pct, --interpolation (each None unless given)."""
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='crop size (default: the one stored with the weights, else 224)')
-  parser.add_argument('--crop-pct', type=float, default=None,
-                      help='centre crop fraction of the resized shorter side (default: the '
-                           'one stored with the weights, else the official 0.875)')
-  parser.add_argument('--interpolation', default=None, choices=INTERPOLATIONS,
-                      help='resize method (default: the one stored with the weights, else '
-                           'bicubic)')
+def add_flags(flag_values: flags.FlagValues) -> None:
+  """Defines, on a command's `flag_values`, the flags that override the stored preprocessing:
+  --image_size, --crop_pct, --interpolation (each None unless given; see `resolve`)."""
+  flags.DEFINE_integer('image_size', None, 'crop size (default: the one stored with the '
+                       'weights, else 224)', flag_values=flag_values)
+  flags.DEFINE_float('crop_pct', None, 'centre crop fraction of the resized shorter side '
+                     '(default: the one stored with the weights, else the official 0.875)',
+                     flag_values=flag_values)
+  flags.DEFINE_enum('interpolation', None, list(INTERPOLATIONS), 'resize method (default: the '
+                    'one stored with the weights, else bicubic)', flag_values=flag_values)
