@@ -229,7 +229,7 @@ def check_devices(devices: int, batch: int) -> None:
 def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode: str = 'both',
         repeats: int = 5, warmup: int = 1, ceiling_size: int = 2048,
         remat: bool = False, devices: int = 1,
-        residual_dtype: str = 'float32') -> dict[str, Any]:
+        residual_dtype: str = 'float32', kernels: str = 'auto') -> dict[str, Any]:
   """Compiles, then times in turns, the matmul ceiling and the model's eval and/or train step.
 
   Args:
@@ -246,6 +246,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
       the process must have been started with that many, `jax_num_cpu_devices`).
     residual_dtype: the residual stream's dtype (`RMT.residual_dtype`): 'float32', the official
       recipe's, or 'bfloat16'.
+    kernels: the model's forms: 'auto' (the devices'), 'xla', 'cpu' or 'tpu'.
 
   Returns:
     A JSON-ready dict: the setup, the machine, 'ceiling' and one entry per mode with images/s,
@@ -264,7 +265,8 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   variant = canonical_name(variant)
   model = create_model(variant, dtype=compute_dtype, residual_dtype=DTYPES[residual_dtype],
                        remat=(remat,) * len(create_model(variant).depths),
-                       kernels=kernel_forms.for_devices(local[:devices]))
+                       kernels=(kernel_forms.for_devices(local[:devices]) if kernels == 'auto'
+                                else kernel_forms.check(kernels)))
   device = local[0]
   mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}),
                               local[:devices])
@@ -309,7 +311,7 @@ def run(variant: str, batch: int, resolution: int, dtype: str = 'float32', mode:
   ceiling_flops = 2.0 * ceiling_size ** 3 / ceiling_s
   result: dict[str, Any] = {
       'variant': variant, 'batch': batch, 'resolution': resolution, 'dtype': dtype,
-      'residual_dtype': residual_dtype,
+      'residual_dtype': residual_dtype, 'kernels': model.kernels,
       'remat': remat, 'repeats': repeats,
       'device': f'{device.platform}: {device.device_kind}', 'num_devices': devices,
       'host': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
@@ -408,6 +410,9 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('variant', 'rmt_t', 'a variant create_model knows (rmt_t, ..., rmt_tiny)',
                       flag_values=flag_values)
   flags.DEFINE_integer('batch', 16, 'images per step', flag_values=flag_values)
+  flags.DEFINE_enum('kernels', 'auto', list(kernel_forms.KERNELS), 'the forms of the operations '
+                    "that have backend-specific ones: auto (the devices' own), xla (plain), "
+                    'cpu, tpu (see rmt_jax.kernels.selection)', flag_values=flag_values)
   flags.DEFINE_integer('resolution', 224, 'input height and width', flag_values=flag_values)
   flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'compute dtype (parameters stay '
                     'float32)', flag_values=flag_values)
@@ -453,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   result = run(options.variant, options.batch, options.resolution, options.dtype, options.mode,
                options.repeats, options.warmup, options.ceiling_size, options.remat,
-               options.devices, options.residual_dtype)
+               options.devices, options.residual_dtype, options.kernels)
   print(format_table(result), flush=True)
   if options.json:
     with open(options.json, 'w') as f:

@@ -21,6 +21,7 @@ from typing import Any
 
 from absl import flags
 
+from rmt_jax import kernels as kernels_lib
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.runtime import command_line
 from rmt_jax.runtime import console
@@ -41,6 +42,9 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('batch_size', 16, 'images per forward pass (the last batch is padded)',
                        flag_values=flag_values)
   eval_preprocessing.add_flags(flag_values)
+  flags.DEFINE_enum('kernels', 'auto', list(kernels_lib.KERNELS), 'the forms of the operations '
+                    "that have backend-specific ones: auto (the devices' own), xla (plain), "
+                    'cpu, tpu (see rmt_jax.kernels.selection)', flag_values=flag_values)
   flags.DEFINE_boolean('json', False, 'print one JSON list: [{"image", "top": [{"label", '
                        '"name", "probability"}]}]', flag_values=flag_values)
 
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rows = predict(options.weights, images, model_name=options.model, top=options.top,
                    batch_size=options.batch_size, image_size=options.image_size,
-                   crop_pct=options.crop_pct, interpolation=options.interpolation)
+                   crop_pct=options.crop_pct, interpolation=options.interpolation,
+                   kernels=options.kernels)
   except PredictError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def predict(weights: str, images: list[str], *, model_name: str | None = None, top: int = 5,
             batch_size: int = 16, image_size: int | None = None,
             crop_pct: float | None = None,
-            interpolation: str | None = None) -> list[dict[str, Any]]:
+            interpolation: str | None = None, kernels: str = 'auto') -> list[dict[str, Any]]:
   """Top classes and probabilities for each image file.
 
   The images are preprocessed as the weights' metadata says (`eval_preprocessing.resolve`:
@@ -122,7 +127,7 @@ def predict(weights: str, images: list[str], *, model_name: str | None = None, t
     raise PredictError('--batch_size and --top must be at least 1')
   try:
     wanted = canonical_name(model_name) if model_name else None
-    model, variables, metadata = loading.load_with_metadata(weights)
+    model, variables, metadata = loading.load_with_metadata(weights, kernels=kernels)
   except (ValueError, checkpoint.CheckpointNotFoundError) as e:
     raise PredictError(str(e)) from None
   stored = metadata['model']

@@ -22,6 +22,7 @@ from typing import Any
 from absl import flags
 import numpy as np
 
+from rmt_jax import kernels as kernels_lib
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.runtime import command_line
 
@@ -36,13 +37,13 @@ class VisualizeError(Exception):
   """Bad input to the visualize command; the message says what to fix."""
 
 
-def load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def load_model(path: str, kernels: str = 'auto') -> tuple[Any, dict[str, Any], dict[str, Any]]:
   """(model, {'params', 'batch_stats'}, metadata) from a variables directory or a training
-  workdir."""
+  workdir; `kernels` the model's forms (see rmt_jax.kernels.selection)."""
   from rmt_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
   from rmt_jax.weights import loading  # pylint: disable=g-import-not-at-top
   try:
-    return loading.load_with_metadata(path)
+    return loading.load_with_metadata(path, kernels=kernels)
   except checkpoint.CheckpointNotFoundError as e:
     raise VisualizeError(str(e)) from None
 
@@ -230,7 +231,7 @@ def run(options: flags.FlagValues, image: str | None) -> None:
   else:
     if not options.weights or not image:
       raise VisualizeError('give --weights DIR and an IMAGE (or --decay_only --model NAME)')
-    model, variables, metadata = load_model(options.weights)
+    model, variables, metadata = load_model(options.weights, options.kernels)
     try:
       preprocessing, origin = eval_preprocessing.resolve(
           metadata, 'the flags', image_size=options.image_size, crop_pct=options.crop_pct,
@@ -248,6 +249,9 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('weights', None, 'variables directory or training workdir',
                       flag_values=flag_values)
   flags.DEFINE_string('out', None, 'the PNG to write', flag_values=flag_values, required=True)
+  flags.DEFINE_enum('kernels', 'auto', list(kernels_lib.KERNELS), 'the forms of the operations '
+                    "that have backend-specific ones: auto (the devices' own), xla (plain), "
+                    'cpu, tpu (see rmt_jax.kernels.selection)', flag_values=flag_values)
   flags.DEFINE_integer('stage', 0, 'stage to draw', flag_values=flag_values)
   flags.DEFINE_integer('block', 0, 'block of the stage', flag_values=flag_values)
   flags.DEFINE_string('query', None, 'X,Y: pixel of the crop to look from (default: centre)',

@@ -19,13 +19,14 @@ def test_bench_command_prints_table_and_sane_json(tmp_path, capsys):
   path = tmp_path / 'bench.json'
   assert bench.main(['--variant', 'rmt_tiny', '--batch', '2', '--resolution', '64',
                      '--repeats', '1', '--warmup', '0', '--ceiling_size', '512',
-                     '--residual_dtype', 'bfloat16', '--json', str(path)]) == 0
+                     '--residual_dtype', 'bfloat16', '--kernels', 'xla', '--json', str(path)]) == 0
   table = capsys.readouterr().out
   assert 'eval' in table and 'train' in table and 'ceiling' in table
   assert '(bfloat16 stream)' in table
   result = json.loads(path.read_text())
   assert result['variant'] == 'rmt_tiny' and result['batch'] == 2
   assert result['residual_dtype'] == 'bfloat16'
+  assert result['kernels'] == 'xla'  # not the CPU forms 'auto' would take here
   assert result['ceiling']['flops_per_s'] > 0 and math.isfinite(result['ceiling']['flops_per_s'])
   assert result['host_peak_bytes'] > 0
   for mode in ('eval', 'train'):

@@ -2,6 +2,7 @@
 interpreter standing in for the chip: a correct kernel is kept, a wrong one and one that fails
 to lower are dropped with one warning line, and the network then runs its plain forms."""
 
+import json
 import subprocess
 import sys
 
@@ -106,3 +107,35 @@ def test_the_command_prints_the_table():
   table = result.stdout[result.stdout.index('operation'):].splitlines()
   assert table[0].split()[:3] == ['operation', 'shape', 'dtype']
   assert len(table) == 9 and all(row.split()[-1] in ('kernel', 'plain') for row in table[1:])
+
+
+def test_a_training_run_on_tpus_checks_its_kernels_and_goes_on_without_a_failing_one(
+    tmp_path, monkeypatch, caplog):
+  # This CPU host stands in for a TPU host: 'auto' resolves to the TPU forms (Pallas's
+  # interpreter), so the trainer checks them before it traces its steps.
+  from configs import tiny_test  # pylint: disable=g-import-not-at-top
+  from rmt_jax.kernels import selection  # pylint: disable=g-import-not-at-top
+  from rmt_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(selection, 'for_devices', lambda devices: 'tpu')
+
+  def fails(*args, **kwargs):
+    raise NotImplementedError('Mosaic cannot lower this')
+
+  monkeypatch.setattr(lepe, 'lepe_add', fails)
+  config = tiny_test.get_config()
+  config.data.digits_dir = str(tmp_path / 'digits')
+  config.total_steps = 2
+  config.global_batch_size = 2
+  caplog.set_level('INFO')
+  result = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['step'] == 2 and np.isfinite(result['train_loss'])
+  cached = json.loads((tmp_path / 'run' / kernel_check.KERNEL_CHECK_FILE).read_text())
+  assert cached['fingerprint']['device_kind'] == jax.devices()[0].device_kind
+  saved = [check.Result.from_json(r) for r in cached['results']]
+  assert {r.key.operation: r.chosen for r in saved}['lepe'] == 'plain'
+  assert all(r.failure is None for r in saved if r.key.operation != 'lepe')
+  messages = [r.getMessage() for r in caplog.records]
+  assert sum('warning: the TPU kernel of lepe' in m and 'NotImplementedError' in m
+             for m in messages) == 2
+  assert any(m.startswith('Kernel check (rmt_jax.kernels.check):\noperation') for m in messages)

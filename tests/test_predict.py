@@ -241,3 +241,21 @@ def test_a_trained_digits_model_is_right_with_the_default_flags(tmp_path, capsys
   assert correct >= 8, f'{correct} of 10 digits right with the stored preprocessing'
   official, _ = right('--image_size', '224', '--crop_pct', '0.875', '--interpolation', 'bicubic')
   assert official <= 5, f'{official} of 10 right at 224 px: the check cannot tell the two apart'
+
+
+@pytest.mark.parametrize('kernels', ['xla', 'cpu'])
+def test_the_kernels_flag_reaches_the_model(weights_and_images, capsys, monkeypatch, kernels):
+  from rmt_jax.weights import loading  # pylint: disable=g-import-not-at-top
+  model, variables, weights, images = weights_and_images
+  load, built = loading.load_with_metadata, []
+
+  def spy(*args, **kwargs):
+    built.append(load(*args, **kwargs)[0].kernels)
+    return load(*args, **kwargs)
+
+  monkeypatch.setattr(loading, 'load_with_metadata', spy)
+  assert predict.main(['--weights', weights, '--json', '--top', '1000', '--kernels', kernels,
+                       *images]) == 0
+  assert built == [kernels]
+  rows = json.loads(capsys.readouterr().out)
+  _assert_rows_are(rows, _softmax(model, variables, images, image_size=32), images)

@@ -260,3 +260,18 @@ def test_eval_only_preprocesses_as_the_weights_say(tmp_path, monkeypatch):
   loop.train_and_evaluate(config, str(tmp_path / 'eval_config'))
   assert seen == [stored, eval_preprocessing.from_config(config.data)]
   assert seen[1].image_size == 16
+
+
+def test_every_program_of_a_run_takes_the_configs_kernels():
+  # Training, eval-only and tpu_compile build their models through `steps.kernel_forms_for`.
+  from configs import tiny_test  # pylint: disable=g-import-not-at-top
+  config = tiny_test.get_config()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  for field, want in (('auto', 'cpu'), ('xla', 'xla'), ('tpu', 'tpu'), ('cpu', 'cpu')):
+    config.kernels = field
+    assert steps.kernel_forms_for(config, mesh) == want
+    assert steps.build_model(config, mesh).kernels == want
+  assert steps.kernel_forms_for(config, None) == 'cpu'
+  config.kernels = 'gpu'
+  with pytest.raises(ValueError, match="kernels must be one of 'auto', 'xla', 'cpu', 'tpu'"):
+    steps.build_model(config, mesh)

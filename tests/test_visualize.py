@@ -228,3 +228,14 @@ def test_usage_errors_exit_2_with_one_line(capsys, args, message):
   err = capsys.readouterr().err
   assert exit_.value.code == 2 and err.startswith('error: ') and message in err
   assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('kernels', ['auto', 'xla', 'cpu'])
+def test_the_kernels_flag_reaches_the_model(tmp_path, kernels):
+  from rmt_jax.weights import checkpoint  # pylint: disable=g-import-not-at-top
+  model = rmt_jax.create_model('rmt_tiny', num_classes=3)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.ones((1, 32, 32, 3)))
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
+  checkpoint.save_variables(tmp_path / 'w', variables,
+                            {'model': 'rmt_tiny', 'model_overrides': {'num_classes': 3}})
+  assert visualize.load_model(str(tmp_path / 'w'), kernels)[0].kernels == kernels

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
-KERNELS = ('auto', 'xla', 'cpu', 'tpu')
+from rmt_jax.kernels import KERNELS
 
 
 def for_platform(platform: str) -> str:

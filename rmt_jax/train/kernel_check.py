@@ -23,10 +23,10 @@ KERNEL_CHECK_FILE = 'kernel_check.json'
 def record_calls(model: RMT, batch: int, image_size: int) -> list[operations.Call]:
   """The kernel calls of `model`'s train-mode forward pass (and so of its backward) on `batch`
   images of `image_size`, under `kernels='tpu'`, without running anything."""
-  model = model.clone(kernels='tpu')
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   key = jax.random.key(0)
-  variables = jax.eval_shape(model.init, key, images)
+  variables = jax.eval_shape(model.clone(kernels='xla').init, key, images)
+  model = model.clone(kernels='tpu')
   with operations.recording() as calls:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
                                             mutable=['batch_stats']), variables, images)

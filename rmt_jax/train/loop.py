@@ -27,7 +27,10 @@ import optax
 
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.data import input_pipeline
+from rmt_jax.kernels import check
 from rmt_jax.kernels import selection as kernel_forms
+from rmt_jax.kernels.tpu import operations as tpu_operations
+from rmt_jax.train import kernel_check
 from rmt_jax.train import metrics_writer
 from rmt_jax.train import sharding
 from rmt_jax.train import steps
@@ -91,11 +94,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count())
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   try:
-    if config.eval_only:
-      return _evaluate_init_from(config, mesh, writer)
-    return _start_or_resume_training(config, workdir, mesh, writer)
+    # Every program of the run is traced within the on-device kernel check's decisions.
+    with tpu_operations.declined(_declined_kernels(config, mesh, workdir)):
+      if config.eval_only:
+        return _evaluate_init_from(config, mesh, writer)
+      return _start_or_resume_training(config, workdir, mesh, writer)
   finally:
     writer.close()
+
+
+def _declined_kernels(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      workdir: str) -> list[tpu_operations.Key]:
+  """The TPU kernels this run does not use: where `config.kernels` is 'auto' and the mesh's
+  devices are TPUs, those the on-device check finds wrong, failing or slower than their plain
+  forms (`kernel_check.check_model`, cached in the workdir); none elsewhere ('tpu' forces the
+  kernels, 'xla' the plain forms, other devices have no TPU kernels)."""
+  if config.get('kernels', 'auto') != 'auto' or kernel_forms.for_devices(mesh) != 'tpu':
+    return []
+  model = steps.build_model(config, mesh)
+  say = lambda line: (logging.warning if line.startswith('warning:') else logging.info)(line)
+  results = kernel_check.check_model(model, max(1, config.global_batch_size // mesh.size),
+                                     config.data.image_size, workdir, say=say)
+  logging.info('Kernel check (rmt_jax.kernels.check):\n%s', check.table(results))
+  # Every process traces the same programs: process 0's choices (its timings) hold for all.
+  chosen = np.array([r.chosen == 'kernel' for r in results])
+  if jax.process_count() > 1:
+    chosen = multihost_utils.broadcast_one_to_all(chosen)
+  return [r.key for r, kept in zip(results, chosen) if not kept]
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -118,7 +143,7 @@ def _evaluate_init_from(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     raise ValueError('config.eval_only needs config.init_from (converted weights or a run).')
   model, variables, metadata = loading.load_with_metadata(
       config.init_from, dtype=jnp.dtype(config.get('dtype', 'float32')),
-      kernels=kernel_forms.for_devices(mesh))
+      kernels=steps.kernel_forms_for(config, mesh))
   # The weights are evaluated as their own run evaluated them (config.data's where they store
   # nothing), unless the config asks for its own preprocessing, e.g. to test another size.
   choice = config.get('eval_only_preprocessing', 'weights')

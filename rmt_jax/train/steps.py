@@ -80,13 +80,19 @@ def build_model(config: ml_collections.ConfigDict,
   Its kernel forms are `config.kernels`; 'auto' with a mesh means the forms for the mesh's
   devices (what the steps are compiled for), so the programs carry one form only.
   """
-  kernels = config.get('kernels', 'auto')
-  if kernels == 'auto' and mesh is not None:
-    kernels = kernel_forms.for_devices(mesh)
   return create_model(config.model, **model_overrides(config),
                       dtype=jnp.dtype(config.get('dtype', 'float32')),
                       residual_dtype=jnp.dtype(config.get('residual_dtype', 'float32')),
-                      kernels=kernels)
+                      kernels=kernel_forms_for(config, mesh))
+
+
+def kernel_forms_for(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> str:
+  """`config.kernels`, with 'auto' resolved to the forms of the mesh's devices (where a mesh is
+  given): what every program of a run is built with."""
+  kernels = kernel_forms.check(config.get('kernels', 'auto'))
+  if kernels == 'auto' and mesh is not None:
+    kernels = kernel_forms.for_devices(mesh)
+  return kernels
 
 
 # ---------------------------------------------------------------------------------------

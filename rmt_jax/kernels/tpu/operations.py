@@ -89,7 +89,7 @@ def plain_only() -> Iterator[None]:
 @contextlib.contextmanager
 def recording() -> Iterator[dict[Key, Call]]:
   """Collects the kernel calls of what is traced within the block: {key: `Call`}, the first
-  call of each key."""
+  call of each key. What is traced runs the plain forms meanwhile."""
   global _recorded
   previous, _recorded = _recorded, {}
   try:
@@ -113,6 +113,11 @@ def _run(operation: str, arguments: tuple[Any, ...], dtype: Any, kernel: Callabl
     tied = lambda f: (lambda *a: f(*a, *a[:len(arguments) - n])) if n < len(arguments) else f
     _recorded[key] = Call(key, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                             arguments[:n]), tied(kernel), tied(plain))
+  if _recorded is not None:
+    # Recording needs the shapes only: the kernel is traced when the check runs it, where its
+    # failures are caught and reported.
+    with plain_only():
+      return plain(*arguments)
   if key in _declined:
     selection.fallback(operation, arguments[0].shape, 'the on-device check declined it '
                        '(rmt_jax.kernels.check)')
