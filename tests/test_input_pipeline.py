@@ -141,6 +141,27 @@ def test_train_batches_without_augmentation(imagenet):
   np.testing.assert_allclose(batch['label'].max(1), 0.9 + 0.1 / 1000, rtol=1e-6)
 
 
+def test_device_augmentation_gets_the_uint8_crops(folder_imagenet):
+  from rmt_jax.data import batch_augment  # pylint: disable=g-import-not-at-top
+  cfg, train, _ = folder_imagenet
+  cfg = cfg.copy_and_resolve_references()
+  cfg.augment_on = 'device'
+  batch = next(input_pipeline.create_train_iterator(cfg, global_batch_size=6, seed=0))
+  assert batch['image'].shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch['image'].dtype == np.uint8 and batch['image'].std() > 10
+  assert batch['label'].dtype == np.int32
+  np.testing.assert_array_equal(batch['label'], [train[i] for i in batch['example_id']])
+  recipe = batch_augment.BatchRecipe.from_config(cfg)
+  images, targets = jax.jit(batch_augment.augment, static_argnums=3)(
+      batch['image'], batch['label'], jax.random.key(0), recipe)
+  assert images.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.float32
+  assert targets.shape == (6, 1000)
+  np.testing.assert_allclose(np.asarray(targets).sum(1), 1.0, rtol=1e-5)
+  cfg.augment_on = 'tpu'
+  with pytest.raises(ValueError, match="'host' or 'device'"):
+    next(input_pipeline.create_train_iterator(cfg, global_batch_size=6, seed=0))
+
+
 @pytest.mark.parametrize('process_count', [2, 5])
 def test_eval_counts_every_image_exactly_once_across_processes(imagenet, process_count):
   cfg, _, val = imagenet
@@ -265,8 +286,16 @@ def test_benchmark_command_runs(tmp_path, capsys):
   from benchmarks import input_pipeline as benchmark  # pylint: disable=g-import-not-at-top
   benchmark.main(['--num_images=8', '--source_height=20', '--source_width=24',
                   '--image_size=16', '--batch_size=4', '--warmup_batches=1', '--batches=1',
-                  '--repeats=1', '--skip_seconds=0.1', f'--work_dir={tmp_path}'])
+                  '--repeats=1', '--skip_seconds=0.1', f'--work_dir={tmp_path}', '--breakdown',
+                  '--device_batch=4', f'--json={tmp_path / "rates.json"}'])
   out = capsys.readouterr().out
   for row in ('decode (bare decode_jpeg)', 'train (official recipe)', 'eval (resize',
-              'first batch: fresh iterator', 'records per CPU second'):
+              'train, host part (device aug.)', 'device part (batch_augment.augment',
+              'first batch: fresh iterator', 'records per CPU second', 'decode the crop window',
+              'RandAugment Rotate', 'Mixup/CutMix'):
     assert row in out
+  with open(tmp_path / 'rates.json') as f:
+    rates = json.load(f)
+  assert {'decode', 'train', 'train_crop_flip', 'train_host_part', 'eval'} <= set(rates)
+  assert all(r['images_per_cpu_second'] > 0 for k, r in rates.items() if k != 'device_part')
+  assert rates['device_part']['ms_per_batch'] > 0

@@ -127,7 +127,8 @@ def decode_and_random_resized_crop(image_bytes: tf.Tensor, seed: tf.Tensor, *, s
 
 
 def random_horizontal_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
-  return tf.cond(_uniform(seed) < prob, lambda: image[:, ::-1], lambda: image)
+  # tf.reverse, not image[:, ::-1]: TensorFlow's negative-stride slice costs ~10x more.
+  return tf.cond(_uniform(seed) < prob, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def resize_shorter_side(image: tf.Tensor, size: int, interpolation: str) -> tf.Tensor:

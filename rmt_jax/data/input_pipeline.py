@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from rmt_jax.data import augment
 from rmt_jax.data import class_names as class_names_lib
+from rmt_jax.data.config import default_config  # pylint: disable=unused-import
 from rmt_jax.data import sources as data_sources
 from rmt_jax.data import eval_preprocessing
 from rmt_jax.data import mixup as mixup_lib
@@ -38,52 +39,6 @@ DataNotFoundError = data_sources.DataNotFoundError
 _DEFAULT_SPLITS = {'imagenet2012': ('train', 'validation'), 'folder': ('train', 'val'),
                    'digits': ('train', 'val')}
 _MAX_EPOCHS = 2**40
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.data`: the official DeiT/RMT ImageNet-1k recipe (timm arguments in comments)."""
-  c = ml_collections.ConfigDict()
-  c.dataset = 'imagenet2012'  # 'imagenet2012' (or another TFDS name) | 'folder' | 'digits'
-  c.data_dir = ''  # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  c.manual_dir = ''  # Holds the ImageNet tars; '' -> <data_dir>/downloads/manual.
-  c.folder_root = ''  # For 'folder': <root>/train/<class>/*.JPEG, <root>/val/<class>/...
-  c.digits_dir = ''  # For 'digits': where its PNGs are written; '' -> <data_dir>/rmt_digits.
-  c.train_split = ''  # '' -> 'train'.
-  c.eval_split = ''  # '' -> 'validation' (TFDS) or 'val' (folder, digits).
-  c.image_size = 224  # --input-size
-  c.num_classes = 1000
-  # Eval: resize shorter side to floor(image_size / crop_pct), centre crop image_size.
-  c.crop_pct = 0.875  # --eval-crop-ratio
-  c.interpolation = 'bicubic'  # --train-interpolation
-  # Normalisation (train and eval), as fractions of 255: timm's ImageNet mean and std.
-  c.mean = eval_preprocessing.IMAGENET_MEAN
-  c.std = eval_preprocessing.IMAGENET_STD
-  c.random_resized_crop = True  # False: train images get the eval resize + centre crop.
-  c.rrc_scale = (0.08, 1.0)
-  c.rrc_ratio = (3 / 4, 4 / 3)
-  c.hflip = 0.5  # Probability of a horizontal flip.
-  c.randaugment = 'rand-m9-mstd0.5-inc1'  # --aa; '' or 'none' turns it off.
-  c.reprob = 0.25  # Random erasing probability; 0 turns it off.
-  c.remode = 'pixel'  # 'pixel' | 'rand' | 'const'
-  c.re_min_area = 0.02
-  c.re_max_area = 1 / 3
-  c.re_min_aspect = 0.3
-  c.mixup = 0.8  # Mixup Beta alpha; 0 turns Mixup off.
-  c.cutmix = 1.0  # CutMix Beta alpha; 0 turns CutMix off.
-  c.mixup_prob = 1.0  # Probability that a batch is mixed at all.
-  c.mixup_switch_prob = 0.5  # Probability of CutMix rather than Mixup when both are on.
-  c.label_smoothing = 0.1  # --smoothing
-  c.repeated_aug = True  # --repeated-aug: each image num_repeats times per epoch.
-  c.num_repeats = 3
-  c.shuffle_buffer = 16_384  # TFDS records; folder sources shuffle the whole list exactly.
-  c.shuffle_cycle_length = 16  # TFDS shards read in parallel.
-  c.num_parallel_calls = -1  # Decode/augment threads; -1 = tf.data AUTOTUNE.
-  c.threadpool_size = 0  # tf.data private threads; 0 = TensorFlow's shared pool.
-  c.prefetch_batches = 2  # Batches tf.data prepares ahead, on the host.
-  c.device_prefetch = 2  # Global batches put on the devices ahead of the step.
-  c.cache_eval = False  # Keep preprocessed eval images in memory after the first pass.
-  c.with_example_id = False  # Debug/tests: add 'example_id' (hash of the file name).
-  return c
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,9 +132,17 @@ def _options(cfg) -> tf.data.Options:
 # Per-example preprocessing.
 
 
+def _on_device(cfg) -> bool:
+  where = cfg.get('augment_on', 'host')
+  if where not in ('host', 'device'):
+    raise ValueError(f"config.data.augment_on must be 'host' or 'device', got {where!r}")
+  return where == 'device'
+
+
 def train_preprocess(raw: dict[str, tf.Tensor], seed: tf.Tensor,
                      cfg: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
-  """Decoded, augmented, normalised float32 [S, S, 3] image from raw bytes + [2] seed."""
+  """Decoded, augmented, normalised float32 [S, S, 3] image from raw bytes + [2] seed; with
+  `cfg.augment_on == 'device'`, the uint8 crop alone (the rest is `batch_augment.augment`)."""
   s_crop, s_flip, s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
   if cfg.random_resized_crop:
     image = augment.decode_and_random_resized_crop(
@@ -189,6 +152,9 @@ def train_preprocess(raw: dict[str, tf.Tensor], seed: tf.Tensor,
     image = augment.decode_and_center_crop(raw['image'], size=cfg.image_size,
                                            crop_pct=cfg.crop_pct,
                                            interpolation=cfg.interpolation)
+  if _on_device(cfg):
+    image = tf.ensure_shape(image, [cfg.image_size, cfg.image_size, 3])
+    return {'image': image, 'label': raw['label']}
   if cfg.hflip > 0:
     image = augment.random_horizontal_flip(image, s_flip, cfg.hflip)
   policy = randaugment_lib.parse_policy(cfg.randaugment)
@@ -247,6 +213,7 @@ def _train_dataset(cfg, host: data_sources.HostSlice, *, local_batch: int, seed:
   per_epoch = steps_per_epoch * local_batch
   mix_cfg = mixup_config(cfg)
   with_id = cfg.with_example_id
+  on_device = _on_device(cfg)
 
   def epoch_items(epoch):
     items = host.items(fold(order_base, epoch))
@@ -274,6 +241,8 @@ def _train_dataset(cfg, host: data_sources.HostSlice, *, local_batch: int, seed:
                          stable=True)
       batch = {k: tf.gather(v, order) for k, v in batch.items()}
     step = batch.pop('step')[0]
+    if on_device:  # Mixup/CutMix and the rest: `batch_augment.augment` in the step.
+      return batch
     batch['image'], batch['label'] = mixup_lib.mix_batch(
         batch['image'], batch['label'], fold(mix_base, step), mix_cfg)
     return batch
@@ -322,7 +291,10 @@ class TrainIterator:
   """Endless iterator over training batches, with a checkpointable position.
 
   Batches are {'image': float32 [B, S, S, 3], 'label': float32 [B, num_classes]}: global
-  jax.Arrays when a sharding was given, else this process's numpy batch.
+  jax.Arrays when a sharding was given, else this process's numpy batch. With
+  `config.data.augment_on = 'device'` they are the crops before the rest of the recipe,
+  {'image': uint8 [B, S, S, 3], 'label': int32 [B]}, which the train step finishes with
+  `rmt_jax.data.batch_augment.augment`.
   """
 
   def __init__(self, cfg, host: data_sources.HostSlice, *, local_batch: int,

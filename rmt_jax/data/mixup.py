@@ -8,23 +8,9 @@ where smooth puts 1 - s + s/K on the class and s/K elsewhere, so every row sums 
 Runs in TensorFlow on the host (inside tf.data), from a stateless seed per batch.
 """
 
-import dataclasses
-
 import tensorflow as tf
 
-
-@dataclasses.dataclass(frozen=True)
-class MixupConfig:
-  mixup_alpha: float = 0.8
-  cutmix_alpha: float = 1.0
-  prob: float = 1.0
-  switch_prob: float = 0.5
-  label_smoothing: float = 0.1
-  num_classes: int = 1000
-
-  @property
-  def active(self) -> bool:
-    return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+from rmt_jax.data.policies import MixupConfig  # pylint: disable=unused-import  (callers' name)
 
 
 def smooth_one_hot(labels: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:

@@ -1,0 +1,468 @@
+"""The per-pixel part of the training recipe as jax batch ops, to run inside the compiled step.
+
+With `config.data.augment_on = 'device'` the host (tf.data) only reads each file, decodes the
+random-resized crop's window and resizes it (uint8 [B, S, S, 3], int32 labels). The rest of the
+official recipe runs here, on the accelerator, as big_vision mixes in its train step:
+
+  horizontal flip -> RandAugment -> normalise by mean/std -> random erasing -> Mixup/CutMix +
+  label smoothing
+
+each op with the meaning and the parameter distributions of the host's TensorFlow op
+(`augment.py`, `randaugment.py`, `mixup.py`, which follow timm) and every random choice drawn from
+one key: per example where timm draws per image, per batch for Mixup/CutMix. Only jax and numpy.
+
+RandAugment as array ops: each of the policy's layers draws (op, applied, magnitude, sign) per
+image. The five ops that move pixels (rotate, shear, translate) are one affine warp per layer,
+the identity for images whose op moves nothing; the warp samples bilinearly in two 1-D passes
+(along x, then along y, e.g. Catmull and Smith's two-pass warp), which equals the host's 2-D
+bilinear sampling exactly for shears and translations and differs by interpolation rounding for
+rotations. The value ops are a select among their outputs. `form` picks how the warp's 1-D passes
+sample: 'gather' (two taps a pixel; cheap on CPUs) or 'matmul' (an interpolation matrix per line,
+MXU work on TPUs, where gathers are slow); both give the same images (`form_for`).
+"""
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rmt_jax.data import policies
+from rmt_jax.data.eval_preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+_GRAY = (0.299, 0.587, 0.114)  # PIL's 'L' conversion (ITU-R 601-2 luma).
+FORMS = ('gather', 'matmul')
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRecipe:
+  """What `augment` does: the fields of `config.data` it reads (see `from_config`)."""
+  hflip: float = 0.5
+  randaugment: policies.RandAugmentPolicy | None = policies.parse_policy(
+      'rand-m9-mstd0.5-inc1')
+  fill: tuple[int, int, int] = policies.DEFAULT_FILL
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+  reprob: float = 0.25
+  remode: str = 'pixel'
+  re_min_area: float = 0.02
+  re_max_area: float = 1 / 3
+  re_min_aspect: float = 0.3
+  mixup: policies.MixupConfig = policies.MixupConfig()
+
+  @classmethod
+  def from_config(cls, config_data: Any) -> 'BatchRecipe':
+    """The recipe of `config.data` (`rmt_jax.data.config.default_config`)."""
+    c = config_data
+    if c.remode not in ('pixel', 'rand', 'const'):
+      raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', got {c.remode!r}")
+    return cls(hflip=float(c.hflip), randaugment=policies.parse_policy(c.randaugment),
+               mean=tuple(c.mean), std=tuple(c.std), reprob=float(c.reprob),
+               remode=c.remode, re_min_area=float(c.re_min_area),
+               re_max_area=float(c.re_max_area), re_min_aspect=float(c.re_min_aspect),
+               mixup=policies.MixupConfig(
+                   mixup_alpha=float(c.mixup), cutmix_alpha=float(c.cutmix),
+                   prob=float(c.mixup_prob), switch_prob=float(c.mixup_switch_prob),
+                   label_smoothing=float(c.label_smoothing), num_classes=int(c.num_classes)))
+
+
+def form_for(devices: Sequence[Any]) -> str:
+  """The warp's form for the devices the step is compiled for: 'matmul' on TPUs, else 'gather'."""
+  return 'matmul' if devices and devices[0].platform == 'tpu' else 'gather'
+
+
+def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchRecipe,
+            form: str = 'gather') -> tuple[jax.Array, jax.Array]:
+  """The recipe after the crop, on a batch.
+
+  Args:
+    images: uint8 [B, H, W, 3], the resized crops.
+    labels: int [B] class indices.
+    key: the batch's key (e.g. the step's, folded with the step number).
+    recipe: what to do.
+    form: 'gather' or 'matmul' (`form_for`); the same images either way.
+
+  Returns:
+    (float32 [B, H, W, 3] normalised images, float32 [B, num_classes] targets summing to 1).
+  """
+  if form not in FORMS:
+    raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+  k_flip, k_ra, k_erase, k_mix = jax.random.split(key, 4)
+  batch = images.shape[0]
+  if recipe.hflip > 0:
+    images = random_horizontal_flip(images, k_flip, recipe.hflip)
+  if recipe.randaugment is not None:
+    images = jax.vmap(lambda x, k: randaugment(x, k, recipe.randaugment, recipe.fill, form))(
+        images, jax.random.split(k_ra, batch))
+  out = normalize(images, recipe.mean, recipe.std)
+  if recipe.reprob > 0:
+    out = jax.vmap(lambda x, k: random_erasing(
+        x, k, probability=recipe.reprob, mode=recipe.remode, min_area=recipe.re_min_area,
+        max_area=recipe.re_max_area, min_aspect=recipe.re_min_aspect))(
+            out, jax.random.split(k_erase, batch))
+  return mix_batch(out, labels, k_mix, recipe.mixup)
+
+
+# ---------------------------------------------------------------------------------------
+# Flip, normalisation, random erasing.
+
+
+def random_horizontal_flip(images: jax.Array, key: jax.Array, prob: float = 0.5) -> jax.Array:
+  """Mirrors each image of [B, H, W, C] with probability `prob`."""
+  flip = jax.random.uniform(key, (images.shape[0],)) < prob
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def normalize(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  """uint8 in [0, 255] -> float32 standardised by `mean` and `std` (fractions of 255)."""
+  mean = jnp.asarray([m * 255 for m in mean], jnp.float32)
+  std = jnp.asarray([s * 255 for s in std], jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def _randint_inclusive(key, high):
+  """Uniform integer in [0, high], like Python's `random.randint(0, high)`."""
+  return jnp.floor(jax.random.uniform(key) * (high + 1.0)).astype(jnp.int32)
+
+
+def random_erasing(image: jax.Array, key: jax.Array, *, probability: float = 0.25,
+                   mode: str = 'pixel', min_area: float = 0.02, max_area: float = 1 / 3,
+                   min_aspect: float = 0.3, attempts: int = 10) -> jax.Array:
+  """timm `RandomErasing` (count 1) on one normalised float image [H, W, C] (`vmap` it).
+
+  With probability `probability`, one rectangle of area fraction in [min_area, max_area] and
+  log-uniform aspect in [min_aspect, 1/min_aspect] (the first of `attempts` draws that fits) is
+  replaced by per-pixel normal noise ('pixel'), one normal colour per channel ('rand') or zeros
+  ('const').
+  """
+  if mode not in ('pixel', 'rand', 'const'):
+    raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+  height, width, channels = image.shape
+  k_apply, k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(key, 6)
+  area = height * width * jax.random.uniform(k_area, (attempts,), minval=min_area,
+                                             maxval=max_area)
+  aspect = jnp.exp(jax.random.uniform(k_aspect, (attempts,), minval=math.log(min_aspect),
+                                      maxval=math.log(1 / min_aspect)))
+  erase_h = jnp.round(jnp.sqrt(area * aspect))
+  erase_w = jnp.round(jnp.sqrt(area / aspect))
+  fits = (erase_w < width) & (erase_h < height)
+  first = jnp.argmax(fits)
+  h, w = erase_h[first], erase_w[first]
+  top = _randint_inclusive(k_y, height - h)
+  left = _randint_inclusive(k_x, width - w)
+  apply = (jax.random.uniform(k_apply) < probability) & jnp.any(fits)
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+  inside = (apply & (rows >= top) & (rows < top + h.astype(jnp.int32))
+            & (cols >= left) & (cols < left + w.astype(jnp.int32)))
+  if mode == 'pixel':
+    fill = jax.random.normal(k_fill, image.shape, image.dtype)
+  elif mode == 'rand':
+    fill = jax.random.normal(k_fill, (1, 1, channels), image.dtype)
+  else:
+    fill = jnp.zeros((1, 1, channels), image.dtype)
+  return jnp.where(inside, fill, image)
+
+
+# ---------------------------------------------------------------------------------------
+# Mixup / CutMix + label smoothing (one draw per batch, as timm's `Mixup(mode='batch')`).
+
+
+def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def cutmix_box(height: int, width: int, lam: jax.Array, key: jax.Array):
+  """timm `rand_bbox`: a box of side ratio sqrt(1 - lam) around a uniform centre, clipped."""
+  ratio = jnp.sqrt(1.0 - lam)
+  cut_h = (height * ratio).astype(jnp.int32)
+  cut_w = (width * ratio).astype(jnp.int32)
+  k_y, k_x = jax.random.split(key)
+  cy = jax.random.randint(k_y, (), 0, height)
+  cx = jax.random.randint(k_x, (), 0, width)
+  y0 = jnp.clip(cy - cut_h // 2, 0, height)
+  y1 = jnp.clip(cy + cut_h // 2, 0, height)
+  x0 = jnp.clip(cx - cut_w // 2, 0, width)
+  x1 = jnp.clip(cx + cut_w // 2, 0, width)
+  return y0, y1, x0, x1
+
+
+def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array,
+              config: policies.MixupConfig) -> tuple[jax.Array, jax.Array]:
+  """Mixes float [B, H, W, C] with integer labels [B]: (images, soft targets [B, K]).
+
+  Example i is mixed with example B-1-i; CutMix's lambda is corrected to the pasted area.
+  """
+  targets = smooth_one_hot(labels, config.num_classes, config.label_smoothing)
+  if not config.active:
+    return images, targets
+  k_apply, k_switch, k_lam, k_box = jax.random.split(key, 4)
+  use_cutmix = jnp.asarray(config.mixup_alpha <= 0)
+  if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
+    use_cutmix = jax.random.uniform(k_switch) < config.switch_prob
+  mix_lam = (jax.random.beta(k_lam, config.mixup_alpha, config.mixup_alpha)
+             if config.mixup_alpha > 0 else 1.0)
+  cut_lam = (jax.random.beta(k_lam, config.cutmix_alpha, config.cutmix_alpha)
+             if config.cutmix_alpha > 0 else 1.0)
+  lam = jnp.where(use_cutmix, cut_lam, mix_lam)
+  lam = jnp.where(jax.random.uniform(k_apply) < config.prob, lam, 1.0)
+  _, height, width, _ = images.shape
+  y0, y1, x0, x1 = cutmix_box(height, width, lam, k_box)
+  box_lam = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (height * width)
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
+  in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1) & (lam < 1.0)
+  flipped = images[::-1]
+  cut = jnp.where(in_box, flipped, images)
+  mixed = images * lam + flipped * (1.0 - lam)
+  images = jnp.where(use_cutmix, cut, jnp.where(lam < 1.0, mixed, images))
+  lam = jnp.where(use_cutmix, box_lam, lam)
+  return images, targets * lam + targets[::-1] * (1.0 - lam)
+
+
+# ---------------------------------------------------------------------------------------
+# RandAugment's value ops, on one uint8 image [H, W, 3] (as randaugment.py's).
+
+
+def _blend(degenerate, image, factor):
+  """PIL `ImageEnhance`: degenerate + factor * (image - degenerate), clipped, truncated."""
+  degenerate = jnp.asarray(degenerate, jnp.float32)
+  out = degenerate + factor * (image.astype(jnp.float32) - degenerate)
+  return jnp.clip(out, 0.0, 255.0).astype(jnp.uint8)
+
+
+def _grayscale(image):
+  """PIL 'L' conversion, float32 [H, W, 1]."""
+  return jnp.round(jnp.sum(image.astype(jnp.float32) * jnp.asarray(_GRAY), -1, keepdims=True))
+
+
+def auto_contrast(image):
+  """Stretches each channel's [min, max] to [0, 255]; flat channels stay as they are."""
+  x = image.astype(jnp.int32)
+  lo, hi = x.min((0, 1)), x.max((0, 1))
+  # PIL's table is int(i * scale + offset); the exact quotient here (PIL's double rounding
+  # gives 254 instead of 255 at a channel's maximum for some ranges).
+  out = (x - lo) * 255 // jnp.maximum(hi - lo, 1)
+  return jnp.where(hi > lo, jnp.clip(out, 0, 255), x).astype(jnp.uint8)
+
+
+def _equalize_channel(channel):
+  """PIL `ImageOps.equalize` for one uint8 channel [H, W]."""
+  values = channel.astype(jnp.int32).reshape(-1)
+  hist = jnp.bincount(values, length=256)
+  step = (values.size - hist[values.max()]) // 255  # All but the last non-empty bin.
+  safe = jnp.maximum(step, 1)
+  lut = jnp.clip((jnp.cumsum(hist) - hist + safe // 2) // safe, 0, 255)
+  return jnp.where(step > 0, lut[channel.astype(jnp.int32)], channel).astype(jnp.uint8)
+
+
+def equalize(image):
+  return jnp.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+
+
+def invert(image):
+  return 255 - image
+
+
+def posterize(image, bits):
+  """Keeps the top `bits` bits of each value (bits >= 8 is identity)."""
+  bits = jnp.clip(jnp.asarray(bits, jnp.int32), 0, 8)
+  mask = ((255 << (8 - bits)) & 255).astype(jnp.uint8)
+  return image & mask
+
+
+def solarize(image, threshold):
+  """Inverts the values >= threshold."""
+  x = image.astype(jnp.int32)
+  return jnp.where(x >= threshold, 255 - x, x).astype(jnp.uint8)
+
+
+def solarize_add(image, addition, threshold: int = 128):
+  """Adds `addition` to the values < threshold, clipped to 255."""
+  x = image.astype(jnp.int32)
+  return jnp.where(x < threshold, jnp.minimum(x + addition, 255), x).astype(jnp.uint8)
+
+
+def color(image, factor):
+  return _blend(_grayscale(image), image, factor)
+
+
+def contrast(image, factor):
+  mean = jnp.floor(jnp.mean(_grayscale(image)) + 0.5)
+  return _blend(mean, image, factor)
+
+
+def brightness(image, factor):
+  return _blend(0.0, image, factor)
+
+
+def sharpness(image, factor):
+  """PIL `ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (border kept)."""
+  x = image.astype(jnp.float32)
+  height, width, _ = x.shape
+  weights = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
+  smooth = sum(weights[dy][dx] / 13.0 * x[dy:height - 2 + dy, dx:width - 2 + dx]
+               for dy in range(3) for dx in range(3))
+  degenerate = x.at[1:-1, 1:-1].set(jnp.round(smooth))
+  return _blend(degenerate, image, factor)
+
+
+# ---------------------------------------------------------------------------------------
+# RandAugment's geometric ops: one affine warp.
+
+
+def _resample(lines, source, form):
+  """Linear interpolation along axis 1: out[l, m] = lines[l] at position source[l, m], with
+  zeros outside [0, N - 1]. lines [L, N, C] float32, source [L, M]."""
+  size = lines.shape[1]
+  if form == 'matmul':
+    taps = jnp.maximum(0.0, 1.0 - jnp.abs(source[..., None] - jnp.arange(size)))
+    return jnp.einsum('lmn,lnc->lmc', taps, lines, precision=jax.lax.Precision.HIGHEST)
+  low = jnp.floor(source)
+  frac = (source - low)[..., None]
+  low = low.astype(jnp.int32)
+
+  def tap(index):
+    inside = ((index >= 0) & (index < size))[..., None]
+    values = jnp.take_along_axis(lines, jnp.clip(index, 0, size - 1)[..., None], axis=1)
+    return jnp.where(inside, values, 0.0)
+
+  return tap(low) * (1.0 - frac) + tap(low + 1) * frac
+
+
+def affine(image, matrix, fill=policies.DEFAULT_FILL, form: str = 'gather'):
+  """Samples input(M @ [x, y, 1]) for each output pixel; outside -> `fill`.
+
+  `matrix` holds PIL's `Image.AFFINE` data (a, b, c, d, e, f): output (x, y) reads the input
+  at (a x + b y + c, d x + e y + f); e must not be 0 (|angle| < 90 degrees for rotations).
+  Two 1-D linear passes: first along x, J(p, q) = input(g(p, q), q) for every input row q with
+  g(p, q) = (a - b d / e) p + (b / e) q + c - b f / e, then along y, output(x, y) =
+  J(x, d x + e y + f), which is input(u, v) at the same (u, v) as the 2-D map.
+  """
+  a, b, c, d, e, f = (matrix[i] for i in range(6))
+  fill = jnp.asarray(fill, jnp.float32)
+  # Sampling (image - fill) with zeros outside and adding fill back blends edge pixels with
+  # the fill colour, as PIL's fillcolor and the host's projective transform do.
+  x = image.astype(jnp.float32) - fill
+  height, width, _ = x.shape
+  cols = jnp.arange(width, dtype=jnp.float32)
+  rows = jnp.arange(height, dtype=jnp.float32)
+  source_x = (a - b * d / e) * cols[None, :] + (b / e) * rows[:, None] + (c - b * f / e)
+  half = _resample(x, source_x, form)  # [q, p, C]
+  source_y = d * cols[:, None] + e * rows[None, :] + f  # [x, y]
+  out = _resample(jnp.swapaxes(half, 0, 1), source_y, form)  # [x, y, C]
+  out = jnp.swapaxes(out, 0, 1) + fill
+  return jnp.clip(jnp.round(out), 0.0, 255.0).astype(jnp.uint8)
+
+
+def geometric_matrix(name: str, level, negate, height: int, width: int):
+  """The affine data of timm's op `name` at `level` (magnitude / 10), sign flipped by `negate`."""
+  signed = lambda v: jnp.where(negate, -v, v)  # timm's `_randomly_negate`.
+  one, zero = jnp.ones(()), jnp.zeros(())
+  if name == 'Rotate':
+    angle = signed(level * 30.0) * math.pi / 180
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return jnp.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
+  if name == 'ShearX':
+    return jnp.stack([one, signed(level * 0.3), zero, zero, one, zero])
+  if name == 'ShearY':
+    return jnp.stack([one, zero, zero, signed(level * 0.3), one, zero])
+  if name == 'TranslateXRel':
+    return jnp.stack([one, zero, signed(level * 0.45) * width, zero, one, zero])
+  if name == 'TranslateYRel':
+    return jnp.stack([one, zero, zero, zero, one, signed(level * 0.45) * height])
+  raise ValueError(f'{name!r} is not a geometric RandAugment op')
+
+
+def value_op(image, name: str, level, negate):
+  """timm's value op `name` at `level` (magnitude / 10), sign flipped by `negate`."""
+  signed = lambda v: jnp.where(negate, -v, v)
+  enhance = level * 1.8 + 0.1
+  increasing = 1.0 + signed(level * 0.9)
+  ops = {
+      'AutoContrast': lambda: auto_contrast(image),
+      'Equalize': lambda: equalize(image),
+      'Invert': lambda: invert(image),
+      'Posterize': lambda: posterize(image, (level * 4).astype(jnp.int32)),
+      'PosterizeIncreasing': lambda: posterize(image, 4 - (level * 4).astype(jnp.int32)),
+      'Solarize': lambda: solarize(image, (level * 256).astype(jnp.int32)),
+      'SolarizeIncreasing': lambda: solarize(image, 256 - (level * 256).astype(jnp.int32)),
+      'SolarizeAdd': lambda: solarize_add(image, (level * 110).astype(jnp.int32)),
+      'Color': lambda: color(image, enhance),
+      'Contrast': lambda: contrast(image, enhance),
+      'Brightness': lambda: brightness(image, enhance),
+      'Sharpness': lambda: sharpness(image, enhance),
+      'ColorIncreasing': lambda: color(image, increasing),
+      'ContrastIncreasing': lambda: contrast(image, increasing),
+      'BrightnessIncreasing': lambda: brightness(image, increasing),
+      'SharpnessIncreasing': lambda: sharpness(image, increasing),
+  }
+  if name not in ops:
+    raise ValueError(f'Unknown RandAugment value op {name!r}')
+  return ops[name]()
+
+
+def apply_op(image, name: str, magnitude, negate, fill=policies.DEFAULT_FILL,
+             form: str = 'gather'):
+  """Applies timm's op `name` at `magnitude` (0..10) to one uint8 image [H, W, 3]."""
+  level = jnp.asarray(magnitude, jnp.float32) / policies.LEVEL_DENOM
+  if name in policies.GEOMETRIC_OPS:
+    matrix = geometric_matrix(name, level, negate, image.shape[0], image.shape[1])
+    return affine(image, matrix, fill, form)
+  return value_op(image, name, level, negate)
+
+
+def _magnitude(key, policy):
+  if math.isinf(policy.magnitude_std):
+    magnitude = jax.random.uniform(key, maxval=policy.magnitude)
+  elif policy.magnitude_std > 0:
+    magnitude = policy.magnitude + policy.magnitude_std * jax.random.normal(key)
+  else:
+    magnitude = jnp.asarray(policy.magnitude, jnp.float32)
+  return jnp.clip(magnitude, 0.0, policy.magnitude_max)
+
+
+def layer_parameters(key, policy: policies.RandAugmentPolicy):
+  """One layer's draws for one image: (op index into `policy.ops`, applied, magnitude, negate).
+
+  Op uniform over `policy.ops`, applied with probability `policy.prob`, magnitude N(M, std)
+  clipped to [0, max] (uniform in [0, M] for std inf), sign flipped with probability 1/2.
+  """
+  k_op, k_apply, k_mag, k_sign = jax.random.split(key, 4)
+  return (jax.random.randint(k_op, (), 0, len(policy.ops)),
+          jax.random.uniform(k_apply) < policy.prob, _magnitude(k_mag, policy),
+          jax.random.uniform(k_sign) > 0.5)
+
+
+def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DEFAULT_FILL,
+                form: str = 'gather'):
+  """`policy.num_layers` random ops on one uint8 image [H, W, 3] (`vmap` it over a batch), each
+  drawn by `layer_parameters`."""
+  height, width, _ = image.shape
+  ops = policy.ops
+  geometric = [n for n in ops if n in policies.GEOMETRIC_OPS]
+  values = [n for n in ops if n not in policies.GEOMETRIC_OPS]
+  for layer_key in jax.random.split(key, policy.num_layers):
+    op, apply, magnitude, negate = layer_parameters(layer_key, policy)
+    level = magnitude / policies.LEVEL_DENOM
+    if geometric:
+      # One warp a layer: the chosen op's matrix, the identity when it moves no pixels.
+      matrix = jnp.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+      for name in geometric:
+        chosen = apply & (op == ops.index(name))
+        matrix = jnp.where(chosen, geometric_matrix(name, level, negate, height, width),
+                           matrix)
+      image = affine(image, matrix, fill, form)
+    if values:
+      # Branch 0 keeps the image (op not applied, or geometric); under vmap all branches run.
+      index = jnp.zeros((), jnp.int32)
+      for i, name in enumerate(values):
+        index = jnp.where(apply & (op == ops.index(name)), i + 1, index)
+      branches = [lambda x, lv, ng: x] + [
+          (lambda x, lv, ng, name=name: value_op(x, name, lv, ng)) for name in values]
+      image = jax.lax.switch(index, branches, image, level, negate)
+  return image
