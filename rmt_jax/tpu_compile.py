@@ -6,7 +6,11 @@ libtpu for the slice's abstract devices (`jax.experimental.topologies`), and rep
 memory against the chip's HBM ("fits" or by how much it does not), XLA's FLOPs against the
 model's, XLA's estimated step time (`cost_analysis()['optimal_seconds']`, the TPU compiler's
 cost model: an estimate, not a measurement), the images/s and utilisation of the chip's bf16
-peak that it implies, and the compile time. With `--traffic`, also where each step's memory
+peak that it implies, and the compile time. Beside XLA's estimate, a physical one
+(`rmt_jax.analysis.tpu_floor`): each Pallas kernel's MXU work at the MXU's tile, vector work at
+vreg granularity, bytes at the layouts' tiling and grid balance over TensorCores, read from the
+traced program, where XLA sees only the kernels' declared costs; per kernel and per step (the
+kernels' plus XLA's figure for everything else). With `--traffic`, also where each step's memory
 traffic goes, by layer and by stage (`rmt_jax.analysis.tpu_traffic`): RMT's steps are bound by memory
 traffic in that estimate. With `--block STAGE`, one block of that stage instead, forward and
 backward on one chip (`compile_block`): the unit the kernels are tuned on.
@@ -327,18 +331,22 @@ def _gib(n: float) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-  """The result as a Markdown table (one row per step)."""
+  """The result as a Markdown table (one row per step): XLA's estimate and the physical one
+  (its Pallas kernels as `tpu_floor` counts them, the rest as XLA does)."""
   lines = [
       f"{result['model']} on {result['topology']} ({result['chips']} x {result['chip']}, "
       f"{result['devices']} devices, mesh {result['mesh']}), {result['dtype']} "
       f"({result['residual_dtype']} residual stream), global batch "
       f"{result['global_batch']} ({result['images_per_chip']:g} per chip) at "
-      f"{result['image_size']}px, kernels {result['kernels']!r}. XLA's TPU cost model: an "
-      'estimate, not a measurement.', '',
+      f"{result['image_size']}px, kernels {result['kernels']!r}. XLA's TPU cost model (its "
+      "figure for a Pallas kernel is the kernel's declared cost) and the physical estimate "
+      "(the kernels' MXU padding, vector work, tiled bytes and core balance, "
+      "rmt_jax.analysis.tpu_floor, plus XLA's figure for the rest): estimates, not a "
+      'measurement.', '',
       '| step | memory per chip, GiB (args + out + temp - aliased) | HBM GiB | fits | '
-      'XLA GFLOP per chip | model GFLOP per chip | est. step ms | est. img/s | est. '
-      'utilisation | compile s |',
-      '| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+      'XLA GFLOP per chip | model GFLOP per chip | XLA est. step ms | XLA est. img/s | XLA est. '
+      'utilisation | physical est. step ms | physical est. utilisation | compile s |',
+      '| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for name in ('train', 'eval'):
     if name not in result:
       continue
@@ -350,6 +358,9 @@ def format_table(result: dict[str, Any]) -> str:
     util = e['estimated_utilisation']
     estimate = (f"{1e3 * e['estimated_step_seconds']:.2f} | {images:.0f} | {100 * util:.1f}%"
                 if images else 'none | - | -')
+    physical = e.get('physical_step_seconds')
+    estimate += (f" | {1e3 * physical:.2f} | {100 * e['physical_utilisation']:.1f}%"
+                 if physical else ' | none | -')
     lines.append(
         f"| {name} | {_gib(e['memory_per_chip'])} ({_gib(n * m['arguments'])} + "
         f"{_gib(n * m['outputs'])} + {_gib(n * m['temporaries'])} - {_gib(n * m['aliased'])}) "
@@ -399,6 +410,8 @@ def main(argv: list[str]) -> int:
     result = compile_block(config, _TOPOLOGY.value, _BLOCK.value, _BATCH_PER_CHIP.value, log,
                            _TRAFFIC.value)
     print(format_block(result))
+    if result['physical']:
+      print('\n' + tpu_floor.format_kernels(result['physical']))
     if _TRAFFIC.value:
       print('\n' + tpu_traffic.format_summary(result['traffic'], result['bytes_accessed']))
     if _JSON.value:
@@ -408,6 +421,8 @@ def main(argv: list[str]) -> int:
   result = compile_for_topology(config, _TOPOLOGY.value, _MODE.value, log, _TRAFFIC.value)
   print(format_table(result))
   for name in ('train', 'eval'):
+    if name in result:
+      print(f'\n{name}: ' + tpu_floor.format_kernels(result[name]['physical']))
     if _TRAFFIC.value and name in result:
       print(f'\n{name}: ' + tpu_traffic.format_summary(
           result[name]['traffic'], result[name]['bytes_accessed_per_chip'] /

@@ -40,17 +40,28 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
     assert entry['xla_flops_per_chip'] > 0.5 * entry['model_flops_per_chip']
     assert entry['estimated_step_seconds'] > 0
     assert 0 < entry['estimated_utilisation'] < 1
+    # The physical estimate: every kernel that compiled is counted, and the step is the
+    # kernels' estimate plus XLA's for the rest.
+    physical = entry['physical']
+    assert physical['pallas_calls'] == physical['custom_calls'] > 0
+    assert physical['chip']['name'] == 'v5p' and physical['kernel_seconds'] > 0
+    assert entry['physical_step_seconds'] == pytest.approx(
+        physical['kernel_seconds'] + max(entry['estimated_step_seconds']
+                                         - physical['kernel_xla_seconds'], 0))
+    assert 0 < entry['physical_utilisation'] < 1
   assert '| train |' in proc.stdout and '| eval |' in proc.stdout
-  assert 'estimate, not a measurement' in proc.stdout
+  assert 'estimates, not a measurement' in proc.stdout and 'physical est. step ms' in proc.stdout
+  assert 'train: Pallas kernels per device on v5p' in proc.stdout
 
   # Where the traffic goes: the real program's operations, attributed to the model's layers.
   for step in ('train', 'eval'):
     traffic = result[step]['traffic']
     layers = {row['layer']: row for row in traffic['by_layer']}
-    # The Pallas kernels (the block's first half, attention and LePE; the block's second half)
-    # and XLA's own operations; `pos` and LePE only inside the kernels.
-    assert {'retention (Pallas kernel)', 'second_half (Pallas kernel)', 'patch_embed'} <= set(
-        layers)
+    # The Pallas kernels (MaSA's steps, `retention.first_half` and `retention.attend`: the
+    # block's first half, attention and LePE; the block's second half) and XLA's own
+    # operations; `pos` and LePE only inside the kernels.
+    assert {'retention.first_half (Pallas kernel)', 'retention.attend (Pallas kernel)',
+            'second_half (Pallas kernel)', 'patch_embed'} <= set(layers)
     assert not {'pos', 'retention/lepe'} & set(layers)
     assert sum(r['forward_bytes'] + r['backward_bytes'] for r in traffic['by_layer']) == (
         traffic['bytes'])
@@ -82,11 +93,36 @@ def test_one_block_compiles_for_one_device_and_reports_its_cost(tmp_path):
   assert result['map'][:2] == [-(-size[0] // 8)] * 2 and result['model'] == size[1]
   assert (result['stage'], result['images'], result['kernels']) == (2, 4, 'tpu')
   assert result['estimated_seconds'] > 0 and result['flops'] > 0
+  assert result['physical_seconds'] > 0
+  assert result['physical']['custom_calls'] == result['physical']['pallas_calls'] > 0
   layers = {row['layer'] for row in result['traffic']['by_layer']}
   # `pos` and LePE run inside MaSA's kernels (`tpu_block_head`, `tpu_lepe`).
-  assert {'retention (Pallas kernel)', 'second_half (Pallas kernel)'} <= layers
+  assert {'retention.first_half (Pallas kernel)', 'retention.attend (Pallas kernel)',
+          'second_half (Pallas kernel)'} <= layers
   assert not {'pos', 'retention/lepe'} & layers
-  assert 'stage-2 block' in proc.stdout and 'not a measurement' in proc.stdout
+  assert 'stage-2 block' in proc.stdout and 'not measurements' in proc.stdout
+  assert 'physical estimate' in proc.stdout
+
+
+@needs_libtpu
+def test_every_kernel_of_a_block_stays_in_the_compiled_program(tmp_path):
+  # Stage 1 of the tiny model is axial (row and column passes). The program returns the block's
+  # output beside its cotangents: with the cotangents alone XLA dropped the second half's forward
+  # kernel (9 custom calls compiled of the 10 Pallas calls traced).
+  out = tmp_path / 'block.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--block', '1', '--json', str(out)],
+      cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  physical = json.loads(out.read_text())['physical']
+  # The first half (block head, the row and the column pass of attention, LePE) and the second
+  # half, each forward and backward.
+  assert physical['custom_calls'] == physical['pallas_calls'] == 10
+  assert 'warning' not in proc.stderr
+  kernels = {row['kernel'] for row in physical['by_kernel']}
+  assert {'block_tail._forward_kernel', 'block_tail._backward_kernel',
+          'attention._column_kernel'} <= kernels
 
 
 @needs_libtpu
