@@ -1,17 +1,19 @@
-"""Shared test helpers: the official reference fixtures (tests/fixtures, see its README), and a
-tiny model trained on an image folder."""
+"""Shared test helpers: the official reference fixtures (tests/fixtures, see its README), the
+test lanes, libtpu for the TPU compiles, a tiny model trained on an image folder, and gs://
+served by a GCS emulator on this machine. What the Pallas kernels' tests check alike is in
+kernel_checks.py."""
 
-import functools
 import importlib.util
 import json
+import logging
 import os
 import pathlib
+import socket
 import subprocess
 import sys
-import textwrap
+import uuid
 
 import jax
-import jax.extend
 import numpy as np
 import pytest
 
@@ -63,61 +65,6 @@ def relative_error(got, want) -> float:
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def assert_tpu_form_equals_plain(module, x) -> None:
-  """A module under `kernels='tpu'` (Pallas's interpreter on this host) against `'xla'`: the
-  value of sum(sin(module(x))) and its gradients in every parameter and in x, under 1e-5.
-  The parameters are drawn at O(0.3), so that no form hides behind a near-zero init."""
-  variables = module.init(jax.random.key(0), x)
-  rng = np.random.default_rng(3)
-  variables = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape) * 0.3, a.dtype),
-                           variables)
-
-  def loss(variables, x, kernels):
-    return jax.numpy.sum(jax.numpy.sin(module.clone(kernels=kernels).apply(variables, x)))
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
-  (got_loss, got), (want_loss, want) = grad(variables, x, 'tpu'), grad(variables, x, 'xla')
-  assert abs(float(got_loss - want_loss)) < 1e-5 * abs(float(want_loss))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert relative_error(g, w) < 1e-5
-
-
-def pallas_calls(jaxpr):
-  """The `pallas_call` equations of a jaxpr and of its sub-jaxprs (a kernel's declared cost and
-  grid are in their params)."""
-  yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == 'pallas_call')
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    yield from pallas_calls(sub)
-
-
-@functools.cache
-def official_model_kernels() -> tuple[list[tuple[int, int, int]], int]:
-  """The Pallas calls of the fixtures' case-'b' model under `kernels='tpu'` (layerscale in
-  stages 3 and 4), each as (scalar-prefetch operands, blocks, rank of the first block), and the
-  model's block count. Traced once for the kernel modules' tests."""
-  from rmt_jax import convert  # pylint: disable=g-import-not-at-top
-  from rmt_jax.models import from_official_kwargs  # pylint: disable=g-import-not-at-top
-  ref = official_case('b')
-  model = from_official_kwargs(**ref['kwargs'], kernels='tpu')
-  variables = convert.torch_to_flax(ref['state_dict'], model)
-  jaxpr = jax.make_jaxpr(model.apply)(variables, ref['images'])
-  calls = [(eqn.params['grid_mapping'].num_index_operands,
-            len(eqn.params['grid_mapping'].block_mappings),
-            len(eqn.params['grid_mapping'].block_mappings[0].block_shape))
-           for eqn in pallas_calls(jaxpr.jaxpr)]
-  return calls, sum(ref['kwargs']['depths'])
-
-
-def assert_the_official_fixtures_run_a_kernel_in_every_block(prefetched: int,
-                                                            blocks: int) -> None:
-  """test_model.py's parity with the official outputs under `kernels='tpu'` goes through a
-  kernel: its forward call, known by its scalar-prefetch operands and its number of blocks,
-  appears twice per block of the fixtures' model (`platform_dependent` stages Mosaic and the
-  interpreter): every block has a plan."""
-  calls, depth = official_model_kernels()
-  assert [call[:2] for call in calls].count((prefetched, blocks)) == 2 * depth
-
-
 # The slower lane (`pytest -m slow`; the README's test command runs `-m "not slow"`), by test:
 # what takes more than ~8 s on 2 cores and repeats, for more shapes, forms, variants or
 # commands, what a test of the fast lane shows for one case; and what needs several devices or
@@ -130,8 +77,12 @@ _SLOW = frozenset({
     'test_backbone.py::test_out_indices_select_maps_and_keep_every_official_key',
     'test_backbone.py::test_rmt_b_backbone_keys_are_the_classifiers_without_head_plus_extra_norms',
     'test_backbone_benchmark.py::test_program_embeds_no_decay_table_and_both_modes_run',
+    'test_batch_augment.py::test_augment_runs_the_whole_recipe_under_jit',
+    'test_batch_augment.py::test_each_op_equals_the_host_op',
+    'test_batch_augment.py::test_randaugment_is_seeded_and_prob_zero_is_identity',
     'test_bench.py::test_bench_command_prints_table_and_sane_json',
     'test_bench.py::test_bench_splits_the_batch_over_two_cpu_devices',
+    'test_checkpoint.py::test_on_a_bucket_damaged_checkpoints_are_skipped_set_aside_and_saved_again',
     'test_console.py::test_importing_tensorflow_and_starting_jax_print_nothing',
     'test_convert.py::test_bad_input_fails_with_one_message_and_writes_nothing[random.bin-rmt_tiny-is not a PyTorch checkpoint]',
     'test_convert.py::test_bad_input_fails_with_one_message_and_writes_nothing[rmt_tiny.pth-rmt_t-says3]',
@@ -143,10 +94,14 @@ _SLOW = frozenset({
     'test_convert.py::test_official_to_flax_to_official_is_bit_exact_and_reproduces_logits[tokenlabel]',
     'test_initializers.py::test_every_variable_of_the_networks_is_declared[rmt_s]',
     'test_input_pipeline.py::test_benchmark_command_runs',
+    'test_input_pipeline.py::test_device_augmentation_gets_the_uint8_crops',
     'test_input_pipeline.py::test_same_seed_same_batches_and_exact_resume[folder]',
     'test_input_pipeline.py::test_same_seed_same_batches_and_exact_resume[tfds]',
     'test_input_pipeline.py::test_train_batches_with_the_official_recipe[tfds]',
     'test_kernels.py::test_every_form_gives_the_same_training_gradients',
+    'test_kernel_check.py::test_a_wrong_kernel_is_dropped_and_the_network_runs_the_plain_form',
+    'test_kernel_check.py::test_the_command_prints_the_table',
+    'test_kernel_check.py::test_a_training_run_on_tpus_checks_its_kernels_and_goes_on_without_a_failing_one',
     'test_loading.py::test_converter_and_predict_on_a_bucket',
     'test_main.py::test_data_errors_are_one_line_naming_the_path',
     'test_main.py::test_killed_run_resumes_to_the_uninterrupted_parameters',
@@ -210,6 +165,7 @@ _SLOW = frozenset({
     'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[3-4-4-8-16-plan2]',
     'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[3-8-8-8-16-plan4]',
     'test_tpu_block_tail.py::test_values_and_gradients_equal_the_plain_form[8-8-8-16-200-plan1]',
+    'test_tpu_compile.py::test_every_kernel_of_a_block_stays_in_the_compiled_program',
     'test_tpu_compile.py::test_one_block_compiles_for_one_device_and_reports_its_cost',
     'test_tpu_compile.py::test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost',
     'test_tpu_compile.py::test_without_libtpu_the_command_says_how_to_install_it',
@@ -248,114 +204,6 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
     # A test by its id (one parametrisation) or by its name (all of them).
     if {f'{item.path.name}::{item.name}', f'{item.path.name}::{item.originalname}'} & _SLOW:
       item.add_marker(pytest.mark.slow)
-
-
-# The head and tail of `assert_split_over_a_mesh_equals_one_device`'s script. It runs in a fresh
-# interpreter: the device count is fixed when JAX starts.
-_MESH_HEAD = """
-import os
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + (
-    ' --xla_force_host_platform_device_count=4')
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-rng = np.random.default_rng(0)
-"""
-_MESH_TAIL = """
-want = jax.jit(step)(*args)
-mesh = Mesh(np.array(jax.devices()), ('data',))
-with jax.set_mesh(mesh):
-  sharded = [jax.device_put(args[0], NamedSharding(mesh, PartitionSpec('data')))]
-  sharded += [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in args[1:]]
-  jitted = jax.jit(step)
-  text = jitted.lower(*sharded).as_text()
-  got = jitted(*sharded)
-errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
-          for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-print(len(errors), max(errors) < 1e-5, 'shard_map' in text or 'sdy.manual_computation' in text)
-"""
-
-
-def assert_split_over_a_mesh_equals_one_device(setup: str, outputs: int) -> None:
-  """A kernel's values and gradients under a mesh of 4 CPU devices (the first argument split
-  over them, the rest replicated) against one device, under 1e-5, and the call a `shard_map`.
-
-  Args:
-    setup: Python defining `args` (arrays; numpy's `rng` is there) and `step(*args)` (the
-      kernel's outputs and gradients), in Pallas's interpreter.
-    outputs: how many arrays `step` returns.
-  """
-  script = _MESH_HEAD + textwrap.dedent(setup) + _MESH_TAIL
-  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=libtpu_env(False),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.split('\n')[0] == f'{outputs} True True'
-
-
-# Python for the compile scripts: `in_hbm(text)` counts the kernels of a compiled TPU program whose
-# every operand carries memory-space color 0, HBM (`tpu_memory.in_hbm`).
-KERNELS_IN_HBM = """
-import re
-def in_hbm(text):
-  calls = [l for l in text.split('\\n') if 'custom_call_target="tpu_custom_call"' in l]
-  operands = lambda l: len(l.split(' custom-call(', 1)[1].split(')', 1)[0].split(', '))
-  return sum(sorted(int(i) for i in re.findall(r'"operand_index":"(\\d+)","color":"0"', l))
-             == list(range(operands(l))) for l in calls)
-"""
-# The head and tail of `assert_kernels_compile_for_a_v5p_and_a_v4`'s script (libtpu on the path).
-_COMPILE_HEAD = """
-import os
-os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
-os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'
-import jax, jax.numpy as jnp, numpy as np
-jax.config.update('jax_platforms', 'cpu')
-from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-"""
-_COMPILE_TAIL = KERNELS_IN_HBM + """
-devices = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices
-v4 = topologies.get_topology_desc(platform='tpu', topology_name='v4:2x2x1').devices
-for chip in (devices[0], v4[0]):
-  one = Mesh(np.array([chip]), ('d',))
-  for shape in SHAPES:
-    text = jax.jit(step).lower(*args(one, PartitionSpec(), *shape)).compile().as_text()
-    print(chip.device_kind, in_hbm(text), text.count('custom_call_target="tpu_custom_call"'))
-mesh = Mesh(np.array(devices), ('data',))
-def traced(*a):
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return step(*a)
-text = jax.jit(traced).lower(*args(mesh, PartitionSpec('data'), *MESH_SHAPE)).compile().as_text()
-print('sharded', text.count('custom_call_target="tpu_custom_call"'), 'all-gather' in text,
-      LOCAL in text)
-"""
-
-
-def assert_kernels_compile_for_a_v5p_and_a_v4(setup: str, shapes, mesh_shape,
-                                              local_array: str) -> None:
-  """Mosaic compiles a kernel's forward and backward for one v5p chip and one v4 chip (16 MiB
-  of VMEM) at each of `shapes`, every operand constrained to HBM (`tpu_memory.in_hbm`), and for
-  a 4-chip v5p mesh at `mesh_shape`, where each chip runs them on its share (`local_array`, e.g.
-  'f32[56,14,64]', in the program) with no gathering.
-
-  Args:
-    setup: Python defining `step(*args)` (the kernel's outputs and gradients) and
-      `args(mesh, x_spec, *shape)` (abstract arrays with shardings: x by `x_spec`).
-    shapes: the one-chip shapes, each passed to `args`.
-    mesh_shape: the mesh's shape, passed to `args`.
-    local_array: an array of one chip's share, as the compiled program prints it.
-  """
-  script = (_COMPILE_HEAD + textwrap.dedent(setup)
-            + f'SHAPES, MESH_SHAPE, LOCAL = {tuple(shapes)!r}, {tuple(mesh_shape)!r}, '
-              f'{local_array!r}\n' + _COMPILE_TAIL)
-  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=libtpu_env(True),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = proc.stdout.split('\n')
-  count = len(shapes)
-  # Forward and backward kernel, for every shape on each chip, their operands kept in HBM.
-  assert [line.split()[-2:] for line in lines[:2 * count]] == [['2', '2']] * 2 * count, lines
-  assert 'v4' in lines[count] and 'v4' not in lines[0], lines
-  assert lines[2 * count] == 'sharded 2 False True', lines
 
 
 # libtpu, for the tests that compile for a TPU on this CPU host. No runtime requirement installs
@@ -452,3 +300,112 @@ def folder_workdir(tmp_path_factory) -> pathlib.Path:
       cwd=REPO, env=main_env(root / 'jax_cache'), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+# ---------------------------------------------------------------------------------------
+# gs:// on this machine: a GCS emulator (the gcp-storage-emulator package, in memory) on a free
+# loopback port, reached by each client that a run on a gs:// workdir uses, through that
+# client's own setting for another endpoint: TensorStore's GCS driver (orbax's arrays) by
+# TENSORSTORE_GCS_HTTP_URL, google-cloud-storage (orbax's bucket queries) by
+# STORAGE_EMULATOR_HOST, and epath (orbax's directories and small files, rmt_jax's renames)
+# through fsspec's gcsfs, which reads STORAGE_EMULATOR_HOST too. With TensorFlow installed epath
+# would take TensorFlow's GCS client instead, which has no endpoint setting; so epath is told to
+# use fsspec, as it does where TensorFlow is absent.
+
+GCS_BUCKET = 'rmt-jax-test'
+
+
+def _fill_emulator_gaps(patch: pytest.MonkeyPatch, emulator) -> None:
+  """Gives the emulator two answers of GCS's that it lacks and that the clients rely on.
+
+  - A download's generation (the `x-goog-generation` header): TensorStore keeps it to ask
+    "changed since?" on its next read (OCDBT's manifest, during a save), and refuses the 0 it
+    takes for a missing header ("Malformed StorageGeneration").
+  - objects.move (`.../moveTo/...`): gcsfs renames with it (a damaged checkpoint set aside),
+    and retries the emulator's 'not implemented' for a minute per object before it copies.
+  """
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    if response.status in (200, 206):
+      stored = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = stored['generation']
+      response['x-goog-metageneration'] = stored['metageneration']
+
+  def move(request, response, storage, *args, **kwargs):  # pylint: disable=unused-argument
+    request.params['dest_bucket_name'] = request.params['bucket_name']
+    objects.copy(request, response, storage)
+    if response.status == 200:
+      storage.delete_file(request.params['bucket_name'], request.params['object_id'])
+
+  patch.setattr(objects, 'download', download_with_generation)  # Called by objects.get too.
+  routes = tuple((pattern, {method: download_with_generation if handler is download else handler
+                            for method, handler in handlers.items()})
+                 for pattern, handlers in emulator.HANDLERS)
+  patch.setattr(emulator, 'HANDLERS', ((
+      r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/'
+      r'(?P<dest_object_id>.*[^/]+)$', {'POST': move}),) + routes)
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """gs://rmt-jax-test served from memory on this machine for the session (see above).
+
+  Every request stays on the loopback address: each client is pointed at the emulator, with a
+  fixed token for TensorStore and anonymous access for the others, so that none looks for
+  credentials on a metadata server; the metadata server's address is the emulator's too.
+  Skipped with the reason where the emulator or gcsfs is not installed.
+
+  Yields:
+    The bucket's URL, 'gs://rmt-jax-test'.
+  """
+  emulator = pytest.importorskip(
+      'gcp_storage_emulator.server', reason='gs:// tests need gcp-storage-emulator '
+      '(requirements-test.txt)')
+  gcsfs = pytest.importorskip('gcsfs', reason='gs:// tests need gcsfs (requirements-test.txt)')
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  with pytest.MonkeyPatch.context() as patch:
+    _fill_emulator_gaps(patch, emulator)
+    # Its log reports each object a reader looks for and finds absent, as an error.
+    patch.setattr(logging.getLogger('gcp_storage_emulator'), 'level', logging.CRITICAL)
+    server = emulator.create_server('127.0.0.1', port, in_memory=True, default_bucket=GCS_BUCKET)
+    server._api.daemon = True  # pylint: disable=protected-access
+    server.start()
+    # A client that hangs up before the answer (TensorStore does, on reads it abandons) is
+    # no error of the server's; its traceback is left out.
+    server._api._httpd.handle_error = lambda *_: None  # pylint: disable=protected-access
+    for name in ('TENSORSTORE_GCS_HTTP_URL', 'STORAGE_EMULATOR_HOST'):
+      patch.setenv(name, url)
+    patch.setenv('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
+    for name in ('GCE_METADATA_ROOT', 'GCE_METADATA_HOST', 'GCE_METADATA_IP'):
+      patch.setenv(name, f'127.0.0.1:{port}')
+    patch.setenv('EPATH_USE_TF', 'false')
+    patch.setattr(gpath, '_is_tf_installed', lambda: False)  # It caches the variable's value.
+    # Listings uncached, as TensorFlow's GCS client reads them: TensorStore writes past gcsfs.
+    patch.setitem(fsspec.config.conf, 'gcs', {'token': 'anon', 'use_listings_cache': False})
+    # gcsfs's default class asks GCS's control API (gRPC, which the emulator lacks) for each
+    # bucket's layout, a minute per attempt; the plain class speaks the JSON API alone.
+    previous = {protocol: fsspec.get_filesystem_class(protocol) for protocol in ('gs', 'gcs')}
+    for protocol in previous:
+      fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    try:
+      yield f'gs://{GCS_BUCKET}'
+    finally:
+      for protocol, cls in previous.items():
+        fsspec.register_implementation(protocol, cls, clobber=True)
+      gcsfs.core.GCSFileSystem.clear_instance_cache()
+      server.stop()
+
+
+@pytest.fixture
+def gcs_workdir(gcs_emulator):
+  """A gs:// directory of the test's own (nothing there yet), on `gcs_emulator`."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(f'{gcs_emulator}/{uuid.uuid4().hex[:8]}')

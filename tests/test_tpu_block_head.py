@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
-                      assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
-                      pallas_calls, relative_error)
+from conftest import needs_libtpu, relative_error
+from kernel_checks import (STAGES, assert_bfloat16_within_its_rounding, assert_equals_plain,
+                           assert_kernels_compile_for_a_v5p_and_a_v4,
+                           assert_split_over_a_mesh_equals_one_device,
+                           assert_the_official_fixtures_run_a_kernel_in_every_block,
+                           pallas_calls, values_and_gradients)
 from rmt_jax.models import layers
 from rmt_jax.kernels.tpu import block_head as tpu_block_head
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 from rmt_jax.kernels.tpu.block_head import Plan
 
 SCALES = (1.0, 0.25, 1.0)
@@ -61,14 +64,7 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, pl
                                                    monkeypatch):
   monkeypatch.setattr(tpu_block_head.Shape, 'plan', property(lambda self: plan))
   args, cotangents = _inputs(batch, height, width, dim)
-  got, got_vjp = jax.vjp(_kernel, *args)
-  want, want_vjp = jax.vjp(_plain, *args)
-  for g, w in zip(got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype
-    assert relative_error(g, w) < 1e-5
-  for name, g, w in zip(NAMES, got_vjp(cotangents), want_vjp(cotangents)):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert relative_error(g, w) < 1e-5, name
+  assert_equals_plain(_kernel, _plain, args, cotangents, ('x1', 'q', 'k', 'v') + NAMES)
 
 
 @pytest.mark.parametrize('uses', [(2, 2, 2), (1, 1, 2)])
@@ -98,25 +94,19 @@ def test_bfloat16_within_its_rounding_of_the_plain_form():
   # bfloat16 compute, float32 stream as in the official recipe.
   args, cotangents = _inputs(4, 4, 4, 16, seed=6)
 
-  def both(dtype):
+  def run(dtype):
     cts = (cotangents[0], *(c.astype(dtype) for c in cotangents[1:]))
-    got, got_vjp = jax.vjp(lambda *a: _kernel(*a, dtype=dtype), *args)
-    want, want_vjp = jax.vjp(lambda *a: _plain(*a, dtype=dtype), *args)
-    return (*got, *got_vjp(cts)), (*want, *want_vjp(cts))
+    return (values_and_gradients(lambda *a: _kernel(*a, dtype=dtype), args, cts),
+            values_and_gradients(lambda *a: _plain(*a, dtype=dtype), args, cts))
 
-  exact, _ = both(jnp.float32)
-  got, want = both(jnp.bfloat16)
-  for i, (g, w, e) in enumerate(zip(got, want, exact)):
-    # Sums in float32 where the plain form rounds some to bfloat16 (its bias gradients are 2-12
-    # times farther from the float32 result): no farther from that than the plain form, and
-    # within two bfloat16 ulps of it.
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, i
-    assert relative_error(g, e) < 2 ** -7, i
+  # Sums in float32 where the plain form rounds some to bfloat16 (its bias gradients are 2-12
+  # times farther from the float32 result): no farther from that than the plain form, and
+  # within two bfloat16 ulps of it.
+  assert_bfloat16_within_its_rounding(run, of_float32=2 ** -7)
 
 
 def test_split_over_a_mesh_equals_one_device():
   # x1, q, k, v and the 11 gradients; each device's images, the weight gradients summed.
-  from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.kernels.tpu import block_head as tpu_block_head
     shapes = [(8, 4, 4, 8), (3, 3, 1, 8), (8,), (8,), (8,)] + [(8, 8), (8,)] * 3
@@ -129,12 +119,6 @@ def test_split_over_a_mesh_equals_one_device():
       y, vjp = jax.vjp(f, *args)
       return y, vjp(dy)
   ''', 15)
-
-
-# (height, width, dim): the stages of RMT-T, -S, -B and -L at 224 px.
-STAGES = [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512), (56, 56, 80),
-          (28, 28, 160), (14, 14, 320), (56, 56, 112), (28, 28, 224), (14, 14, 448),
-          (7, 7, 640)]
 
 
 @pytest.mark.parametrize('stream', [4, 2])
@@ -155,7 +139,7 @@ def test_plans(stream):
       if plan is None:
         unplanned[uses].append((height, dim))
         continue
-      assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+      assert shape.vmem_bytes(plan) <= common.BUDGET
       rows = plan.block_rows
       assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
       assert rows * width % plan.band == 0
@@ -172,12 +156,8 @@ def test_a_block_under_tpu_kernels_equals_the_plain_forms():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 32)), jnp.float32)
   variables = block('xla').init(jax.random.key(0), x)
   assert tpu_block_head.fits_vmem(x.shape, 3, 4, 4)
-  want, want_vjp = jax.vjp(lambda v, x: block('xla').apply(v, x), variables, x)
-  got, got_vjp = jax.vjp(lambda v, x: block('tpu').apply(v, x), variables, x)
-  assert relative_error(got, want) < 1e-5
-  g, w = got_vjp(x), want_vjp(x)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
-    assert relative_error(a, b) < 1e-5
+  assert_equals_plain(lambda v, x: block('tpu').apply(v, x),
+                      lambda v, x: block('xla').apply(v, x), (variables, x), x)
 
 
 def test_a_block_takes_one_cotangent_per_output_where_every_use_does_not_fit(monkeypatch):
@@ -193,11 +173,8 @@ def test_a_block_takes_one_cotangent_per_output_where_every_use_does_not_fit(mon
   # The backward kernel: x, x1, dx1, one cotangent per output, six weights and the outputs.
   assert any(len(eqn.params['grid_mapping'].block_mappings) == 3 + 3 + 6 + 7
              for eqn in pallas_calls(jaxpr.jaxpr))
-  want, want_vjp = jax.vjp(lambda v, x: block('xla').apply(v, x), variables, x)
-  got, got_vjp = jax.vjp(lambda v, x: block('tpu').apply(v, x), variables, x)
-  assert relative_error(got, want) < 1e-5
-  for a, b in zip(jax.tree.leaves(got_vjp(x)), jax.tree.leaves(want_vjp(x))):
-    assert relative_error(a, b) < 1e-5
+  assert_equals_plain(lambda v, x: block('tpu').apply(v, x),
+                      lambda v, x: block('xla').apply(v, x), (variables, x), x)
 
 
 @pytest.mark.parametrize('stream', [4, 2])

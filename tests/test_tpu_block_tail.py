@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
-                      assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
-                      relative_error)
+from conftest import needs_libtpu
+from kernel_checks import (STAGES_WITH_HIDDEN, assert_bfloat16_within_its_rounding,
+                           assert_equals_plain, assert_kernels_compile_for_a_v5p_and_a_v4,
+                           assert_split_over_a_mesh_equals_one_device,
+                           assert_the_official_fixtures_run_a_kernel_in_every_block,
+                           values_and_gradients)
 from rmt_jax.models import layers
 from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 from rmt_jax.kernels.tpu.block_tail import Plan
 
 
@@ -52,15 +55,10 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, hi
                                                    monkeypatch):
   monkeypatch.setattr(tpu_block_tail.Shape, 'plan', property(lambda self: plan))
   *args, cotangent = _inputs(batch, height, width, dim, hidden, jnp.float32)
-  got, got_vjp = jax.vjp(_kernel, *args)
-  want, want_vjp = jax.vjp(_plain, *args)
-  assert got.shape == want.shape and got.dtype == want.dtype
-  assert relative_error(got, want) < 1e-5
-  names = ('x1', 'o', 'out_proj kernel', 'out_proj bias', 'norm scale', 'norm bias',
-           'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel', 'fc2 bias')
-  for name, g, w in zip(names, got_vjp(cotangent), want_vjp(cotangent)):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert relative_error(g, w) < 1e-5, name
+  assert_equals_plain(_kernel, _plain, args, cotangent,
+                      ('x3', 'x1', 'o', 'out_proj kernel', 'out_proj bias', 'norm scale',
+                       'norm bias', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias',
+                       'fc2 kernel', 'fc2 bias'))
 
 
 @pytest.mark.parametrize('batch,height,width,dim,hidden,plan', [
@@ -83,16 +81,11 @@ def test_drop_path_and_layerscale_equal_the_plain_form(batch, height, width, dim
         gammas=(a[12][0], a[12][1]), drop_scales=scales)
 
   plain = lambda *a: _plain(*a[:12], gammas=(a[12][0], a[12][1]), scales=scales)
-  got, got_vjp = jax.vjp(kernel, *args, gammas)
-  want, want_vjp = jax.vjp(plain, *args, gammas)
-  assert relative_error(got, want) < 1e-5
-  for i, (g, w) in enumerate(zip(got_vjp(cotangent), want_vjp(cotangent))):
-    assert g.shape == w.shape and relative_error(g, w) < 1e-5, i
+  assert_equals_plain(kernel, plain, (*args, gammas), cotangent)
 
 
 def test_split_over_a_mesh_equals_one_device():
   # x3 and the 14 gradients; each device's images, the weight gradients summed over devices.
-  from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.kernels.tpu import block_tail as tpu_block_tail
     shapes = [(8, 4, 4, 8), (8, 4, 4, 8), (8, 8), (8,), (8,), (8,), (8, 16), (16,),
@@ -110,13 +103,6 @@ def test_split_over_a_mesh_equals_one_device():
   ''', 14)
 
 
-# (height, width, dim, hidden): the stages of RMT-T, -S, -B and -L at 224 px.
-STAGES = [(56, 56, 64, 192), (28, 28, 128, 384), (14, 14, 256, 768), (7, 7, 512, 1536),
-          (56, 56, 64, 256), (28, 28, 128, 512),
-          (56, 56, 80, 320), (28, 28, 160, 640), (14, 14, 320, 960), (7, 7, 512, 1536),
-          (56, 56, 112, 448), (28, 28, 224, 896), (14, 14, 448, 1344), (7, 7, 640, 1920)]
-
-
 @pytest.mark.parametrize('stream', [4, 2])
 def test_plans(stream):
   # Which stages get a plan within the budget (64 images per device, bfloat16 compute): all but
@@ -125,7 +111,7 @@ def test_plans(stream):
   # these plans compiles for a v4 and a v5p at 64 images (the suite compiles three at fewer,
   # below).
   planned, parts = [], []
-  for height, width, dim, hidden in STAGES:
+  for height, width, dim, hidden in STAGES_WITH_HIDDEN:
     shape = tpu_block_tail.Shape(64 * height * width, height, width, dim,
                                  -(-hidden // 128) * 128, 2, stream)
     plan = shape.plan
@@ -133,7 +119,7 @@ def test_plans(stream):
     assert fits == (plan is not None)
     if plan is None:
       continue
-    assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+    assert shape.vmem_bytes(plan) <= common.BUDGET
     rows = plan.block_rows
     assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
     assert rows * width % plan.band == 0 and hidden <= shape.hidden
@@ -157,33 +143,24 @@ def test_a_block_under_tpu_kernels_equals_the_plain_forms(layerscale, drop_path)
   variables = block('xla').init(jax.random.key(0), x)
   rngs = {'dropout': jax.random.key(1)}
   assert tpu_block_tail.fits_vmem(x.shape, 96, 4, 4)
-  want, want_vjp = jax.vjp(lambda v, x: block('xla').apply(v, x, True, rngs=rngs), variables, x)
-  got, got_vjp = jax.vjp(lambda v, x: block('tpu').apply(v, x, True, rngs=rngs), variables, x)
-  assert relative_error(got, want) < 1e-5
-  g, w = got_vjp(x), want_vjp(x)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
-    assert relative_error(a, b) < 1e-5
+  assert_equals_plain(lambda v, x: block('tpu').apply(v, x, True, rngs=rngs),
+                      lambda v, x: block('xla').apply(v, x, True, rngs=rngs), (variables, x), x)
 
 
 def test_bfloat16_within_its_rounding_of_the_plain_form():
   # bfloat16 compute (o and the weights), float32 stream (x1) as in the official recipe.
   inputs = _inputs(4, 4, 4, 16, 48, jnp.float32, seed=6)
 
-  def both(dtype):
+  def run(dtype):
     x1, o, *weights, cotangent = inputs
     args = (x1, o.astype(dtype), *weights)
-    got, got_vjp = jax.vjp(_kernel, *args)
-    want, want_vjp = jax.vjp(_plain, *args)
-    return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+    return (values_and_gradients(_kernel, args, cotangent),
+            values_and_gradients(_plain, args, cotangent))
 
-  exact, _ = both(jnp.float32)
-  got, want = both(jnp.bfloat16)
-  for i, (g, w, e) in enumerate(zip(got, want, exact)):
-    # The kernel keeps the branches, the norm and the hidden activations in float32 where the
-    # plain form rounds some steps to bfloat16: no farther from the float32 result, and within
-    # a few bfloat16 ulps of the plain form.
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, i
-    assert relative_error(g, w) < 2 ** -6, i
+  # The kernel keeps the branches, the norm and the hidden activations in float32 where the
+  # plain form rounds some steps to bfloat16: no farther from the float32 result, and within a
+  # few bfloat16 ulps of the plain form.
+  assert_bfloat16_within_its_rounding(run, of_plain=2 ** -6)
 
 
 @pytest.mark.parametrize('stream', [4, 2])

@@ -15,12 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
-                      assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
-                      needs_libtpu, pallas_calls, relative_error)
+from conftest import needs_libtpu
+from kernel_checks import (STAGES_WITH_HIDDEN, assert_bfloat16_within_its_rounding,
+                           assert_equals_plain, assert_kernels_compile_for_a_v5p_and_a_v4,
+                           assert_split_over_a_mesh_equals_one_device,
+                           assert_tpu_form_equals_plain, blocks, kernel_calls,
+                           values_and_gradients)
 from rmt_jax.models import layers
 from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 
 def _plain(x, w1, b1, taps, bias, w2, b2):
@@ -44,6 +47,8 @@ def _inputs(batch, height, width, dim, hidden, dtype, seed=0):
   return [jnp.asarray(rng.normal(size=s) * c, dtype) for s, c in zip(shapes, scales)]
 
 
+NAMES = ('y', 'x', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel',
+         'fc2 bias')
 Plan = tpu_feed_forward.Plan
 
 # (batch, height, width, dim, hidden, plan): one step, band and chunk (60 tokens: not a whole
@@ -63,24 +68,10 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, hi
                                                    monkeypatch):
   monkeypatch.setattr(tpu_feed_forward.Shape, 'plan', property(lambda self: plan))
   *args, cotangent = _inputs(batch, height, width, dim, hidden, jnp.float32)
-  got, got_vjp = jax.vjp(_kernel, *args)
-  want, want_vjp = jax.vjp(_plain, *args)
-  assert got.dtype == jnp.float32 and got.shape == want.shape
-  assert relative_error(got, want) < 1e-5
-  names = ('x', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel', 'fc2 bias')
-  for name, g, w in zip(names, got_vjp(cotangent), want_vjp(cotangent)):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert relative_error(g, w) < 1e-5, name
+  assert_equals_plain(_kernel, _plain, args, cotangent, NAMES)
 
 
-# (height, width, dim, hidden): the stages of RMT-T, -S, -B and -L at 224 px.
-STAGES = [(56, 56, 64, 192), (28, 28, 128, 384), (14, 14, 256, 768), (7, 7, 512, 1536),
-          (56, 56, 64, 256), (28, 28, 128, 512),
-          (56, 56, 80, 320), (28, 28, 160, 640), (14, 14, 320, 960), (7, 7, 512, 1536),
-          (56, 56, 112, 448), (28, 28, 224, 896), (14, 14, 448, 1344), (7, 7, 640, 1920)]
-
-
-@pytest.mark.parametrize('height,width,dim,hidden', STAGES)
+@pytest.mark.parametrize('height,width,dim,hidden', STAGES_WITH_HIDDEN)
 def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden):
   padded = -(-hidden // 128) * 128
   shape = tpu_feed_forward.Shape(64 * height * width, height, width, dim, padded, 2)
@@ -92,7 +83,7 @@ def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden
   assert (plan is None) == ((dim, hidden) in ((512, 1536), (320, 960), (448, 1344), (640, 1920)))
   if plan is None:
     return
-  assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+  assert shape.vmem_bytes(plan) <= common.BUDGET
   tokens = plan.block_images * height * width
   assert 64 % plan.block_images == 0 and tokens % 16 == 0
   assert tokens % plan.band == 0 and plan.band % 16 == 0 and plan.band >= 2 * shape.halo
@@ -103,23 +94,16 @@ def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden
 def test_bfloat16_within_its_rounding_of_the_plain_form():
   inputs = _inputs(4, 4, 4, 16, 48, jnp.float32, seed=1)
 
-  def both(dtype):
+  def run(dtype):
     *args, cotangent = (a.astype(dtype) for a in inputs)
-    got, got_vjp = jax.vjp(_kernel, *args)
-    want, want_vjp = jax.vjp(_plain, *args)
-    return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+    return (values_and_gradients(_kernel, args, cotangent),
+            values_and_gradients(_plain, args, cotangent))
 
-  exact, _ = both(jnp.float32)
-  got, want = both(jnp.bfloat16)
-  names = ('y', 'x', 'fc1 kernel', 'fc1 bias', 'conv kernel', 'conv bias', 'fc2 kernel',
-           'fc2 bias')
-  for name, g, w, e in zip(names, got, want, exact):
-    assert g.dtype == jnp.bfloat16, name
-    # The kernel keeps the hidden activations in float32 where the plain form rounds each
-    # step to bfloat16: it is no farther from the float32 result, and within a few bfloat16
-    # ulps (2^-8) of the plain form.
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, name
-    assert relative_error(g, w) < 2 ** -6, name
+  # The kernel keeps the hidden activations in float32 where the plain form rounds each step
+  # to bfloat16: it is no farther from the float32 result, and within a few bfloat16 ulps
+  # (2^-8) of the plain form.
+  got = assert_bfloat16_within_its_rounding(run, NAMES, of_plain=2 ** -6)
+  assert all(g.dtype == jnp.bfloat16 for g in got)
 
 
 def test_feed_forward_under_tpu_kernels_equals_the_plain_form():
@@ -166,10 +150,9 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, hidden, 
                                                       (hidden, dim), (dim,)]]
   ffn = lambda x, w1, b1, t, b, w2, b2: tpu_feed_forward.feed_forward(
       x, (w1, b1), (t, b), (w2, b2), interpret=False)
-  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(ffn, *a)[1](a[0]))(x, *weights)
   # The forward kernel has 8 operands (x, 6 weights -> y), the backward 14.
-  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
-                             key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
+  forward, backward = kernel_calls(jax.make_jaxpr(lambda *a: jax.vjp(ffn, *a)[1](a[0]))(
+      x, *weights))
   size = jnp.dtype(dtype).itemsize
   tokens = batch * height * width
   hidden = -(-hidden // 128) * 128  # the kernels see the hidden channels padded to 128 lanes
@@ -190,11 +173,8 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, hidden, 
     assert (cost.flops, cost.transcendentals, cost.bytes_accessed) == (
         flops, exps, arrays * array + weight_elements * size + extra)
     # Every token block is read or written once: the grid tiles the tokens exactly.
-    mapping = eqn.params['grid_mapping']
-    cores, steps = mapping.grid
-    blocks = [tuple(getattr(s, 'block_size', s) for s in m.block_shape)
-              for m in mapping.block_mappings]
-    token_blocks = [b for b in blocks if b == (shape.block_tokens, dim)]
+    cores, steps = eqn.params['grid_mapping'].grid
+    token_blocks = [b for b in blocks(eqn) if b == (shape.block_tokens, dim)]
     assert len(token_blocks) == arrays and cores * steps * shape.block_tokens == tokens
     assert shape.block_tokens % (height * width) == 0
   if height == 56:

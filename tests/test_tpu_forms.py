@@ -7,8 +7,6 @@ axial and the whole-image layouts), the rotary shift applied inside the kernels 
 kernels' declared costs against the formula, and, with libtpu, Mosaic's compilation for a v5p.
 """
 
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -17,12 +15,14 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from conftest import (KERNELS_IN_HBM, REPO, assert_tpu_form_equals_plain, libtpu_env,
-                      needs_libtpu, official_case, official_model_kernels, pallas_calls,
-                      relative_error)
+from conftest import needs_libtpu, official_case, relative_error
+from kernel_checks import (COMPILE_HEAD, KERNELS_IN_HBM, assert_bfloat16_within_its_rounding,
+                           assert_equals_plain, assert_split_over_a_mesh_equals_one_device,
+                           assert_tpu_form_equals_plain, blocks, kernel_calls,
+                           official_model_kernels, run_script, values_and_gradients)
 from rmt_jax.models import decay, layers
 from rmt_jax.kernels.tpu import attention as tpu_forms
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 RATES = (2.0, 4.0)  # initial_value, heads_range: heads decay at different rates
 
@@ -62,14 +62,11 @@ def test_values_and_gradients_equal_the_plain_form(problems, length, heads, head
   q, k, v, cotangent = _inputs(shape, jnp.float32)
   log_gamma = decay.log_gamma(heads, *RATES)
   assert len(set(log_gamma.tolist())) == heads
-  got, got_vjp = jax.vjp(lambda q, k, v: tpu_forms.decayed_attention(
-      q, k, v, log_gamma, width=width, interpret=True), q, k, v)
-  want, want_vjp = jax.vjp(lambda q, k, v: _plain(q, k, v, heads, width), q, k, v)
-  assert got.dtype == jnp.float32 and got.shape == shape
-  assert relative_error(got, want) < 1e-5
-  for name, g, w in zip('qkv', got_vjp(cotangent), want_vjp(cotangent)):
-    assert g.shape == shape and g.dtype == jnp.float32, name
-    assert relative_error(g, w) < 1e-5, name
+  kernel = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
+                                                       interpret=True)
+  got = assert_equals_plain(kernel, lambda q, k, v: _plain(q, k, v, heads, width), (q, k, v),
+                            cotangent, ('out', 'dq', 'dk', 'dv'))
+  assert all(g.shape == shape and g.dtype == jnp.float32 for g in got)
 
 
 @pytest.mark.parametrize('width', [None, 4])
@@ -78,21 +75,18 @@ def test_bfloat16_within_its_rounding_of_the_plain_form(width):
   inputs = _inputs(shape, jnp.float32, seed=1)
   log_gamma = decay.log_gamma(heads, *RATES)
 
-  def both(dtype):
-    q, k, v, cotangent = (x.astype(dtype) for x in inputs)
-    got, got_vjp = jax.vjp(lambda q, k, v: tpu_forms.decayed_attention(
-        q, k, v, log_gamma, width=width, interpret=True), q, k, v)
-    want, want_vjp = jax.vjp(lambda q, k, v: _plain(q, k, v, heads, width), q, k, v)
-    return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+  kernel = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
+                                                       interpret=True)
+  plain = lambda q, k, v: _plain(q, k, v, heads, width)
 
-  exact, _ = both(jnp.float32)
-  got, want = both(jnp.bfloat16)
-  for name, g, w, e in zip(('out', 'dq', 'dk', 'dv'), got, want, exact):
-    assert g.dtype == jnp.bfloat16, name
-    # Both bfloat16 forms round products and probabilities to 8 bits: each is as far from
-    # the float32 result as the other, and they agree within a few bfloat16 ulps (2^-8).
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, name
-    assert relative_error(g, w) < 2 ** -6, name
+  def run(dtype):
+    *qkv, cotangent = (x.astype(dtype) for x in inputs)
+    return tuple(values_and_gradients(f, qkv, cotangent) for f in (kernel, plain))
+
+  # Both bfloat16 forms round products and probabilities to 8 bits: each is as far from the
+  # float32 result as the other, and they agree within a few bfloat16 ulps (2^-8).
+  got = assert_bfloat16_within_its_rounding(run, ('out', 'dq', 'dk', 'dv'), of_plain=2 ** -6)
+  assert all(g.dtype == jnp.bfloat16 for g in got)
 
 
 @pytest.mark.parametrize('axial', [True, False])
@@ -116,11 +110,10 @@ def test_declared_costs_are_the_kernels_work(shape, heads, width, dtype, tables)
   rotary = None if tables is None else (jnp.zeros(tables, dtype),) * 2
   attention = lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
                                                           rotary=rotary, interpret=False)
-  jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(attention, q, k, v)[1](v))(*args)
   # The forward kernel has 4 operands (q, k, v -> out), the backward 7 (q, k, v, dout -> dq,
   # dk, dv).
-  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
-                             key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
+  forward, backward = kernel_calls(jax.make_jaxpr(
+      lambda q, k, v: jax.vjp(attention, q, k, v)[1](v))(*args))
   itemsize = jnp.dtype(dtype).itemsize
   array = np.prod(shape) * itemsize
   # The two tables (sin with its sign, cos), each read once.
@@ -137,15 +130,13 @@ def test_declared_costs_are_the_kernels_work(shape, heads, width, dtype, tables)
     # layout, the columns on the outer axis where there are several steps of them). The
     # tables follow the inputs (q, k, v[, dout]); their block is all of them, or a column
     # step's share, and changes only with the outer axis: each is fetched once.
-    mapping = eqn.params['grid_mapping']
     inputs = 3 if arrays == 4 else 4
-    blocks = [tuple(getattr(size, 'block_size', size) for size in m.block_shape)
-              for m in mapping.block_mappings]
-    table_blocks = [] if tables is None else blocks[inputs:inputs + 2]
-    tiled = blocks[:inputs] + blocks[inputs + len(table_blocks):]
+    shapes = blocks(eqn)
+    table_blocks = [] if tables is None else shapes[inputs:inputs + 2]
+    tiled = shapes[:inputs] + shapes[inputs + len(table_blocks):]
     assert len(tiled) == arrays and len(set(tiled)) == 1
     block = tiled[0]
-    assert _problems_tiled(mapping.grid, block, shape, columns)
+    assert _problems_tiled(eqn.params['grid_mapping'].grid, block, shape, columns)
     assert table_blocks == ([] if tables is None else
                             [block[1:] if columns else tables] * 2)
 
@@ -163,15 +154,7 @@ def _problems_tiled(grid, block, shape, columns) -> bool:
           and not shape[0] % block[0])
 
 
-_COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
-    import os
-    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
-    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-    os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'
-    import jax, jax.numpy as jnp, numpy as np
-    jax.config.update('jax_platforms', 'cpu')
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+_COMPILE = COMPILE_HEAD + KERNELS_IN_HBM + textwrap.dedent('''
     from rmt_jax.models import decay
     from rmt_jax.kernels.tpu import attention as tpu_forms
     device = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1').devices[0]
@@ -211,11 +194,8 @@ _COMPILE = KERNELS_IN_HBM + textwrap.dedent('''
 
 @needs_libtpu
 def test_kernels_compile_for_a_v5p():
-  proc = subprocess.run([sys.executable, '-c', _COMPILE], cwd=REPO, env=libtpu_env(True),
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
   # Forward and backward kernel, for the row, whole and column layouts, operands in HBM.
-  assert proc.stdout.split('\n')[:5] == [
+  assert run_script(_COMPILE, with_libtpu=True)[:5] == [
       '(112, 56, 64) 2 2', '(8, 49, 256) 2 2', '(64, 56, 56, 64) 2 2', '(64, 28, 28, 160) 2 2',
       'sharded 2 False True']
 
@@ -244,14 +224,13 @@ def test_rotary_applied_in_the_kernels_equals_theta_shift_before(problems, lengt
   log_gamma = decay.log_gamma(heads, *RATES)
   per_problem = lambda t: jnp.tile(t, (problems // tables, 1, 1))  # table p % T for problem p
 
-  got, got_vjp = jax.vjp(lambda q, k, v: tpu_forms.decayed_attention(
-      q, k, v, log_gamma, width=width, rotary=(sin, cos), interpret=True), q, k, v)
-  want, want_vjp = jax.vjp(lambda q, k, v: _plain(
-      layers.theta_shift(q, per_problem(sin), per_problem(cos)),
-      layers.theta_shift(k, per_problem(sin), per_problem(cos)), v, heads, width), q, k, v)
-  assert relative_error(got, want) < 1e-5
-  for name, g, w in zip('qkv', got_vjp(cotangent), want_vjp(cotangent)):
-    assert relative_error(g, w) < 1e-5, name
+  assert_equals_plain(
+      lambda q, k, v: tpu_forms.decayed_attention(q, k, v, log_gamma, width=width,
+                                                  rotary=(sin, cos), interpret=True),
+      lambda q, k, v: _plain(layers.theta_shift(q, per_problem(sin), per_problem(cos)),
+                             layers.theta_shift(k, per_problem(sin), per_problem(cos)), v,
+                             heads, width),
+      (q, k, v), cotangent, ('out', 'dq', 'dk', 'dv'))
 
 
 @pytest.mark.parametrize('images,height,width,heads,head_dim,dtype', [
@@ -311,7 +290,6 @@ def test_column_layout_equals_the_transposed_plain_form(images, height, width, h
 def test_column_layout_split_over_a_mesh_equals_one_device():
   # Under a mesh each device runs the kernels on its images (the leading axis) with the whole
   # tables.
-  from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.models import decay
     from rmt_jax.kernels.tpu import attention as tpu_forms
@@ -339,7 +317,7 @@ def test_column_layout_plans_fit_vmem_for_every_axial_stage():
       assert fits == (itemsize == 2 or size != 28 or channels <= 128), (size, channels)
       problem = tpu_forms.Problem(64, size, heads, channels // heads, None, itemsize, 1, size)
       vmem = problem.column_vmem_bytes(problem.block, problem.column_block)
-      assert (vmem <= tpu_memory.BUDGET) == fits
+      assert (vmem <= common.BUDGET) == fits
 
 
 def test_masa_takes_the_transposes_where_the_column_layout_does_not_fit(monkeypatch):

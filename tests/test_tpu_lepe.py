@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
-                      assert_the_official_fixtures_run_a_kernel_in_every_block, needs_libtpu,
-                      relative_error)
+from conftest import needs_libtpu
+from kernel_checks import (STAGES, assert_bfloat16_within_its_rounding, assert_equals_plain,
+                           assert_kernels_compile_for_a_v5p_and_a_v4,
+                           assert_split_over_a_mesh_equals_one_device,
+                           assert_the_official_fixtures_run_a_kernel_in_every_block,
+                           values_and_gradients)
 from rmt_jax.models import layers
 from rmt_jax.kernels.tpu import lepe as tpu_lepe
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 from rmt_jax.kernels.tpu.lepe import Plan
 
 
@@ -45,38 +48,25 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, pl
                                                    monkeypatch):
   monkeypatch.setattr(tpu_lepe.Shape, 'plan', property(lambda self: plan))
   args, cotangent = _inputs(batch, height, width, dim)
-  got, got_vjp = jax.vjp(_kernel, *args)
-  want, want_vjp = jax.vjp(_plain, *args)
-  assert got.shape == want.shape and got.dtype == want.dtype
-  assert relative_error(got, want) < 1e-5
-  for name, g, w in zip(('attention', 'v', 'kernel', 'bias'), got_vjp(cotangent),
-                        want_vjp(cotangent)):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert relative_error(g, w) < 1e-5, name
+  assert_equals_plain(_kernel, _plain, args, cotangent, ('o', 'attention', 'v', 'kernel', 'bias'))
 
 
 def test_bfloat16_within_its_rounding_of_the_plain_form():
   args32, cotangent32 = _inputs(4, 6, 6, 16, seed=6)
 
-  def both(dtype):
+  def run(dtype):
     args = (args32[0].astype(dtype), args32[1].astype(dtype), *args32[2:])
     cotangent = cotangent32.astype(dtype)
-    got, got_vjp = jax.vjp(_kernel, *args)
-    want, want_vjp = jax.vjp(_plain, *args)
-    return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+    return (values_and_gradients(_kernel, args, cotangent),
+            values_and_gradients(_plain, args, cotangent))
 
-  exact, _ = both(jnp.float32)
-  got, want = both(jnp.bfloat16)
-  for i, (g, w, e) in enumerate(zip(got, want, exact)):
-    # Sums in float32 where the plain form may round some to bfloat16: no farther from the
-    # float32 result than the plain form, and within two bfloat16 ulps of it.
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9, i
-    assert relative_error(g, e) < 2 ** -7, i
+  # Sums in float32 where the plain form may round some to bfloat16: no farther from the
+  # float32 result than the plain form, and within two bfloat16 ulps of it.
+  assert_bfloat16_within_its_rounding(run, of_float32=2 ** -7)
 
 
 def test_split_over_a_mesh_equals_one_device():
   # o and the 4 gradients; each device's images, the conv's gradients summed over devices.
-  from conftest import assert_split_over_a_mesh_equals_one_device
   assert_split_over_a_mesh_equals_one_device('''
     from rmt_jax.kernels.tpu import lepe as tpu_lepe
     shapes = [(8, 4, 4, 8), (8, 4, 4, 8), (5, 5, 1, 8), (8,)]
@@ -89,12 +79,6 @@ def test_split_over_a_mesh_equals_one_device():
   ''', 5)
 
 
-# (height, width, dim): the stages of RMT-T, -S, -B and -L at 224 px.
-STAGES = [(56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512), (56, 56, 80),
-          (28, 28, 160), (14, 14, 320), (56, 56, 112), (28, 28, 224), (14, 14, 448),
-          (7, 7, 640)]
-
-
 def test_plans():
   # Every stage of every variant has a plan within the budget (64 images per device, bfloat16
   # compute): whole images, stage 1 one image a step.
@@ -102,7 +86,7 @@ def test_plans():
     shape = tpu_lepe.Shape(64, height, width, dim, 2)
     plan = shape.plan
     assert plan is not None and tpu_lepe.fits_vmem((64, height, width, dim), 2)
-    assert shape.vmem_bytes(plan) <= tpu_memory.BUDGET
+    assert shape.vmem_bytes(plan) <= common.BUDGET
     assert 64 % plan.block_images == 0 and plan.block_images * height * width % plan.band == 0
     assert plan.block_images == 1 or height != 56
 
@@ -113,11 +97,8 @@ def test_a_masa_under_tpu_kernels_equals_the_plain_forms():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 32)), jnp.float32)
   variables = masa('xla').init(jax.random.key(0), x)
   assert tpu_lepe.fits_vmem(x.shape, 4)
-  want, want_vjp = jax.vjp(lambda v, x: masa('xla').apply(v, x), variables, x)
-  got, got_vjp = jax.vjp(lambda v, x: masa('tpu').apply(v, x), variables, x)
-  assert relative_error(got, want) < 1e-5
-  for a, b in zip(jax.tree.leaves(got_vjp(x)), jax.tree.leaves(want_vjp(x))):
-    assert relative_error(a, b) < 1e-5
+  assert_equals_plain(lambda v, x: masa('tpu').apply(v, x),
+                      lambda v, x: masa('xla').apply(v, x), (variables, x), x)
 
 
 @pytest.mark.parametrize('images,size,c', [(16, 14, 32), (4, 56, 64)])

@@ -4,9 +4,10 @@ form, in Pallas's interpreter.
 Values and the gradients of x, the norm's scale and bias and every weight against flax's
 LayerNorm -> matmuls (float32 and bfloat16; one and several grid steps, two cores' partial
 sums, rows of 7 tokens, output width unlike the input's), `layers.RetBlock` under
-`kernels='tpu'` against `kernels='xla'` where the first-half kernel does not fit, the split over a mesh of CPU devices, the plans for
-every stage of the four variants, the declared costs against the formula, and, with libtpu,
-Mosaic's compilation for a v5p and a v4 (one chip) and a 4-chip v5p mesh.
+`kernels='tpu'` against `kernels='xla'` where the first-half kernel does not fit, the split
+over a mesh of CPU devices, the plans for every stage of the four variants, the declared costs
+against the formula, and, with libtpu, Mosaic's compilation for a v5p and a v4 (one chip) and a
+4-chip v5p mesh.
 """
 
 import functools
@@ -16,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_kernels_compile_for_a_v5p_and_a_v4,
-                      assert_split_over_a_mesh_equals_one_device, assert_tpu_form_equals_plain,
-                      needs_libtpu, pallas_calls, relative_error)
+from conftest import needs_libtpu
+from kernel_checks import (assert_bfloat16_within_its_rounding, assert_equals_plain,
+                           assert_kernels_compile_for_a_v5p_and_a_v4,
+                           assert_split_over_a_mesh_equals_one_device,
+                           assert_tpu_form_equals_plain, blocks, kernel_calls,
+                           values_and_gradients)
 from rmt_jax.models import layers, variants
 from rmt_jax.kernels.tpu import block_head as tpu_block_head
 from rmt_jax.kernels.tpu import projections as tpu_projections
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 SCALES = (1.0, 0.25, 1.0)
 
@@ -50,11 +54,6 @@ def _inputs(batch, height, width, dim, features, seed=0):
   return [jnp.asarray(a, jnp.float32) for a in arrays], [jnp.asarray(c) for c in cotangents]
 
 
-def _value_and_vjp(f, args, cotangents):
-  out, vjp = jax.vjp(f, *args)
-  return out, vjp(tuple(c.astype(o.dtype) for c, o in zip(cotangents, out)))
-
-
 # (batch, height, width, dim, features, block tokens, rows per step, cores): everything in one
 # step; rows of 7 tokens, 4 per step over 2 cores; 3 steps (one core), 8 -> 16 channels.
 CASES = [(2, 5, 6, 8, 8, 2048, 10, 1),
@@ -69,27 +68,24 @@ def test_values_and_gradients_equal_the_plain_form(batch, height, width, dim, fe
   shape = tpu_projections.Shape(batch * height, width, dim, features, 3, 4, 4)
   assert (shape.block_rows, shape.cores) == (rows, cores)
   args, cotangents = _inputs(batch, height, width, dim, features)
-  got = _value_and_vjp(functools.partial(_kernel, dtype=jnp.float32), args, cotangents)
-  want = _value_and_vjp(functools.partial(_plain, dtype=jnp.float32), args, cotangents)
+  got = assert_equals_plain(functools.partial(_kernel, dtype=jnp.float32),
+                            functools.partial(_plain, dtype=jnp.float32), args, tuple(cotangents))
   # q, k, v; then x, the norm's scale and bias, 3 kernels and 3 biases.
-  assert len(jax.tree.leaves(got)) == 3 + 9
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert g.shape == w.shape and g.dtype == w.dtype
-    assert relative_error(g, w) < 1e-5
+  assert len(got) == 3 + 9
 
 
 def test_bfloat16_within_its_rounding_of_the_plain_form():
   args, cotangents = _inputs(2, 4, 4, 16, 16, seed=1)
-  exact = _value_and_vjp(functools.partial(_plain, dtype=jnp.float32), args, cotangents)
-  got = _value_and_vjp(functools.partial(_kernel, dtype=jnp.bfloat16), args, cotangents)
-  want = _value_and_vjp(functools.partial(_plain, dtype=jnp.bfloat16), args, cotangents)
-  for g, w, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(exact)):
-    # x stays float32 (the residual stream), the outputs are bfloat16; the kernel sums its
-    # float32 products where the plain form rounds each to bfloat16: no farther from the
-    # float32 result, within a few bfloat16 ulps (2^-8) of the plain form.
-    assert g.dtype == w.dtype
-    assert relative_error(g, e) < 1.5 * relative_error(w, e) + 2 ** -9
-    assert relative_error(g, w) < 2 ** -6
+
+  def run(dtype):
+    cts = tuple(c.astype(dtype) for c in cotangents)
+    return tuple(values_and_gradients(functools.partial(f, dtype=dtype), args, cts)
+                 for f in (_kernel, _plain))
+
+  # x stays float32 (the residual stream), the outputs are bfloat16; the kernel sums its
+  # float32 products where the plain form rounds each to bfloat16: no farther from the float32
+  # result, within a few bfloat16 ulps (2^-8) of the plain form.
+  assert_bfloat16_within_its_rounding(run, of_plain=2 ** -6)
 
 
 def test_block_under_tpu_kernels_equals_the_plain_form(monkeypatch):
@@ -125,7 +121,7 @@ def test_every_stage_but_the_widest_has_a_plan_at_64_images(name):
       assert not tpu_projections.fits_vmem((64, size, size, dim), dim, 3, 4, 2)
       continue
     assert shape.block_rows is not None, (name, dim)
-    assert shape.vmem_bytes(shape.block_rows) <= tpu_memory.BUDGET
+    assert shape.vmem_bytes(shape.block_rows) <= common.BUDGET
     assert shape.block_rows * size <= tpu_projections._BLOCK_TOKENS
     size //= 2
 
@@ -156,11 +152,9 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, dtype):
   weights = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(dim, dim), (dim,)] * 3]
   f = lambda x, s, b, *w: tpu_projections.normalized_projections(
       x, (s, b), tuple(zip(w[::2], w[1::2])), SCALES, eps=1e-6, dtype=dtype, interpret=False)
-  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1]((jnp.zeros(x.shape, dtype),) * 3))(
-      x, vector, vector, *weights)
   # The forward kernel has 8 operands (x, norm, weights -> q, k, v), the backward 12.
-  forward, backward = sorted(pallas_calls(jaxpr.jaxpr),
-                             key=lambda eqn: len(eqn.params['grid_mapping'].block_mappings))
+  forward, backward = kernel_calls(jax.make_jaxpr(
+      lambda *a: jax.vjp(f, *a)[1]((jnp.zeros(x.shape, dtype),) * 3))(x, vector, vector, *weights))
   size = jnp.dtype(dtype).itemsize
   tokens = batch * height * width
   shape = tpu_projections.Shape(batch * height, width, dim, dim, 3, 4, size)
@@ -173,11 +167,8 @@ def test_declared_costs_are_the_kernels_work(batch, height, width, dim, dtype):
     assert (cost.flops, cost.transcendentals, cost.bytes_accessed) == (
         flops, tokens, tokens * dim * (4 * x_arrays + 3 * size) + weight_bytes + extra)
     # Every block of rows is read or written once: the grid tiles the rows exactly.
-    mapping = eqn.params['grid_mapping']
-    cores, steps = mapping.grid
-    blocks = [tuple(getattr(s, 'block_size', s) for s in m.block_shape)
-              for m in mapping.block_mappings]
-    assert blocks.count((shape.block_rows, width, dim)) == row_arrays
+    cores, steps = eqn.params['grid_mapping'].grid
+    assert blocks(eqn).count((shape.block_rows, width, dim)) == row_arrays
     assert cores * steps * shape.block_rows == batch * height
 
 

@@ -7,6 +7,7 @@ cached in the workdir (`KERNEL_CHECK_FILE`), keyed by the device kind, jax's and
 versions and the calls' shapes, so a resumed run does not check again.
 """
 
+import dataclasses
 from typing import Callable
 
 from etils import epath
@@ -22,7 +23,17 @@ KERNEL_CHECK_FILE = 'kernel_check.json'
 
 def record_calls(model: RMT, batch: int, image_size: int) -> list[operations.Call]:
   """The kernel calls of `model`'s train-mode forward pass (and so of its backward) on `batch`
-  images of `image_size`, under `kernels='tpu'`, without running anything."""
+  images of `image_size`, under `kernels='tpu'`, without running anything; each with its
+  plain form in float32 as the check's reference (the same network in float32 throughout)."""
+  calls = _recorded(model, batch, image_size)
+  in_float32 = _recorded(model.clone(dtype=jnp.float32, residual_dtype=jnp.float32), batch,
+                         image_size)
+  references = {(c.key.operation, c.key.shape): c.plain for c in in_float32}
+  return [dataclasses.replace(c, reference=references.get((c.key.operation, c.key.shape)))
+          for c in calls if c.kernel is not None]
+
+
+def _recorded(model: RMT, batch: int, image_size: int) -> list[operations.Call]:
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   key = jax.random.key(0)
   variables = jax.eval_shape(model.clone(kernels='xla').init, key, images)

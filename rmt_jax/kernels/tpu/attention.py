@@ -41,35 +41,28 @@ Bytes are counted at the arrays' logical size, as XLA counts its own operations;
 tiles the last two axes to multiples of (16, 128) for bfloat16, so stage 1's 64 channels occupy
 128 lanes and the traffic there is up to twice the declared one.
 
-XLA does not partition Mosaic kernels: under a context mesh of several devices
-(`jax.set_mesh`, or `rmt_jax.train.sharding.traced_on` in the trainer) the calls run in a `shard_map`
-that gives each device its share of the problems. The operands stay in HBM
-(`tpu_memory.in_hbm`): the grid's pipeline brings each block into VMEM.
+As the other kernels, they run per device under a context mesh (`common.per_device`: a
+`shard_map` that gives each device its share of the problems) and keep their operands in HBM
+(`common.in_hbm`): the grid's pipeline brings each block into VMEM.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
-
-# A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
-
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
 # seven double-buffered blocks (lanes padded to 128) fit the default scoped VMEM (16 MiB).
 _BLOCK_BYTES = 256 * 1024
-
-_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 
 _LANES = 128  # a vector register's (and a VMEM tile's) lane axis
 
@@ -123,34 +116,34 @@ class Problem:
   def column_block(self) -> int:
     """Columns per grid step (column layout): the most that are a multiple of 8 (a sublane
     tile) or all of them, with one image's block within `_BLOCK_BYTES` and the VMEM within
-    `tpu_memory.BUDGET`; else the fewest that are."""
+    `common.BUDGET`; else the fewest that are."""
     per_column = self.length * self.channels * self.itemsize
     legal = [c for c in range(1, self.columns + 1)
              if self.columns % c == 0 and (c % 8 == 0 or c == self.columns)]
     within = [c for c in legal if c * per_column <= _BLOCK_BYTES
-              and self.column_vmem_bytes(1, c) <= tpu_memory.BUDGET]
+              and self.column_vmem_bytes(1, c) <= common.BUDGET]
     return max(within) if within else min(legal)
 
   @property
   def block(self) -> int:
     """Entries per grid step: the largest divisor of `problems` whose block is within
-    `_BLOCK_BYTES` (and in the column layout, whose VMEM is within `tpu_memory.BUDGET`), or
+    `_BLOCK_BYTES` (and in the column layout, whose VMEM is within `common.BUDGET`), or
     one."""
     per_entry = self.length * self.channels * self.itemsize
     if self.columns is not None:
       per_entry *= self.column_block
     limit = max(1, _BLOCK_BYTES // per_entry)
     fits = lambda p: (self.columns is None or p == 1 or
-                      self.column_vmem_bytes(p, self.column_block) <= tpu_memory.BUDGET)
+                      self.column_vmem_bytes(p, self.column_block) <= common.BUDGET)
     return max(p for p in range(1, min(limit, self.problems) + 1)
                if self.problems % p == 0 and fits(p))
 
   @property
   def fits_vmem(self) -> bool:
-    """Whether the kernels' VMEM is within `tpu_memory.BUDGET` (the column layout's estimate;
+    """Whether the kernels' VMEM is within `common.BUDGET` (the column layout's estimate;
     the other layouts' blocks are `_BLOCK_BYTES` at most, which always fits)."""
     return (self.columns is None or
-            self.column_vmem_bytes(self.block, self.column_block) <= tpu_memory.BUDGET)
+            self.column_vmem_bytes(self.block, self.column_block) <= common.BUDGET)
 
   @property
   def grid(self) -> tuple[int, ...]:
@@ -233,7 +226,7 @@ def _unrotate(dy: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array) -> jax.Array:
   """softmax(q k^T + decay) v of one problem and head, inside a kernel (normalised last)."""
-  logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+  logits = jax.lax.dot_general(q, k, common.TRANS_B, preferred_element_type=jnp.float32) + decay
   weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
   out = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out / weights.sum(axis=1, keepdims=True)
@@ -242,10 +235,10 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array) -> jax.A
 def _attend_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
                      decay: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """dq, dk, dv (float32) of `_attend` for the cotangent do, the probabilities recomputed."""
-  logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) + decay
+  logits = jax.lax.dot_general(q, k, common.TRANS_B, preferred_element_type=jnp.float32) + decay
   weights = jnp.exp(logits - logits.max(axis=1, keepdims=True))
   probs = weights * (1.0 / weights.sum(axis=1, keepdims=True))
-  dprobs = jax.lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+  dprobs = jax.lax.dot_general(do, v, common.TRANS_B, preferred_element_type=jnp.float32)
   dv = jnp.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dlogits = probs * (dprobs - (probs * dprobs).sum(axis=1, keepdims=True))
   dq = jnp.dot(dlogits.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -384,11 +377,6 @@ def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequenc
           out_dtypes, cost, interpret):
   """The kernel over blocks of problems of `inputs`; `tables` whole at every step (the column
   layout: the column step's share of them)."""
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    count = len(inputs)
-    call = lambda flag: lambda *x: _call(kernel, problem, x[:count], x[count:], out_dtypes, cost,
-                                         flag)
-    return jax.lax.platform_dependent(*inputs, *tables, tpu=call(False), default=call(True))
   scratch = []
   if problem.columns is None:
     block = pl.BlockSpec((problem.block, problem.length, problem.channels), lambda i: (i, 0, 0))
@@ -404,20 +392,12 @@ def _call(kernel, problem: Problem, inputs: Sequence[jax.Array], tables: Sequenc
       whole = [pl.BlockSpec(table_shape, lambda j, i: (0, j, 0)) for _ in tables]
     scratch = _column_scratch(problem, len(inputs) + len(out_dtypes), len(tables))
   shape = inputs[0].shape
-  operands = (*inputs, *tables)
-  return pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes],
-      grid=problem.grid,
-      in_specs=[block] * len(inputs) + whole,
-      out_specs=[block] * len(out_dtypes),
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=('parallel',) * len(problem.grid),
-          vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*(operands if interpret else tpu_memory.in_hbm(operands)))
+  return common.call(
+      kernel, (*inputs, *tables),
+      out_shape=[jax.ShapeDtypeStruct(shape, dtype) for dtype in out_dtypes], grid=problem.grid,
+      in_specs=[block] * len(inputs) + whole, out_specs=[block] * len(out_dtypes),
+      scratch_shapes=scratch, dimension_semantics=('parallel',) * len(problem.grid), cost=cost,
+      interpret=interpret)
 
 
 def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.Array]) -> Problem:
@@ -469,35 +449,26 @@ def _backward(q, k, v, dout, tables, log_gamma, width, interpret):
                      interpret))
 
 
-def _per_device(function: Callable, arrays: Sequence[jax.Array], tables: Sequence[jax.Array],
-                *static) -> Any:
-  """`function(*arrays, tables, *static)`, on each device's share of the problems under a mesh.
-
-  XLA does not partition Mosaic kernels: under a mesh of several devices (the context mesh,
-  `jax.set_mesh`, which the trainer sets while tracing its steps) the call is a `shard_map`
-  that splits the leading axis over every device; the others stay whole, so the kernel sees
-  the same problems, fewer of them. The rotary tables go whole to every device: a device's
-  first problem is a multiple of T (the problems are images x rows, split by image), so
-  problem p still takes table p % T; the column layout's leading axis is images.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(*arrays, tables, *static)
-  spec = PartitionSpec(tuple(mesh.axis_names))
-  local = arrays[0].shape[0] // mesh.size
-  rows = tables and arrays[0].ndim == 3  # problem p takes table p % T
-  if arrays[0].shape[0] % mesh.size or (rows and local % tables[0].shape[0]):
-    raise ValueError(f'{arrays[0].shape[0]} attention problems do not split over '
-                     f'{mesh.size} devices' + (' by image' if tables else ''))
-  count = len(arrays)
-  return jax.shard_map(lambda *a: function(*a[:count], a[count:], *static), mesh=mesh,
-                       in_specs=(spec,) * count + (PartitionSpec(),) * len(tables),
-                       out_specs=spec, check_vma=False)(*arrays, *tables)
+def _check_split(q: jax.Array, tables: Sequence[jax.Array]) -> None:
+  """Under a mesh, each device takes its share of the problems (the leading axis) and the
+  rotary tables whole: a device's first problem must be a multiple of T (the problems are
+  images x rows, split by image), so that problem p still takes table p % T; the column
+  layout's leading axis is images."""
+  devices = common.devices()
+  if devices == 1:
+    return
+  local = q.shape[0] // devices
+  rows = tables and q.ndim == 3  # problem p takes table p % T
+  if q.shape[0] % devices or (rows and local % tables[0].shape[0]):
+    raise ValueError(f'{q.shape[0]} attention problems do not split over {devices} devices'
+                     + (' by image' if tables else ''))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attention(q, k, v, tables, log_gamma, width, interpret):
-  return _per_device(_forward, (q, k, v), tables, log_gamma, width, interpret)
+  _check_split(q, tables)
+  forward = lambda arrays, tables: (_forward(*arrays, tables, log_gamma, width, interpret), ())
+  return common.per_device(forward, (q, k, v), tables)[0]
 
 
 def _attention_fwd(q, k, v, tables, log_gamma, width, interpret):
@@ -506,8 +477,8 @@ def _attention_fwd(q, k, v, tables, log_gamma, width, interpret):
 
 def _attention_bwd(log_gamma, width, interpret, residuals, dout):
   q, k, v, tables = residuals
-  grads = _per_device(_backward, (q, k, v, dout.astype(v.dtype)), tables, log_gamma, width,
-                      interpret)
+  backward = lambda arrays, tables: (_backward(*arrays, tables, log_gamma, width, interpret), ())
+  grads = common.per_device(backward, (q, k, v, dout.astype(v.dtype)), tables)[0]
   # The rotary tables are position encodings, not parameters: no gradient.
   return (*grads, jax.tree.map(jnp.zeros_like, tables))
 
@@ -517,7 +488,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def columns_fit_vmem(shape: Sequence[int], heads: int, itemsize: int) -> bool:
   """Whether `decayed_attention`'s column layout of a (b, h, w, heads * d) map in this itemsize
-  fits VMEM (`tpu_memory.BUDGET`): all but float32 maps of 28 columns with more than 128
+  fits VMEM (`common.BUDGET`): all but float32 maps of 28 columns with more than 128
   channels (RMT-B and RMT-L's stage 2 at 224 pixels computing in float32)."""
   images, length, columns, channels = shape
   return Problem(images, length, heads, channels // heads, None, itemsize, 1, columns).fits_vmem

@@ -16,18 +16,21 @@ Here:
   shifts, per-row tap sums and row shifts (`conv`); its transpose is the opposite shifts
   (`conv_transpose`).
 - `with_halo` and `for_each_band`: the VMEM copy and the loop over bands.
-- `with_halo_rows`, `block_offset`, `split_edges`: the same for kernels whose grid steps take
-  image rows, either whole images or part of one image with the rows above and below it read
-  as blocks of one row (`tpu_block_head`, `tpu_block_tail`).
+- `with_halo_rows`, `block_offset`, `edge_rows`, `split_edges` and `call_on_rows`: the same for
+  kernels whose grid steps take image rows, either whole images or part of one image with the
+  rows above and below it read as blocks of one row (`tpu_block_head`, `tpu_block_tail`).
 """
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from rmt_jax.kernels.tpu import common
 
 # The sublane tile of bfloat16 (16 rows): band and block offsets stay multiples of it.
 TILE = 16
@@ -161,6 +164,64 @@ def block_offset(block, blocks_per_image, tokens):
   if blocks_per_image == 1:
     return 0
   return jax.lax.rem(block, blocks_per_image) * tokens
+
+
+def edge_rows(arrays: Sequence[jax.Array], block_rows: int,
+              step: Callable[..., jax.Array]) -> tuple[list[pl.BlockSpec], tuple[jax.Array, ...]]:
+  """For blocks of part of an image, of `block_rows` rows of each of `arrays` (image rows
+  (b h, w, C)): the blocks of the rows above and below the block, one row each (clamped at the
+  ends of the array: a halo beyond the image is masked anyway), and their operands (each array
+  twice), to follow the kernel's other inputs (`split_edges` finds them in the kernel).
+  `step(c, s)` is the block of grid step (c, s) (`common.CoreGrid.step`)."""
+  last, shape = arrays[0].shape[0] - 1, (1, *arrays[0].shape[1:])
+  above = pl.BlockSpec(shape, lambda c, s, *_: (jnp.maximum(step(c, s) * block_rows - 1, 0),
+                                                0, 0))
+  below = pl.BlockSpec(shape, lambda c, s, *_: (jnp.minimum((step(c, s) + 1) * block_rows, last),
+                                                0, 0))
+  return [above, below] * len(arrays), tuple(a for a in arrays for _ in range(2))
+
+
+def call_on_rows(kernel: Callable[..., None], shape: Any, arrays: Sequence[jax.Array],
+                 weights: Sequence[jax.Array], outputs: Sequence[jax.ShapeDtypeStruct],
+                 grads: Sequence[jax.Array], cost: pl.CostEstimate, interpret: bool | None,
+                 scalars: Sequence[jax.Array] = (), **static) -> Any:
+  """`kernel` over blocks of image rows (`tpu_block_head`, `tpu_block_tail`), by `common.call`.
+
+  Args:
+    kernel: takes `scalars`' refs, the arrays', the weights', the edge rows' (`edge_rows`,
+      where a block is part of an image), the outputs', then the scratch: a flat copy with
+      halos of each array (`with_halo_rows`) and a flat copy of each output; and as static
+      arguments height, width, band, halo, blocks_per_image and `static`.
+    shape: the call's `Shape`: images of `height` x `width` tokens of `dim` channels, `steps`
+      blocks of `plan.block_rows` rows (whole images, or part of one image), in bands of
+      `plan.band` tokens with `halo` tokens either side.
+    arrays: image rows (b h, w, C), by blocks of rows.
+    weights: whole at every step.
+    outputs: rows arrays' structs.
+    grads: arrays whose gradients' float32 sums per core follow the outputs (`common.CoreGrid`).
+    cost: the kernel's declared cost.
+    interpret: as `common.call`.
+    scalars: one array to prefetch into SMEM, or none.
+  """
+  grid = common.CoreGrid(shape.steps)
+  rows, parts = shape.plan.block_rows, shape.blocks_per_image
+  # Arrays are image rows: flattening them to tokens in HBM would be a relayout.
+  row_block = grid.blocks((rows, shape.width, shape.dim))
+  sums, sum_specs = grid.sums(grads)
+  in_specs = [row_block] * len(arrays) + [common.whole(w) for w in weights]
+  operands = (*scalars, *arrays, *weights)
+  if parts > 1:
+    edges, edge_operands = edge_rows(arrays, rows, grid.step)
+    in_specs, operands = in_specs + edges, operands + edge_operands
+  tokens = rows * shape.width
+  scratch = ([pltpu.VMEM((tokens + 2 * shape.halo, shape.dim), a.dtype) for a in arrays]
+             + [pltpu.VMEM((tokens, shape.dim), struct.dtype) for struct in outputs])
+  return common.call(
+      functools.partial(kernel, height=shape.height, width=shape.width, band=shape.plan.band,
+                        halo=shape.halo, blocks_per_image=parts, **static),
+      operands, out_shape=[*outputs, *sums], grid=grid.shape, in_specs=in_specs,
+      out_specs=[row_block] * len(outputs) + sum_specs, scratch_shapes=scratch, cost=cost,
+      interpret=interpret, scalar_prefetch=len(scalars))
 
 
 def split_edges(refs, arrays, blocks_per_image):

@@ -26,14 +26,14 @@ moved a sixth of the RMT-S train step's bytes, `tpu_compile --traffic`). Here:
 - Roundings are the plain form's: the conv of x in the compute dtype (float32 sums), its bias
   added in the compute dtype, x1 in the stream's dtype; the norm and the projections as
   `tpu_projections`.
-- `Shape.plan` chooses rows per step and band within `tpu_memory.BUDGET` by its own estimate
+- `Shape.plan` chooses rows per step and band within `common.BUDGET` by its own estimate
   (`Shape.vmem_bytes`). Where none fits with a cotangent per use, MaSA takes the kernel with
   one per output (autodiff adds the others'); where none fits at all (`fits_vmem`), it runs
   `pos` plainly and the projections kernel (or the plain projections) after it.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
-device under a context mesh (`tpu_mesh.per_device`: a `shard_map` over images) and keep their
-operands in HBM (`tpu_memory.in_hbm`).
+device under a context mesh (`common.per_device`: a `shard_map` over images) and keep their
+operands in HBM (`common.in_hbm`).
 """
 
 import dataclasses
@@ -43,17 +43,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
-from rmt_jax.kernels.tpu import memory as tpu_memory
-from rmt_jax.kernels.tpu import mesh as tpu_mesh
+from rmt_jax.kernels.tpu import common
 
 # Tokens per grid step are kept at most this where whole images fit (as the FFN kernel's).
 _BLOCK_TOKENS = 2048
-
-_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
-_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +117,7 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the most rows per step, within
-    `tpu_memory.BUDGET`: blocks of whole images (up to `_BLOCK_TOKENS` tokens where one fits)
+    `common.BUDGET`: blocks of whole images (up to `_BLOCK_TOKENS` tokens where one fits)
     where any fits, else of part of an image (rows dividing the height, in whole bfloat16
     tiles of tokens); None if none fits."""
     pixels = self.height * self.width
@@ -133,7 +128,7 @@ class Shape:
     for rows in (images, parts):
       plans = [Plan(block_rows, band) for block_rows in rows
                for band in tpu_bands.bands(block_rows * self.width, self.halo)]
-      fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_memory.BUDGET]
+      fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
       if fitting:
         return max(fitting, key=lambda p: (p.band, p.block_rows))
     return None
@@ -144,9 +139,8 @@ class Shape:
 
   @property
   def cores(self) -> int:
-    """Partial weight-gradient sums: one per TensorCore of a megacore chip (the grid's parallel
-    axis), where the steps split evenly."""
-    return 2 if self.steps % 2 == 0 else 1
+    """Partial weight-gradient sums, one per TensorCore (`common.CoreGrid`)."""
+    return common.CoreGrid(self.steps).cores
 
   @property
   def blocks_per_image(self) -> int:
@@ -156,16 +150,12 @@ class Shape:
 
 def fits_vmem(x_shape: Sequence[int], outputs: int, itemsize: int, stream_itemsize: int,
               uses: Sequence[int] | None = None) -> bool:
-  """Whether `block_first_half` has a plan within `tpu_memory.BUDGET` for x of `x_shape`
+  """Whether `block_first_half` has a plan within `common.BUDGET` for x of `x_shape`
   (b, h, w, C), `outputs` projections and `uses` consumers of each (default one), the batch
   split over the context mesh's devices."""
   batch, height, width, dim = x_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else mesh.size
-  if batch % devices:
-    raise ValueError(f'{batch} images do not split over {devices} devices')
-  return Shape(batch // devices, height, width, dim, outputs, itemsize, stream_itemsize,
-               sum(uses or (1,) * outputs)).plan is not None
+  return Shape(common.images_per_device(batch), height, width, dim, outputs, itemsize,
+               stream_itemsize, sum(uses or (1,) * outputs)).plan is not None
 
 
 def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
@@ -203,13 +193,6 @@ def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
   return forward, backward
 
 
-def _normalise(x, eps):
-  """x (tokens, C) float32 normalised (zero mean, unit variance), and 1 / std."""
-  centred = x - jnp.mean(x, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-  return centred * rstd, rstd
-
-
 def _pos(x, near, taps_ref, bias_ref, compute):
   """x + conv(x) + bias over the band with its halos as the plain form rounds it (the conv of x
   in the compute dtype, its output and its bias in the compute dtype), float32; valid on the
@@ -239,7 +222,7 @@ def _forward_kernel(x_ref, taps_ref, cbias_ref, scale_ref, shift_ref, w_ref, b_r
     near = tpu_bands.Neighbours(band + 2 * halo, height, width, first - halo + offset)
     x1 = _pos(x, near, taps_ref, cbias_ref, compute)[kept].astype(x1_flat.dtype)
     x1_flat[pl.ds(first, band), :] = x1
-    xhat, _ = _normalise(x1.astype(jnp.float32), eps)
+    xhat, _ = common.normalise(x1.astype(jnp.float32), eps)
     xn = (xhat * scale_ref[...] + shift_ref[...]).astype(compute)
     for i, (ref, s) in enumerate(zip(out_flats, scales)):
       columns = slice(i * dim, (i + 1) * dim)
@@ -287,7 +270,7 @@ def _backward_kernel(x_ref, x1_ref, dx1_ref, *refs, height, width, band, halo, e
     extended = pl.ds(first, band + 2 * halo)
     # The norm and the projections' transposes over the band with its halos: the conv's
     # transpose reads x1's cotangent at the band's neighbours.
-    xhat, rstd = _normalise(x1_padded[extended, :].astype(jnp.float32), eps)
+    xhat, rstd = common.normalise(x1_padded[extended, :].astype(jnp.float32), eps)
     xn = (xhat * scale + shift_ref[...]).astype(compute)
     dxn = jnp.zeros(xhat.shape, jnp.float32)
     for i, s in enumerate(scales):
@@ -300,16 +283,15 @@ def _backward_kernel(x_ref, x1_ref, dx1_ref, *refs, height, width, band, halo, e
         dy = dy.astype(compute)
       if s != 1.0:
         dy = dy * jnp.asarray(s, compute)
-      dw_ref[0, :, columns] += jax.lax.dot_general(xn[kept], dy[kept], _TRANS_A,
+      dw_ref[0, :, columns] += jax.lax.dot_general(xn[kept], dy[kept], common.TRANS_A,
                                                    preferred_element_type=jnp.float32)
       db_ref[0, :, columns] += jnp.sum(dy[kept].astype(jnp.float32), axis=0, keepdims=True)
-      dxn = dxn + jax.lax.dot_general(dy, w_ref[:, columns], _TRANS_B,
+      dxn = dxn + jax.lax.dot_general(dy, w_ref[:, columns], common.TRANS_B,
                                       preferred_element_type=jnp.float32)
     dscale_ref[0] += jnp.sum((dxn * xhat)[kept], axis=0, keepdims=True)
     dshift_ref[0] += jnp.sum(dxn[kept], axis=0, keepdims=True)
     dxhat = dxn * scale
-    dnorm = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                    - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    dnorm = common.normalise_transpose(dxhat, xhat, rstd)
     # x1's cotangent: the rest of the block's plus the norm's (in the stream's dtype, as the
     # plain form adds them).
     dx1 = (dx1_padded[extended, :].astype(jnp.float32)
@@ -333,62 +315,12 @@ def _backward_kernel(x_ref, x1_ref, dx1_ref, *refs, height, width, band, halo, e
   dx_ref[...] = dx_flat[...].reshape(dx_ref.shape)
 
 
-def _call(kernel, shape, arrays, weights, out_shapes, cost, interpret, **static):
-  """`kernel` over blocks of image rows: `arrays` by rows (each with a flat VMEM copy with
-  halos), `weights` whole at every step; `out_shapes` are (block, struct) pairs, block 'rows'
-  for per-token outputs (through a flat VMEM copy) and 'core' for the per-core float32 sums."""
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    count = len(arrays)
-    call = lambda flag: lambda *x: _call(kernel, shape, x[:count], x[count:], out_shapes, cost,
-                                         flag, **static)
-    return jax.lax.platform_dependent(*arrays, *weights, tpu=call(False), default=call(True))
-  plan, per_core = shape.plan, shape.steps // shape.cores
-  rows, parts = plan.block_rows, shape.blocks_per_image
-  step = lambda c, s: c * per_core + s
-  row_block = pl.BlockSpec((rows, shape.width, shape.dim), lambda c, s: (step(c, s), 0, 0))
-  # The weights' block is the same at every step: fetched once, one buffer is enough.
-  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
-                                 pipeline_mode=pl.Buffered(1))
-  out_specs = [row_block if block == 'rows'
-               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
-               for block, struct in out_shapes]
-  in_specs = [row_block] * len(arrays) + [whole(w) for w in weights]
-  operands = (*arrays, *weights)
-  if parts > 1:
-    # A block of part of an image: the rows above and below it, blocks of one row (clamped at
-    # the ends of the array: a halo beyond the image is masked anyway).
-    last = arrays[0].shape[0] - 1
-    above = pl.BlockSpec((1, shape.width, shape.dim),
-                         lambda c, s: (jnp.maximum(step(c, s) * rows - 1, 0), 0, 0))
-    below = pl.BlockSpec((1, shape.width, shape.dim),
-                         lambda c, s: (jnp.minimum((step(c, s) + 1) * rows, last), 0, 0))
-    in_specs += [above, below] * len(arrays)
-    operands += tuple(a for a in arrays for _ in range(2))
-  tokens = rows * shape.width
-  scratch = ([pltpu.VMEM((tokens + 2 * shape.halo, shape.dim), a.dtype) for a in arrays]
-             + [pltpu.VMEM((tokens, shape.dim), struct.dtype)
-                for block, struct in out_shapes if block == 'rows'])
-  return pl.pallas_call(
-      functools.partial(kernel, height=shape.height, width=shape.width, band=plan.band,
-                        halo=shape.halo, blocks_per_image=parts, **static),
-      out_shape=[struct for _, struct in out_shapes],
-      grid=(shape.cores, per_core),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*(operands if interpret else tpu_memory.in_hbm(operands)))
-
-
 def _shape(x, w, height, width, outputs, uses):
   dim = x.shape[-1]
   shape = Shape(x.shape[0] // height, height, width, dim, outputs, w.dtype.itemsize,
                 x.dtype.itemsize, sum(uses))
   if shape.plan is None:
-    raise ValueError(f'the block-head kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB '
+    raise ValueError(f'the block-head kernel does not fit {common.BUDGET / 2**20:.0f} MiB '
                      f'of VMEM for {dim} channels on {height} x {width} images (see '
                      "fits_vmem); use kernels='xla'")
   return shape
@@ -396,15 +328,16 @@ def _shape(x, w, height, width, outputs, uses):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def _head(x, weights, height, width, eps, scales, interpret, uses):
-  def forward(arrays, weights):
-    (x,) = arrays
+  def forward(rows, weights):
+    (x,) = rows
     shape = _shape(x, weights[4], height, width, len(scales), uses)
-    rows = lambda dtype: ('rows', jax.ShapeDtypeStruct(x.shape, dtype))
-    out = [rows(x.dtype)] + [rows(weights[4].dtype)] * len(scales)
-    return tuple(_call(_forward_kernel, shape, (x,), weights, out, cost_estimates(shape)[0],
-                       interpret, eps=eps, scales=scales))
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    out += [jax.ShapeDtypeStruct(x.shape, weights[4].dtype)] * len(scales)
+    return tuple(tpu_bands.call_on_rows(_forward_kernel, shape, (x,), weights, out, (),
+                                        cost_estimates(shape)[0], interpret, eps=eps,
+                                        scales=scales)), ()
 
-  x1, *outs = tpu_mesh.per_device(forward, (x,), weights, backward=False)
+  x1, *outs = common.per_device(forward, (x,), weights)[0]
   # The same array once per use: the cotangents come back apart.
   return (x1, *((out,) * n for out, n in zip(outs, uses)))
 
@@ -419,19 +352,17 @@ def _head_bwd(height, width, eps, scales, interpret, uses, residuals, cotangents
   dx1, *dys = cotangents
   dys = [dy for out in dys for dy in out]  # each output's uses' in turn
 
-  def backward(arrays, weights):
-    x = arrays[0]
+  def backward(rows, weights):
+    x = rows[0]
     shape = _shape(x, weights[4], height, width, len(scales), uses)
-    out = [('rows', jax.ShapeDtypeStruct(x.shape, x.dtype))]
-    out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
-            for w in weights]
-    dx, *grads = _call(_backward_kernel, shape, arrays, weights, out, cost_estimates(shape)[1],
-                       interpret, eps=eps, scales=scales, uses=uses)
+    dx, *grads = tpu_bands.call_on_rows(
+        _backward_kernel, shape, rows, weights, [jax.ShapeDtypeStruct(x.shape, x.dtype)],
+        weights, cost_estimates(shape)[1], interpret, eps=eps, scales=scales, uses=uses)
     return dx, tuple(g.sum(axis=0) for g in grads)
 
   compute = weights[4].dtype
-  arrays = (x, x1, dx1.astype(x1.dtype), *(dy.astype(compute) for dy in dys))
-  dx, grads = tpu_mesh.per_device(backward, arrays, weights, backward=True)
+  rows = (x, x1, dx1.astype(x1.dtype), *(dy.astype(compute) for dy in dys))
+  dx, grads = common.per_device(backward, rows, weights)
   return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 

@@ -25,15 +25,15 @@ Here:
   MiB on its own: 8 rows a step, two more read).
 - Drop path's scales are per image, (2, b) float32 in SMEM (scalar prefetch); a token finds its
   image's scale by the same float floor as `tpu_bands.Neighbours` finds its row.
-- `Shape.plan` chooses rows per step, band and chunk within `tpu_memory.BUDGET` by its own
+- `Shape.plan` chooses rows per step, band and chunk within `common.BUDGET` by its own
   estimate (`Shape.vmem_bytes`). Every plan it gives for RMT-T/S/B/L at 224 px and 64 images
   per chip compiles for a v4 and a v5p (float32 and bfloat16 streams): stages 1-3 of RMT-T and
   -S, 1-2 of RMT-B and -L. The others' weights with their float32 gradients leave too little
   VMEM (as for the FFN kernel): there (`fits_vmem`), `RetBlock` runs the plain second half.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
-device under a context mesh (`shard_map` over images) and keep their operands in HBM
-(`tpu_memory.in_hbm`).
+device under a context mesh (`common.per_device`: a `shard_map` over images) and keep their
+operands in HBM (`common.in_hbm`).
 """
 
 import dataclasses
@@ -43,15 +43,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
 from rmt_jax.kernels.tpu import feed_forward as ffn
-from rmt_jax.kernels.tpu import memory as tpu_memory
-
-_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
-_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
+from rmt_jax.kernels.tpu import common
 
 
 def _token_scales(scales_ref, row, images, block, block_images, pixels, first, tokens):
@@ -76,9 +71,7 @@ def _second_half_input(o, x1, wo_ref, bo_ref, scale_ref, shift_ref, eps, s1, gam
   branch = p * gamma1 * s1
   # The plain form's x2 is in the stream's dtype.
   x2 = (x1.astype(jnp.float32) + branch).astype(x1.dtype).astype(jnp.float32)
-  centred = x2 - jnp.mean(x2, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-  xhat = centred * rstd
+  xhat, rstd = common.normalise(x2, eps)
   xn = (xhat * scale_ref[...] + shift_ref[...]).astype(o.dtype)
   return x2, xhat, rstd, xn, p
 
@@ -176,9 +169,7 @@ def _backward_kernel(scales_ref, o_ref, x1_ref, dx3_ref, wo_ref, bo_ref, scale_r
     dscale_ref[0] += jnp.sum(dxn * xhat_kept, axis=0, keepdims=True)
     dshift_ref[0] += jnp.sum(dxn, axis=0, keepdims=True)
     dxhat = dxn * scale_ref[...]
-    dx2 = dx3[kept] + rstd_kept * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                                   - xhat_kept * jnp.mean(dxhat * xhat_kept, axis=-1,
-                                                          keepdims=True))
+    dx2 = dx3[kept] + common.normalise_transpose(dxhat, xhat_kept, rstd_kept)
     dx1_flat[pl.ds(first, band), :] = dx2.astype(dx1_flat.dtype)
     if layerscale:
       y = y.astype(compute).astype(jnp.float32)
@@ -187,8 +178,9 @@ def _backward_kernel(scales_ref, o_ref, x1_ref, dx3_ref, wo_ref, bo_ref, scale_r
     # out_proj's transpose: its output was rounded to the compute dtype.
     dp = (dx2 * scales[0][kept] * gamma1).astype(compute)
     dbo_ref[0] += dp.astype(jnp.float32).sum(axis=0, keepdims=True)
-    dwo_ref[0] += jax.lax.dot_general(o[kept], dp, _TRANS_A, preferred_element_type=jnp.float32)
-    do = jax.lax.dot_general(dp, wo_ref[...], _TRANS_B, preferred_element_type=jnp.float32)
+    dwo_ref[0] += jax.lax.dot_general(o[kept], dp, common.TRANS_A,
+                                      preferred_element_type=jnp.float32)
+    do = jax.lax.dot_general(dp, wo_ref[...], common.TRANS_B, preferred_element_type=jnp.float32)
     do_flat[pl.ds(first, band), :] = do.astype(do_flat.dtype)
 
   tpu_bands.for_each_band(tokens, band, body)
@@ -226,7 +218,7 @@ class Shape(ffn.Shape):
     the two outputs; the weights once and their float32 gradient sums twice; the FFN kernel's
     float32 temporaries and ten (band + 2 halo, C) float32 ones for out_proj, the residual and
     the norm. Every plan this gives for RMT-T/S/B/L at 224 px and 64 images compiled for a v4
-    and a v5p within `tpu_memory.LIMIT`."""
+    and a v5p within `common.LIMIT`."""
     rows = plan.block_rows + (2 if plan.block_rows < self.height else 0)
     tokens = plan.block_rows * self.width
     extended = plan.band + 2 * self.halo
@@ -245,7 +237,7 @@ class Shape(ffn.Shape):
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the widest chunks, then the most rows per step,
-    within `tpu_memory.BUDGET`: blocks of whole images (any whole number of them, up to the FFN
+    within `common.BUDGET`: blocks of whole images (any whole number of them, up to the FFN
     kernel's tokens per step) where one fits, else of part of an image (rows dividing the
     height, in whole bfloat16 tiles of tokens; the most rows before the widest chunks); None if
     none fits."""
@@ -263,7 +255,7 @@ class Shape(ffn.Shape):
                for block_rows in rows
                for band in tpu_bands.bands(block_rows * self.width, self.halo)
                for chunk in chunks]
-      fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_memory.BUDGET]
+      fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
       if fitting:
         return max(fitting, key=key)
     return None
@@ -283,15 +275,11 @@ class Shape(ffn.Shape):
 
 
 def fits_vmem(x_shape, hidden: int, itemsize: int, stream_itemsize: int) -> bool:
-  """Whether `block_tail` has a plan within `tpu_memory.BUDGET` for x of `x_shape` (b, h, w, C)
+  """Whether `block_tail` has a plan within `common.BUDGET` for x of `x_shape` (b, h, w, C)
   and `hidden` channels, the batch split over the context mesh's devices."""
   batch, height, width, dim = x_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else mesh.size
-  if batch % devices:
-    raise ValueError(f'{batch} images do not split over {devices} devices')
-  return Shape(batch // devices * height * width, height, width, dim, tpu_bands.lanes(hidden),
-               itemsize, stream_itemsize).plan is not None
+  return Shape(common.images_per_device(batch) * height * width, height, width, dim,
+               tpu_bands.lanes(hidden), itemsize, stream_itemsize).plan is not None
 
 
 def cost_estimates(shape: Shape, stream_itemsize: int,
@@ -326,113 +314,41 @@ def cost_estimates(shape: Shape, stream_itemsize: int,
   return forward, backward
 
 
-def _call(kernel, shape, scales, arrays, weights, out_shapes, interpret, eps, cost=None,
-          **static):
-  """`kernel` over blocks of images: `scales` (2 x images drop-path scales) in SMEM, `arrays`
-  by image rows (each with a flat VMEM copy with halos), `weights` whole at every step;
-  out_shapes as `tpu_feed_forward._call`'s (token outputs go through a flat VMEM copy)."""
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    count = len(arrays)
-    call = lambda flag: lambda scales, *x: _call(kernel, shape, scales, x[:count], x[count:],
-                                                 out_shapes, flag, eps, cost, **static)
-    return jax.lax.platform_dependent(scales, *arrays, *weights, tpu=call(False),
-                                      default=call(True))
-  plan, per_core = shape.plan, shape.steps // shape.cores
-  rows, parts = plan.block_rows, shape.blocks_per_image
-  step = lambda c, s: c * per_core + s
-  # Arrays are image rows (b h, w, C): flattening them to tokens in HBM would be a relayout.
-  token_block = pl.BlockSpec((rows, shape.width, shape.dim),
-                             lambda c, s, _: (step(c, s), 0, 0))
-  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s, _: (0,) * a.ndim,
-                                 pipeline_mode=pl.Buffered(1))
-  out_specs = [token_block if block == 'tokens'
-               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s, _: (c, 0, 0))
-               for block, struct in out_shapes]
-  in_specs = [token_block] * len(arrays) + [whole(w) for w in weights]
-  operands = (*arrays, *weights)
+def _call(kernel, shape, scales, arrays, weights, outputs, grads, cost, interpret, **static):
+  """`kernel` over blocks of image rows (`tpu_bands.call_on_rows`), the drop-path scales (2,
+  images) in SMEM: for blocks of part of an image, each block's."""
+  parts = shape.blocks_per_image
   if parts > 1:
-    # A block of part of an image: the rows above and below it, blocks of one row (clamped at
-    # the ends of the array: a halo beyond the image is masked anyway).
-    last = arrays[0].shape[0] - 1
-    above = pl.BlockSpec((1, shape.width, shape.dim),
-                         lambda c, s, _: (jnp.maximum(step(c, s) * rows - 1, 0), 0, 0))
-    below = pl.BlockSpec((1, shape.width, shape.dim),
-                         lambda c, s, _: (jnp.minimum((step(c, s) + 1) * rows, last), 0, 0))
-    in_specs += [above, below] * len(arrays)
-    operands += tuple(a for a in arrays for _ in range(2))
-    # One image per block: each block's drop-path scales.
     scales = jnp.repeat(scales, parts, axis=1)
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(shape.cores, per_core),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((shape.block_tokens + 2 * shape.halo, shape.dim), a.dtype)
-                      for a in arrays]
-      + [pltpu.VMEM((shape.block_tokens, shape.dim), struct.dtype)
-         for block, struct in out_shapes if block == 'tokens'])
-  return pl.pallas_call(
-      functools.partial(kernel, height=shape.height, width=shape.width, band=plan.band,
-                        halo=shape.halo, chunk=plan.chunk, eps=eps,
-                        images=shape.images * parts, block_images=max(rows // shape.height, 1),
-                        blocks_per_image=parts, **static),
-      out_shape=[struct for _, struct in out_shapes],
-      grid_spec=grid_spec,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*((scales.reshape(-1), *operands) if interpret
-       else tpu_memory.in_hbm((scales.reshape(-1), *operands))))
+  return tpu_bands.call_on_rows(
+      kernel, shape, arrays, weights, outputs, grads, cost, interpret,
+      scalars=(scales.reshape(-1),), chunk=shape.plan.chunk, images=shape.images * parts,
+      block_images=max(shape.plan.block_rows // shape.height, 1), **static)
 
 
 def _shape(o, w1, height, width, stream_itemsize):
   tokens, dim = o.shape[0] * o.shape[1], o.shape[2]
   shape = Shape(tokens, height, width, dim, w1.shape[1], o.dtype.itemsize, stream_itemsize)
   if shape.plan is None:
-    raise ValueError(f'the block-tail kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB '
+    raise ValueError(f'the block-tail kernel does not fit {common.BUDGET / 2**20:.0f} MiB '
                      f'of VMEM for {dim} -> {shape.hidden} channels on {height} x {width} images')
   return shape
 
 
-
-
-def _per_device(function, arrays, weights, scales, backward):
-  """`function(arrays, weights, scales)` on each device's images under a context mesh of several
-  devices (as `tpu_feed_forward._per_device`): the rows arrays split over every device of the
-  mesh, the scales (2, b) along their images, the weights whole; a backward's weight gradients
-  summed over the mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(arrays, weights, scales)
-  images = scales.shape[1]
-  if images % mesh.size:
-    raise ValueError(f'{images} images do not split over {mesh.size} devices')
-  axes = tuple(mesh.axis_names)
-  split, replicated = PartitionSpec(axes), PartitionSpec()
-
-  def local(arrays, weights, scales):
-    out = function(arrays, weights, scales)
-    if backward:  # (dx1, do, weight gradients)
-      return out[0], out[1], tuple(jax.lax.psum(g, axes) for g in out[2])
-    return out
-
-  tokens = (split, split, (replicated,) * len(weights)) if backward else split
-  return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=((split,) * len(arrays), (replicated,) * len(weights), PartitionSpec(None, axes)),
-      out_specs=tokens, check_vma=False)(arrays, weights, scales)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _tail(x1, o, weights, scales, height, width, eps, interpret, layerscale):
-  def forward(arrays, weights, scales):
-    o, x1 = arrays
-    shape = _shape(o, weights[4], height, width, x1.dtype.itemsize)
-    out = [('tokens', jax.ShapeDtypeStruct(x1.shape, x1.dtype))]
-    cost = cost_estimates(shape, x1.dtype.itemsize)[0]
-    return _call(_forward_kernel, shape, scales, (o, x1), weights, out, interpret, eps, cost)[0]
+  common.images_per_device(scales.shape[1])
 
-  return _per_device(forward, (o, x1), weights, scales, backward=False)
+  def forward(arrays, weights):
+    o, x1, scales = arrays
+    shape = _shape(o, weights[4], height, width, x1.dtype.itemsize)
+    out = [jax.ShapeDtypeStruct(x1.shape, x1.dtype)]
+    cost = cost_estimates(shape, x1.dtype.itemsize)[0]
+    return _call(_forward_kernel, shape, scales, (o, x1), weights, out, (), cost, interpret,
+                 eps=eps)[0], ()
+
+  # The drop-path scales (2, b) split along their images.
+  return common.per_device(forward, (o, x1, scales), weights, split_axes=(0, 0, 1))[0]
 
 
 def _tail_fwd(x1, o, weights, scales, height, width, eps, interpret, layerscale):
@@ -443,20 +359,17 @@ def _tail_fwd(x1, o, weights, scales, height, width, eps, interpret, layerscale)
 def _tail_bwd(height, width, eps, interpret, layerscale, residuals, dx3):
   x1, o, weights, scales = residuals
 
-  def backward(arrays, weights, scales):
-    o, x1, dx3 = arrays
+  def backward(arrays, weights):
+    o, x1, dx3, scales = arrays
     shape = _shape(o, weights[4], height, width, x1.dtype.itemsize)
-    out = [('tokens', jax.ShapeDtypeStruct(x1.shape, x1.dtype)),
-           ('tokens', jax.ShapeDtypeStruct(o.shape, o.dtype))]
-    out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
-            for w in weights]
+    out = [jax.ShapeDtypeStruct(x1.shape, x1.dtype), jax.ShapeDtypeStruct(o.shape, o.dtype)]
     cost = cost_estimates(shape, x1.dtype.itemsize, layerscale)[1]
     dx1, do, *grads = _call(_backward_kernel, shape, scales, (o, x1, dx3), weights, out,
-                            interpret, eps, cost, layerscale=layerscale)
-    return dx1, do, tuple(g.sum(axis=0) for g in grads)
+                            weights, cost, interpret, eps=eps, layerscale=layerscale)
+    return (dx1, do), tuple(g.sum(axis=0) for g in grads)
 
-  dx1, do, grads = _per_device(backward, (o, x1, dx3.astype(x1.dtype)), weights, scales,
-                               backward=True)
+  (dx1, do), grads = common.per_device(backward, (o, x1, dx3.astype(x1.dtype), scales), weights,
+                                       split_axes=(0, 0, 0, 1))
   # Drop path's scales are not learned: no gradient.
   return (dx1, do, tuple(g.astype(w.dtype) for g, w in zip(grads, weights)),
           jnp.zeros_like(scales))

@@ -33,9 +33,9 @@ backward pass, so the FFN moved a fifth of the RMT-S train step's bytes (`tpu_co
   there is no plan (`fits_vmem`) and `layers.FeedForward` runs the plain form.
 
 Both kernels declare their true cost (`pl.CostEstimate`, see `cost_estimates`), which XLA's
-TPU cost model takes for the custom calls. As `tpu_forms`, XLA does not partition Mosaic
-kernels: under a context mesh the calls run in a `shard_map` over images; and the operands stay
-in HBM (`tpu_memory.in_hbm`).
+TPU cost model takes for the custom calls. As the other kernels, they run per device under a
+context mesh (`common.per_device`: a `shard_map` over images) and keep their operands in HBM
+(`common.in_hbm`).
 """
 
 import dataclasses
@@ -47,17 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 # Tokens per grid step are kept near this (whole images, so stage 1 takes one 56 x 56 image):
 # large enough that the step's fixed cost is small against its work.
 _BLOCK_TOKENS = 2048
-
-_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
-_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +122,7 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands (the least recomputed halo), then the widest chunks,
-    then the most images per step, that fits `tpu_memory.BUDGET`; None if none does.
+    then the most images per step, that fits `common.BUDGET`; None if none does.
 
     Blocks hold whole images, a multiple of 16 tokens (a bfloat16 tile) unless a block is all
     the images, and at most `_BLOCK_TOKENS` where whole images allow; bands divide the block
@@ -140,7 +136,7 @@ class Shape:
              for block_images in tpu_bands.image_blocks(self.images, pixels, _BLOCK_TOKENS)
              for band in tpu_bands.bands(block_images * pixels, self.halo)
              for chunk in chunks]
-    fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_memory.BUDGET]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
     return max(fitting, key=lambda p: (p.band, p.chunk, p.block_images), default=None)
 
   @property
@@ -153,9 +149,8 @@ class Shape:
 
   @property
   def cores(self) -> int:
-    """Partial weight-gradient sums: one per TensorCore of a megacore chip (the grid's parallel
-    axis), where the steps split evenly."""
-    return 2 if self.steps % 2 == 0 else 1
+    """Partial weight-gradient sums, one per TensorCore (`common.CoreGrid`)."""
+    return common.CoreGrid(self.steps).cores
 
   def weight_bytes(self, itemsize: int) -> int:
     """fc1 and fc2 kernels and biases, the conv's 9 taps and bias, at `itemsize` bytes."""
@@ -163,7 +158,7 @@ class Shape:
 
 
 def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
-  """Whether `feed_forward` has a plan within `tpu_memory.BUDGET` for x of `x_shape` (b, h, w, C)
+  """Whether `feed_forward` has a plan within `common.BUDGET` for x of `x_shape` (b, h, w, C)
   and `hidden` channels, with the batch split over the context mesh's devices as the kernel
   splits it.
 
@@ -172,12 +167,8 @@ def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
   last two): `layers.FeedForward` runs its plain form where this is False.
   """
   batch, height, width, dim = x_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else mesh.size
-  if batch % devices:
-    raise ValueError(f'{batch} images do not split over {devices} devices')
-  shape = Shape(batch // devices * height * width, height, width, dim, tpu_bands.lanes(hidden),
-                itemsize)
+  shape = Shape(common.images_per_device(batch) * height * width, height, width, dim,
+                tpu_bands.lanes(hidden), itemsize)
   return shape.plan is not None
 
 
@@ -296,10 +287,11 @@ def backward_chunk(x, dy, near, kept, channels, weights, gradients):
   w1_ref, b1_ref, taps_ref, bias_ref, w2_ref = weights
   dw1_ref, db1_ref, dtaps_ref, dbias_ref, dw2_ref = gradients
   a, taps, columns, z = _hidden(x, w1_ref, b1_ref, taps_ref, bias_ref, near, channels)
-  dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept], _TRANS_A,
+  dw2_ref[0, channels, :] += jax.lax.dot_general(z[kept].astype(x.dtype), dy[kept],
+                                                 common.TRANS_A,
                                                  preferred_element_type=jnp.float32)
   # dz over the whole band with its halo: the conv's transpose reads it at neighbours.
-  dz = jax.lax.dot_general(dy, w2_ref[channels, :], _TRANS_B,
+  dz = jax.lax.dot_general(dy, w2_ref[channels, :], common.TRANS_B,
                            preferred_element_type=jnp.float32)
   dbias_ref[0, :, channels] += dz[kept].sum(axis=0, keepdims=True)
   # Each shift's transpose is the opposite shift (and mask): tap (i, j)'s gradient is the sum
@@ -312,48 +304,32 @@ def backward_chunk(x, dy, near, kept, channels, weights, gradients):
   da32 = du * _gelu_derivative(a[kept])
   db1_ref[0, :, channels] += da32.sum(axis=0, keepdims=True)
   da = da32.astype(x.dtype)
-  dw1_ref[0, :, channels] += jax.lax.dot_general(x[kept], da, _TRANS_A,
+  dw1_ref[0, :, channels] += jax.lax.dot_general(x[kept], da, common.TRANS_A,
                                                  preferred_element_type=jnp.float32)
-  dx = jax.lax.dot_general(da, w1_ref[:, channels], _TRANS_B, preferred_element_type=jnp.float32)
+  dx = jax.lax.dot_general(da, w1_ref[:, channels], common.TRANS_B,
+                           preferred_element_type=jnp.float32)
   return dx, z
 
 
-def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
-          interpret):
-  """The kernel over blocks of images: inputs[0] and inputs[1 + weights:] by tokens,
-  inputs[1:1 + weights] (the weights) whole at every step.
-
-  The grid is (cores, steps per core); `out_shapes` are (block, struct) pairs, block 'tokens'
-  for per-token outputs and 'core' for the per-core float32 sums. Each token input gets a VMEM
-  copy with halos (`tpu_bands.with_halo`).
-  """
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    call = lambda flag: lambda *x: _call(kernel, shape, x, weights, out_shapes, cost, flag)
-    return jax.lax.platform_dependent(*inputs, tpu=call(False), default=call(True))
-  plan, per_core = shape.plan, shape.steps // shape.cores
-  token_block = pl.BlockSpec((shape.block_tokens, shape.dim),
-                             lambda c, s: (c * per_core + s, 0))
-  # The weights' block is the same at every step: fetched once, one buffer is enough.
-  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
-                                 pipeline_mode=pl.Buffered(1))
-  in_specs = [token_block if i == 0 or i > weights else whole(a) for i, a in enumerate(inputs)]
-  out_specs = [token_block if block == 'tokens'
-               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
-               for block, struct in out_shapes]
-  padded = pltpu.VMEM((shape.block_tokens + 2 * shape.halo, shape.dim), inputs[0].dtype)
-  return pl.pallas_call(
-      functools.partial(kernel, height=shape.height, width=shape.width, band=plan.band,
-                        halo=shape.halo, chunk=plan.chunk),
-      out_shape=[struct for _, struct in out_shapes],
-      grid=(shape.cores, per_core),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=[padded] * (len(inputs) - weights),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*(inputs if interpret else tpu_memory.in_hbm(inputs)))
+def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int,
+          grads: Sequence[jax.Array], cost, interpret):
+  """The kernel over blocks of whole images: inputs[0] and inputs[1 + weights:] (x, and dy in
+  the backward) by blocks of tokens, each with a VMEM copy with halos (`tpu_bands.with_halo`),
+  inputs[1:1 + weights] (the weights) whole at every step. It gives a token array in x's shape
+  and dtype, and the float32 sums per core of the gradients of `grads` (`common.CoreGrid`)."""
+  x = inputs[0]
+  grid = common.CoreGrid(shape.steps)
+  tokens = grid.blocks((shape.block_tokens, shape.dim))
+  sums, sum_specs = grid.sums(grads)
+  padded = pltpu.VMEM((shape.block_tokens + 2 * shape.halo, shape.dim), x.dtype)
+  return common.call(
+      functools.partial(kernel, height=shape.height, width=shape.width, band=shape.plan.band,
+                        halo=shape.halo, chunk=shape.plan.chunk),
+      inputs, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), *sums], grid=grid.shape,
+      in_specs=[tokens if i == 0 or i > weights else common.whole(a)
+                for i, a in enumerate(inputs)],
+      out_specs=[tokens, *sum_specs], scratch_shapes=[padded] * (len(inputs) - weights),
+      cost=cost, interpret=interpret)
 
 
 def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
@@ -362,66 +338,23 @@ def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
     raise ValueError(f'{tokens} tokens are not whole {height} x {width} images')
   shape = Shape(tokens, height, width, dim, w1.shape[1], x.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the FFN kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB of VMEM '
+    raise ValueError(f'the FFN kernel does not fit {common.BUDGET / 2**20:.0f} MiB of VMEM '
                      f'for {dim} -> {shape.hidden} channels on {height} x {width} images '
                      "(its weights stay in VMEM; see fits_vmem); use kernels='xla'")
   return shape
 
 
-def _forward(x, weights, height, width, interpret):
-  shape = _shape(x, weights[0], height, width)
-  out = [('tokens', jax.ShapeDtypeStruct(x.shape, x.dtype))]
-  return _call(_forward_kernel, shape, (x, *weights), len(weights), out,
-               cost_estimates(shape)[0], interpret)[0]
-
-
-def _backward(x, weights, dy, height, width, interpret):
-  """dx and the weights' gradients (float32, summed over this call's cores)."""
-  shape = _shape(x, weights[0], height, width)
-  # Every weight's gradient, fc2's bias too, though the kernel does not read that bias.
-  out = [('tokens', jax.ShapeDtypeStruct(x.shape, x.dtype))]
-  out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32)) for w in weights]
-  dx, *grads = _call(_backward_kernel, shape, (x, *weights[:5], dy), 5, out,
-                     cost_estimates(shape)[1], interpret)
-  return dx, tuple(g.sum(axis=0) for g in grads)
-
-
-def _per_device(function, x, weights, *rest):
-  """`function` on each device's images under a context mesh of several devices.
-
-  x (and dy) split by tokens over every device of the mesh (whole images: the batch splits
-  evenly); the weights go whole to every device. A function returning weight gradients gives
-  each device's sums, added over the mesh (`psum`).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(x, weights, *rest)
-  height, width = rest[-3:-1]
-  if x.shape[0] % (mesh.size * height * width):
-    raise ValueError(f'{x.shape[0] // (height * width)} images do not split over '
-                     f'{mesh.size} devices')
-  axes = tuple(mesh.axis_names)
-  split, replicated = PartitionSpec(axes), PartitionSpec()
-  arrays = rest[:-3]  # dy for the backward
-  static = rest[-3:]
-
-  def local(x, weights, *arrays):
-    out = function(x, weights, *arrays, *static)
-    if isinstance(out, tuple):  # (dx, weight gradients)
-      return out[0], jax.lax.psum(out[1], axes)
-    return out
-
-  backward = bool(arrays)
-  return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(split, (replicated,) * len(weights)) + (split,) * len(arrays),
-      out_specs=(split, (replicated,) * 6) if backward else split,
-      check_vma=False)(x, weights, *arrays)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _feed_forward(x, weights, height, width, interpret):
-  return _per_device(_forward, x, weights, height, width, interpret)
+  common.images_per_device(x.shape[0] // (height * width))
+
+  def forward(tokens, weights):
+    (x,) = tokens
+    shape = _shape(x, weights[0], height, width)
+    return _call(_forward_kernel, shape, (x, *weights), len(weights), (),
+                 cost_estimates(shape)[0], interpret)[0], ()
+
+  return common.per_device(forward, (x,), weights)[0]
 
 
 def _feed_forward_fwd(x, weights, height, width, interpret):
@@ -430,7 +363,16 @@ def _feed_forward_fwd(x, weights, height, width, interpret):
 
 def _feed_forward_bwd(height, width, interpret, residuals, dy):
   x, weights = residuals
-  dx, grads = _per_device(_backward, x, weights, dy.astype(x.dtype), height, width, interpret)
+
+  def backward(tokens, weights):
+    x, dy = tokens
+    shape = _shape(x, weights[0], height, width)
+    # Every weight's gradient, fc2's bias too, though the kernel does not read that bias.
+    dx, *grads = _call(_backward_kernel, shape, (x, *weights[:5], dy), 5, weights,
+                       cost_estimates(shape)[1], interpret)
+    return dx, tuple(g.sum(axis=0) for g in grads)
+
+  dx, grads = common.per_device(backward, (x, dy.astype(x.dtype)), weights)
   return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 
@@ -448,7 +390,7 @@ def feed_forward(x: jax.Array, fc1: tuple[jax.Array, jax.Array],
     dwconv: (kernel (3, 3, 1, hidden) as `layers.DepthwiseConv` stores it, bias (hidden,)).
     fc2: (kernel (hidden, C), bias (C,)).
     interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
-      default) chooses at lowering, as `tpu_forms.decayed_attention`.
+      default) chooses at lowering (`common.call`).
 
   Returns:
     (b, h, w, C) in x's dtype. Differentiable in x and every weight (a second kernel).

@@ -15,12 +15,12 @@ attention's output in another: LePE moved a tenth of the RMT-S train step's byte
   sublane axis). v, MaSA's compute dtype, is small enough that a whole 56 x 56 image fits.
 - Roundings are the plain form's: the conv in float32 of v in the compute dtype, its output and
   its bias and the sum with the attention in the compute dtype.
-- `Shape.plan` chooses images per step and band within `tpu_memory.BUDGET` by its own estimate
+- `Shape.plan` chooses images per step and band within `common.BUDGET` by its own estimate
   (`Shape.vmem_bytes`); where none fits (`fits_vmem`), MaSA runs the plain conv and add.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
-device under a context mesh (`tpu_mesh.per_device`: a `shard_map` over images) and keep their
-operands in HBM (`tpu_memory.in_hbm`).
+device under a context mesh (`common.per_device`: a `shard_map` over images) and keep their
+operands in HBM (`common.in_hbm`).
 """
 
 import dataclasses
@@ -33,8 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
-from rmt_jax.kernels.tpu import memory as tpu_memory
-from rmt_jax.kernels.tpu import mesh as tpu_mesh
+from rmt_jax.kernels.tpu import common
 
 # The conv's reach: 5 x 5 taps.
 _RADIUS = 2
@@ -99,13 +98,13 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the most images per step (up to `_BLOCK_TOKENS`
-    tokens where one image fits), within `tpu_memory.BUDGET`; None if none fits."""
+    tokens where one image fits), within `common.BUDGET`; None if none fits."""
     pixels = self.height * self.width
     # Any whole number of images: rows arrays need no 16-token tiles in HBM.
     images = [d for d in range(self.images, 0, -1)
               if self.images % d == 0 and d * pixels <= _BLOCK_TOKENS] or [1]
     plans = [Plan(d, band) for d in images for band in tpu_bands.bands(d * pixels, self.halo)]
-    fitting = [p for p in plans if self.vmem_bytes(p) <= tpu_memory.BUDGET]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
     return max(fitting, key=lambda p: (p.band, p.block_images)) if fitting else None
 
   @property
@@ -114,20 +113,15 @@ class Shape:
 
   @property
   def cores(self) -> int:
-    """Partial gradient sums: one per TensorCore of a megacore chip (the grid's parallel axis),
-    where the steps split evenly."""
-    return 2 if self.steps % 2 == 0 else 1
+    """Partial gradient sums, one per TensorCore (`common.CoreGrid`)."""
+    return common.CoreGrid(self.steps).cores
 
 
 def fits_vmem(v_shape: Sequence[int], itemsize: int) -> bool:
-  """Whether `lepe_add` has a plan within `tpu_memory.BUDGET` for v of `v_shape` (b, h, w, C),
+  """Whether `lepe_add` has a plan within `common.BUDGET` for v of `v_shape` (b, h, w, C),
   the batch split over the context mesh's devices."""
   batch, height, width, dim = v_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else mesh.size
-  if batch % devices:
-    raise ValueError(f'{batch} images do not split over {devices} devices')
-  return Shape(batch // devices, height, width, dim, itemsize).plan is not None
+  return Shape(common.images_per_device(batch), height, width, dim, itemsize).plan is not None
 
 
 def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
@@ -218,53 +212,35 @@ def _backward_kernel(v_ref, do_ref, taps_ref, bias_ref, dv_ref, dtaps_ref, dbias
   dv_ref[...] = dv_flat[...].reshape(dv_ref.shape)
 
 
-def _call(kernel, shape, arrays, weights, out_shapes, cost, interpret):
+def _call(kernel, shape, arrays, weights, cost, interpret):
   """`kernel` over blocks of whole images: `arrays` by image rows, `weights` whole at every
-  step; `out_shapes` are (block, struct) pairs, block 'rows' for per-token outputs (through a
-  flat VMEM copy) and 'core' for the per-core float32 sums. `scratch` for the kernel: flat
-  copies of the inputs (with halos, but the forward's attention output) and of the outputs."""
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    count = len(arrays)
-    call = lambda flag: lambda *x: _call(kernel, shape, x[:count], x[count:], out_shapes, cost,
-                                         flag)
-    return jax.lax.platform_dependent(*arrays, *weights, tpu=call(False), default=call(True))
-  plan, per_core = shape.plan, shape.steps // shape.cores
-  rows = plan.block_images * shape.height
+  step. It gives a rows array in the arrays' shape and dtype (through a flat VMEM copy), and in
+  the backward the weights' float32 gradient sums per core (`common.CoreGrid`). Scratch for
+  the kernel: flat copies of the inputs (with halos, but the forward's attention output) and
+  of the output."""
+  backward = kernel is _backward_kernel
+  grid = common.CoreGrid(shape.steps)
+  rows = shape.plan.block_images * shape.height
   tokens = rows * shape.width
-  row_block = pl.BlockSpec((rows, shape.width, shape.dim),
-                           lambda c, s: (c * per_core + s, 0, 0))
-  # The weights' block is the same at every step: fetched once, one buffer is enough.
-  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
-                                 pipeline_mode=pl.Buffered(1))
-  out_specs = [row_block if block == 'rows'
-               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
-               for block, struct in out_shapes]
+  row_block = grid.blocks((rows, shape.width, shape.dim))
+  sums, sum_specs = grid.sums(weights if backward else ())
   dtype = arrays[0].dtype
   # v with halos; the forward's attention output without (its values are only added).
-  halos = (True, kernel is _backward_kernel)
   scratch = ([pltpu.VMEM((tokens + (2 * shape.halo if h else 0), shape.dim), dtype)
-              for h in halos]
+              for h in (True, backward)]
              + [pltpu.VMEM((tokens, shape.dim), dtype)])
-  operands = (*arrays, *weights)
-  return pl.pallas_call(
-      functools.partial(kernel, height=shape.height, width=shape.width, band=plan.band,
+  return common.call(
+      functools.partial(kernel, height=shape.height, width=shape.width, band=shape.plan.band,
                         halo=shape.halo),
-      out_shape=[struct for _, struct in out_shapes],
-      grid=(shape.cores, per_core),
-      in_specs=[row_block] * len(arrays) + [whole(w) for w in weights],
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*(operands if interpret else tpu_memory.in_hbm(operands)))
+      (*arrays, *weights), out_shape=[jax.ShapeDtypeStruct(arrays[0].shape, dtype), *sums],
+      grid=grid.shape, in_specs=[row_block] * len(arrays) + [common.whole(w) for w in weights],
+      out_specs=[row_block, *sum_specs], scratch_shapes=scratch, cost=cost, interpret=interpret)
 
 
 def _shape(v, height, width):
   shape = Shape(v.shape[0] // height, height, width, v.shape[-1], v.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the LePE kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB of VMEM '
+    raise ValueError(f'the LePE kernel does not fit {common.BUDGET / 2**20:.0f} MiB of VMEM '
                      f'for {shape.dim} channels on {height} x {width} images (see fits_vmem); '
                      "use kernels='xla'")
   return shape
@@ -274,11 +250,10 @@ def _shape(v, height, width):
 def _lepe_add(attention, v, weights, height, width, interpret):
   def forward(arrays, weights):
     shape = _shape(arrays[0], height, width)
-    out = [('rows', jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype))]
-    return _call(_forward_kernel, shape, arrays, weights, out, cost_estimates(shape)[0],
-                 interpret)[0]
+    return _call(_forward_kernel, shape, arrays, weights, cost_estimates(shape)[0],
+                 interpret)[0], ()
 
-  return tpu_mesh.per_device(forward, (v, attention), weights, backward=False)
+  return common.per_device(forward, (v, attention), weights)[0]
 
 
 def _lepe_add_fwd(attention, v, weights, height, width, interpret):
@@ -290,15 +265,12 @@ def _lepe_add_bwd(height, width, interpret, residuals, do):
 
   def backward(arrays, weights):
     shape = _shape(arrays[0], height, width)
-    out = [('rows', jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype))]
-    out += [('core', jax.ShapeDtypeStruct((shape.cores, *w.shape), jnp.float32))
-            for w in weights]
-    dv, *grads = _call(_backward_kernel, shape, arrays, weights, out, cost_estimates(shape)[1],
+    dv, *grads = _call(_backward_kernel, shape, arrays, weights, cost_estimates(shape)[1],
                        interpret)
     return dv, tuple(g.sum(axis=0) for g in grads)
 
   do = do.astype(v.dtype)
-  dv, grads = tpu_mesh.per_device(backward, (v, do), weights, backward=True)
+  dv, grads = common.per_device(backward, (v, do), weights)
   return do, dv, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 

@@ -2,7 +2,7 @@
 
 Each function takes the arrays of one step of the paper's block and the plain form of that
 step, and decides for itself what runs: its Pallas kernel where the kernel's memory plan fits
-the shape (VMEM, `memory.BUDGET`) and the on-device check has not declined it (`declined`,
+the shape (VMEM, `common.BUDGET`) and the on-device check has not declined it (`declined`,
 `rmt_jax.kernels.check`), else the plain form, which it reports in one log line per operation
 and shape (`selection.fallback`). The model never asks a kernel whether it fits.
 
@@ -51,11 +51,16 @@ class Key:
 @dataclasses.dataclass(frozen=True)
 class Call:
   """A kernel call recorded while tracing: `kernel(*arguments)` and `plain(*arguments)` compute
-  the same function of arrays shaped as `arguments` (a pytree of ShapeDtypeStructs)."""
+  the same function of arrays shaped as `arguments` (a pytree of ShapeDtypeStructs). `kernel`
+  is None where the kernel's memory plan does not fit (the plain form runs anyway);
+  `reference`, where set, is the plain form in float32 (of the same arguments cast to it).
+  `constants`: the positions of arguments that are not differentiated (drop path's scales)."""
   key: Key
   arguments: Any
-  kernel: Callable[..., Any]
+  kernel: Callable[..., Any] | None
   plain: Callable[..., Any]
+  reference: Callable[..., Any] | None = None
+  constants: tuple[int, ...] = ()
 
 
 _declined: frozenset[Key] = frozenset()
@@ -98,9 +103,12 @@ def recording() -> Iterator[dict[Key, Call]]:
     _recorded = previous
 
 
-def _run(operation: str, arguments: tuple[Any, ...], dtype: Any, kernel: Callable[..., Any],
-         plain: Callable[..., Any], independent: int | None = None) -> Any:
-  """`kernel(*arguments)`, unless the plain forms are asked for or the check declined it.
+def _run(operation: str, arguments: tuple[Any, ...], dtype: Any,
+         kernel: Callable[..., Any] | None, plain: Callable[..., Any], *,
+         independent: int | None = None, constants: tuple[int, ...] = (),
+         unfit: tuple[str, str, str, Callable[..., Any]] | None = None) -> Any:
+  """`kernel(*arguments)`, unless the plain forms are asked for, the check declined it, or it
+  does not fit (`unfit`: what, why, what runs instead, and that function, for the one line).
 
   `independent`: how many leading arguments are independent inputs (default all); the others
   equal some of them (the attention's column q and k), and the recorded call takes only those.
@@ -108,16 +116,26 @@ def _run(operation: str, arguments: tuple[Any, ...], dtype: Any, kernel: Callabl
   if _plain_only:
     return plain(*arguments)
   key = Key(operation, tuple(arguments[0].shape[1:]), jnp.dtype(dtype).name)
-  if _recorded is not None and key not in _recorded:
-    n = len(arguments) if independent is None else independent
-    tied = lambda f: (lambda *a: f(*a, *a[:len(arguments) - n])) if n < len(arguments) else f
-    _recorded[key] = Call(key, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                            arguments[:n]), tied(kernel), tied(plain))
   if _recorded is not None:
+    if key not in _recorded:
+      n = len(arguments) if independent is None else independent
+      tied = lambda f: (lambda *a: f(*a, *a[:len(arguments) - n])) if (
+          f is not None and n < len(arguments)) else f
+      _recorded[key] = Call(key, jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arguments[:n]),
+                            None if unfit else tied(kernel), tied(plain),
+                            constants=constants)
     # Recording needs the shapes only: the kernel is traced when the check runs it, where its
-    # failures are caught and reported.
+    # failures are caught and reported. Where it does not fit, what runs instead is traced: its
+    # own kernels (the projections', the FFN's) are recorded too.
+    if unfit is not None:
+      return unfit[3](*arguments)
     with plain_only():
       return plain(*arguments)
+  if unfit is not None:
+    what, reason, instead, fallback = unfit
+    selection.fallback(what, arguments[0].shape, reason, instead)
+    return fallback(*arguments)
   if key in _declined:
     selection.fallback(operation, arguments[0].shape, 'the on-device check declined it '
                        '(rmt_jax.kernels.check)')
@@ -160,19 +178,23 @@ def first_half(x: jax.Array, pos: Pair, norm: Pair, projections: Sequence[Pair],
   itemsize, stream = jnp.dtype(dtype).itemsize, x.dtype.itemsize
   kernel_uses = next((u for u in (tuple(uses), (1,) * len(uses)) if block_head.fits_vmem(
       x.shape, len(projections), itemsize, stream, uses=u)), None)
-  if kernel_uses is None:
-    selection.fallback('the block head (pos, norm, q/k/v)', x.shape, 'its weights leave too '
-                       'little VMEM', 'pos runs plainly, then the projections')
+
+  def projections_kernel(x, pos, norm, projections):
     x1 = plain_pos(x, pos)
     return (x1, *repeat(normalized_projections(x1, norm, projections, scales, eps=eps,
                                                dtype=dtype, plain=plain_projections)))
+
+  unfit = None if kernel_uses else (
+      'the block head (pos, norm, q/k/v)', 'its weights leave too little VMEM',
+      'pos runs plainly, then the projections', projections_kernel)
 
   def kernel(x, pos, norm, projections):
     x1, *outs = block_head.block_first_half(x, pos, norm, projections, scales, eps=eps,
                                             dtype=dtype, uses=kernel_uses)
     return (x1, *(out + out[-1:] * (n - len(out)) for out, n in zip(outs, uses)))
 
-  return _run('first_half', (x, pos, norm, tuple(projections)), dtype, kernel, plain)
+  return _run('first_half', (x, pos, norm, tuple(projections)), dtype, kernel, plain,
+              unfit=unfit)
 
 
 def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair],
@@ -181,13 +203,13 @@ def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair]
   """(LN(x) @ kernel_i + bias_i) * scales[i] for each projection (`plain(x, norm, projections)`
   where the kernel does not fit)."""
   features = projections[0][0].shape[1]
-  if not tpu_projections.fits_vmem(x.shape, features, len(projections), x.dtype.itemsize,
-                                   jnp.dtype(dtype).itemsize):
-    selection.fallback('the q/k/v projections', x.shape, 'their weights leave too little VMEM')
-    return plain(x, norm, projections)
+  fits = tpu_projections.fits_vmem(x.shape, features, len(projections), x.dtype.itemsize,
+                                   jnp.dtype(dtype).itemsize)
   kernel = lambda x, norm, projections: tpu_projections.normalized_projections(
       x, norm, projections, scales, eps=eps, dtype=dtype)
-  return _run('projections', (x, norm, tuple(projections)), dtype, kernel, plain)
+  return _run('projections', (x, norm, tuple(projections)), dtype, kernel, plain,
+              unfit=None if fits else ('the q/k/v projections', 'their weights leave too '
+                                       'little VMEM', 'the plain form runs', plain))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, column_q: jax.Array,
@@ -245,21 +267,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, column_q: jax.Array,
 def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
              plain: Callable[[jax.Array, jax.Array, Pair], jax.Array]) -> jax.Array:
   """attention + LePE(v): `lepe.lepe_add` where it fits, else `plain(out, v, weights)`."""
-  if not lepe.fits_vmem(v.shape, v.dtype.itemsize):
-    selection.fallback('LePE', v.shape, 'its blocks do not fit VMEM')
-    return plain(out, v, weights)
   kernel = lambda out, v, weights: lepe.lepe_add(out.astype(v.dtype), v, *weights)
-  return _run('lepe', (out, v, weights), v.dtype, kernel, plain)
+  unfit = None if lepe.fits_vmem(v.shape, v.dtype.itemsize) else (
+      'LePE', 'its blocks do not fit VMEM', 'the plain form runs', plain)
+  return _run('lepe', (out, v, weights), v.dtype, kernel, plain, unfit=unfit)
 
 
 def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
                  plain: Callable[..., jax.Array]) -> jax.Array:
   """The FFN: its kernel, which keeps the weights in VMEM, where they leave room enough (not
   the last stage of RMT-S, -B and -L, nor the third of RMT-B and -L), else `plain`."""
-  if not tpu_feed_forward.fits_vmem(x.shape, fc1[0].shape[1], x.dtype.itemsize):
-    selection.fallback('the FFN', x.shape, 'its weights leave too little VMEM')
-    return plain(x, fc1, dwconv, fc2)
-  return _run('ffn', (x, fc1, dwconv, fc2), x.dtype, tpu_feed_forward.feed_forward, plain)
+  unfit = None if tpu_feed_forward.fits_vmem(x.shape, fc1[0].shape[1], x.dtype.itemsize) else (
+      'the FFN', 'its weights leave too little VMEM', 'the plain form runs', plain)
+  return _run('ffn', (x, fc1, dwconv, fc2), x.dtype, tpu_feed_forward.feed_forward, plain,
+              unfit=unfit)
 
 
 def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: Any,
@@ -269,8 +290,9 @@ def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: An
   are this function's, the FFN's form its own choice)."""
   arguments = (x1, o, out_proj, norm, ffn, gammas, drop_scales)
   hidden = ffn[0][0].shape[1]
-  if not block_tail.fits_vmem(x1.shape, hidden, o.dtype.itemsize, x1.dtype.itemsize):
-    selection.fallback("the block's second half", x1.shape, 'its weights leave too little VMEM')
-    return plain(*arguments)
   kernel = lambda *arguments: block_tail.block_second_half(*arguments, eps=eps)
-  return _run('second_half', arguments, o.dtype, kernel, plain)
+  unfit = None if block_tail.fits_vmem(x1.shape, hidden, o.dtype.itemsize,
+                                       x1.dtype.itemsize) else (
+      "the block's second half", 'its weights leave too little VMEM', 'the plain form runs',
+      plain)
+  return _run('second_half', arguments, o.dtype, kernel, plain, constants=(6,), unfit=unfit)

@@ -11,7 +11,7 @@ passes. Here:
   backward kernel reads x and dq, dk, dv, recomputes the normalisation, and writes dx and the
   gradients of every weight and of the norm's scale and bias: the forward saves x alone.
 - Arrays are (rows, width, channels): image rows, the layout the attention kernels
-  (`tpu_forms`) read for the row pass. Flattening rows of 14 or 7 tokens to (tokens, channels)
+  (`attention`) read for the row pass. Flattening rows of 14 or 7 tokens to (tokens, channels)
   outside would be a relayout in HBM (the TPU tiles the last two axes by 8 or 16 rows); inside
   the kernel it is a relayout in VMEM.
 - Statistics and the norm in float32; matmuls in the compute dtype with float32 accumulation,
@@ -25,9 +25,9 @@ passes. Here:
   front) where that has a plan; this kernel serves MaSA on its own and the stages where the
   larger one does not fit (RMT-L's third).
 
-Both kernels declare their true cost (`cost_estimates`). As `tpu_forms`, XLA does not partition
-Mosaic kernels: under a context mesh the calls run in a `shard_map` over rows; and the operands
-stay in HBM (`tpu_memory.in_hbm`).
+Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
+device under a context mesh (`common.per_device`: a `shard_map` over image rows) and keep their
+operands in HBM (`common.in_hbm`).
 """
 
 import dataclasses
@@ -37,18 +37,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from rmt_jax.kernels.tpu import bands as tpu_bands
-from rmt_jax.kernels.tpu import memory as tpu_memory
+from rmt_jax.kernels.tpu import common
 
 # Tokens per grid step are kept at most this (whole rows): big enough that a step's fixed cost
 # is small against its work, small enough for the backward's float32 temporaries.
 _BLOCK_TOKENS = 2048
-
-_TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
-_TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +88,10 @@ class Shape:
   @functools.cached_property
   def block_rows(self) -> int | None:
     """The most rows per step (a divisor of `rows`, within `_BLOCK_TOKENS` where any is) that
-    fits `tpu_memory.BUDGET`; None if none does."""
+    fits `common.BUDGET`; None if none does."""
     divisors = [r for r in range(self.rows, 0, -1) if self.rows % r == 0]
     candidates = [r for r in divisors if r * self.width <= _BLOCK_TOKENS] or divisors[-1:]
-    return next((r for r in candidates if self.vmem_bytes(r) <= tpu_memory.BUDGET), None)
+    return next((r for r in candidates if self.vmem_bytes(r) <= common.BUDGET), None)
 
   @property
   def steps(self) -> int:
@@ -104,22 +99,18 @@ class Shape:
 
   @property
   def cores(self) -> int:
-    """Partial weight-gradient sums: one per TensorCore of a megacore chip (the grid's parallel
-    axis), where the steps split evenly."""
-    return 2 if self.steps % 2 == 0 else 1
+    """Partial weight-gradient sums, one per TensorCore (`common.CoreGrid`)."""
+    return common.CoreGrid(self.steps).cores
 
 
 def fits_vmem(x_shape: Sequence[int], features: int, outputs: int, in_itemsize: int,
               itemsize: int) -> bool:
-  """Whether `normalized_projections` has a plan within `tpu_memory.BUDGET` for x of `x_shape`
+  """Whether `normalized_projections` has a plan within `common.BUDGET` for x of `x_shape`
   (b, h, w, C), `outputs` projections to `features` channels, with the batch split over the
   context mesh's devices as the kernel splits it."""
   batch, height, width, dim = x_shape
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else mesh.size
-  if batch % devices:
-    raise ValueError(f'{batch} images do not split over {devices} devices')
-  shape = Shape(batch // devices * height, width, dim, features, outputs, in_itemsize, itemsize)
+  shape = Shape(common.images_per_device(batch) * height, width, dim, features, outputs,
+                in_itemsize, itemsize)
   return shape.block_rows is not None
 
 
@@ -146,12 +137,9 @@ def cost_estimates(shape: Shape) -> tuple[pl.CostEstimate, pl.CostEstimate]:
 
 
 def _normalise(x_ref, eps):
-  """x's block as (tokens, C) float32, normalised (zero mean, unit variance), and 1 / std."""
+  """x's block as (tokens, C) float32, normalised, and 1 / std (`common.normalise`)."""
   x = x_ref[...].astype(jnp.float32)
-  x = x.reshape(-1, x.shape[-1])
-  centred = x - jnp.mean(x, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-  return centred * rstd, rstd
+  return common.normalise(x.reshape(-1, x.shape[-1]), eps)
 
 
 def _forward_kernel(x_ref, scale_ref, shift_ref, w_ref, b_ref, *out_refs, eps, scales):
@@ -186,50 +174,33 @@ def _backward_kernel(x_ref, scale_ref, shift_ref, w_ref, *refs, eps, scales):
     dy = ref[...].reshape(-1, features)
     if s != 1.0:
       dy = dy * jnp.asarray(s, dy.dtype)
-    dw_ref[0, :, columns] += jax.lax.dot_general(xn, dy, _TRANS_A,
+    dw_ref[0, :, columns] += jax.lax.dot_general(xn, dy, common.TRANS_A,
                                                  preferred_element_type=jnp.float32)
     db_ref[0, :, columns] += jnp.sum(dy.astype(jnp.float32), axis=0, keepdims=True)
-    dxn = dxn + jax.lax.dot_general(dy, w_ref[:, columns], _TRANS_B,
+    dxn = dxn + jax.lax.dot_general(dy, w_ref[:, columns], common.TRANS_B,
                                     preferred_element_type=jnp.float32)
   dscale_ref[0] += jnp.sum(dxn * xhat, axis=0, keepdims=True)
   dshift_ref[0] += jnp.sum(dxn, axis=0, keepdims=True)
   dxhat = dxn * scale
-  dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-               - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  dx = common.normalise_transpose(dxhat, xhat, rstd)
   dx_ref[...] = dx.astype(dx_ref.dtype).reshape(dx_ref.shape)
 
 
-def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, out_shapes, cost,
-          eps, scales, interpret):
+def _call(kernel, shape: Shape, inputs: Sequence[jax.Array], weights: int, outputs, grads,
+          cost, eps, scales, interpret):
   """The kernel over blocks of rows: inputs[0] and inputs[1 + weights:] by rows,
-  inputs[1:1 + weights] whole at every step. `out_shapes` are (block, struct) pairs, block
-  'rows' for per-token outputs and 'core' for the per-core float32 sums."""
-  if interpret is None:  # Mosaic on TPUs, Pallas's interpreter on other platforms.
-    call = lambda flag: lambda *x: _call(kernel, shape, x, weights, out_shapes, cost, eps,
-                                         scales, flag)
-    return jax.lax.platform_dependent(*inputs, tpu=call(False), default=call(True))
-  per_core = shape.steps // shape.cores
-  rows = lambda channels: pl.BlockSpec((shape.block_rows, shape.width, channels),
-                                       lambda c, s: (c * per_core + s, 0, 0))
-  # The weights' block is the same at every step: fetched once, one buffer is enough.
-  whole = lambda a: pl.BlockSpec(a.shape, lambda c, s: (0,) * a.ndim,
-                                 pipeline_mode=pl.Buffered(1))
-  in_specs = [rows(a.shape[-1]) if i == 0 or i > weights else whole(a)
-              for i, a in enumerate(inputs)]
-  out_specs = [rows(struct.shape[-1]) if block == 'rows'
-               else pl.BlockSpec((1, *struct.shape[1:]), lambda c, s: (c, 0, 0))
-               for block, struct in out_shapes]
-  return pl.pallas_call(
-      functools.partial(kernel, eps=eps, scales=scales),
-      out_shape=[struct for _, struct in out_shapes],
-      grid=(shape.cores, per_core),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary'),
-                                           vmem_limit_bytes=tpu_memory.LIMIT),
-      cost_estimate=cost,
-      interpret=interpret,
-  )(*(inputs if interpret else tpu_memory.in_hbm(inputs)))
+  inputs[1:1 + weights] whole at every step. It gives `outputs` (structs of rows arrays) and
+  the float32 sums per core of the gradients of `grads` (`common.CoreGrid`)."""
+  grid = common.CoreGrid(shape.steps)
+  rows = lambda channels: grid.blocks((shape.block_rows, shape.width, channels))
+  sums, sum_specs = grid.sums(grads)
+  return common.call(
+      functools.partial(kernel, eps=eps, scales=scales), inputs,
+      out_shape=[*outputs, *sums], grid=grid.shape,
+      in_specs=[rows(a.shape[-1]) if i == 0 or i > weights else common.whole(a)
+                for i, a in enumerate(inputs)],
+      out_specs=[rows(struct.shape[-1]) for struct in outputs] + sum_specs,
+      cost=cost, interpret=interpret)
 
 
 def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
@@ -237,64 +208,24 @@ def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
   shape = Shape(rows, width, dim, w.shape[1] // outputs, outputs, x.dtype.itemsize,
                 w.dtype.itemsize)
   if shape.block_rows is None:
-    raise ValueError(f'the projection kernel does not fit {tpu_memory.BUDGET / 2**20:.0f} MiB of '
+    raise ValueError(f'the projection kernel does not fit {common.BUDGET / 2**20:.0f} MiB of '
                      f'VMEM for {outputs} x {dim} -> {shape.features} channels on rows of '
                      f"{width} tokens (its weights stay in VMEM; see fits_vmem); use "
                      "kernels='xla'")
   return shape
 
 
-def _forward(x, norm, weights, eps, scales, interpret):
-  shape = _shape(x, weights[0], len(scales))
-  out = [('rows', jax.ShapeDtypeStruct((*x.shape[:2], shape.features), weights[0].dtype))
-         ] * shape.outputs
-  return tuple(_call(_forward_kernel, shape, (x, *norm, *weights), 4, out,
-                     cost_estimates(shape)[0], eps, scales, interpret))
-
-
-def _backward(x, norm, weights, dys, eps, scales, interpret):
-  """dx, and the norm's and the weights' gradients (float32, summed over this call's cores)."""
-  shape = _shape(x, weights[0], len(scales))
-  core = lambda a: ('core', jax.ShapeDtypeStruct((shape.cores, *a.shape), jnp.float32))
-  out = [('rows', jax.ShapeDtypeStruct(x.shape, x.dtype)), core(weights[0]), core(weights[1]),
-         core(norm[0]), core(norm[1])]
-  dx, dw, db, dscale, dshift = _call(_backward_kernel, shape, (x, *norm, weights[0], *dys), 3,
-                                     out, cost_estimates(shape)[1], eps, scales, interpret)
-  return dx, (dscale.sum(axis=0), dshift.sum(axis=0)), (dw.sum(axis=0), db.sum(axis=0))
-
-
-def _per_device(function, x, norm, weights, *rest):
-  """`function` on each device's rows under a context mesh of several devices.
-
-  x (and the dy) split by rows over every device of the mesh (the images split evenly); the
-  norm's parameters and the weights go whole to every device. The backward's gradients of
-  them are each device's sums, added over the mesh (`psum`).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return function(x, norm, weights, *rest)
-  dys, static = (rest[0],) if len(rest) == 4 else (), rest[-3:]
-  axes = tuple(mesh.axis_names)
-  split, whole = PartitionSpec(axes), PartitionSpec()
-
-  def local(x, norm, weights, *dys):
-    out = function(x, norm, weights, *dys, *static)
-    if dys:  # (dx, norm gradients, weight gradients)
-      return out[0], *jax.lax.psum(out[1:], axes)
-    return out
-
-  specs = (split, (whole, whole), (whole, whole))
-  if dys:
-    return jax.shard_map(local, mesh=mesh, in_specs=specs + ((split,) * len(dys[0]),),
-                         out_specs=(split, (whole, whole), (whole, whole)),
-                         check_vma=False)(x, norm, weights, *dys)
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(split,) * len(static[1]),
-                       check_vma=False)(x, norm, weights)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _projections(x, norm, weights, eps, scales, interpret):
-  return _per_device(_forward, x, norm, weights, eps, scales, interpret)
+  def forward(rows, parameters):
+    (x,), weights = rows, parameters[2:]
+    shape = _shape(x, weights[0], len(scales))
+    out = [jax.ShapeDtypeStruct((*x.shape[:2], shape.features), weights[0].dtype)
+           ] * shape.outputs
+    return tuple(_call(_forward_kernel, shape, (x, *parameters), 4, out, (),
+                       cost_estimates(shape)[0], eps, scales, interpret)), ()
+
+  return common.per_device(forward, (x,), (*norm, *weights))[0]
 
 
 def _projections_fwd(x, norm, weights, eps, scales, interpret):
@@ -303,10 +234,20 @@ def _projections_fwd(x, norm, weights, eps, scales, interpret):
 
 def _projections_bwd(eps, scales, interpret, residuals, dys):
   x, norm, weights = residuals
+
+  def backward(rows, parameters):
+    (x, *dys), (scale, shift, w, b) = rows, parameters
+    shape = _shape(x, w, len(scales))
+    dx, dw, db, dscale, dshift = _call(
+        _backward_kernel, shape, (x, scale, shift, w, *dys), 3,
+        [jax.ShapeDtypeStruct(x.shape, x.dtype)], (w, b, scale, shift),
+        cost_estimates(shape)[1], eps, scales, interpret)
+    return dx, tuple(g.sum(axis=0) for g in (dscale, dshift, dw, db))
+
   dys = tuple(dy.astype(weights[0].dtype) for dy in dys)
-  dx, dnorm, dweights = _per_device(_backward, x, norm, weights, dys, eps, scales, interpret)
-  return (dx, tuple(g.astype(p.dtype) for g, p in zip(dnorm, norm)),
-          tuple(g.astype(w.dtype) for g, w in zip(dweights, weights)))
+  dx, grads = common.per_device(backward, (x, *dys), (*norm, *weights))
+  return (dx, tuple(g.astype(p.dtype) for g, p in zip(grads[:2], norm)),
+          tuple(g.astype(w.dtype) for g, w in zip(grads[2:], weights)))
 
 
 _projections.defvjp(_projections_fwd, _projections_bwd)
@@ -326,7 +267,7 @@ def normalized_projections(x: jax.Array, norm: tuple[jax.Array, jax.Array],
     eps: the layer norm's epsilon.
     dtype: the compute dtype: of the matmuls and the outputs.
     interpret: True runs Pallas's interpreter, False the Mosaic kernel (TPU only); None (the
-      default) chooses at lowering, as `tpu_forms.decayed_attention`.
+      default) chooses at lowering (`common.call`).
 
   Returns:
     (b, h, w, D) in `dtype` per projection. Differentiable in x, the norm and every weight (a

@@ -1,0 +1,201 @@
+"""What every Pallas TPU kernel here shares: the VMEM budget, the per-device mapping under a
+mesh, the `pallas_call` skeleton, and the layer norm inside a kernel.
+
+- VMEM (`BUDGET`, `LIMIT`): one number for every chip, a v4 TensorCore's 16 MiB (v5e, v5p and
+  v6e have more), so that a program compiled for any of them fits all. Each kernel's memory plan
+  (`Shape.plan` of each module) keeps its own estimate within `BUDGET`.
+- The mesh (`per_device`): XLA does not partition Mosaic kernels. Under a context mesh of
+  several devices (`jax.set_mesh`, or `rmt_jax.train.sharding.traced_on` in the trainer) a
+  kernel's call runs in a `shard_map`: each device takes its share of the images, the weights
+  whole, and the weights' gradients (each device's sums) are added over the mesh.
+- The call (`call`): Mosaic when lowered for a TPU, else Pallas's interpreter, which computes
+  the same function slowly (so that `kernels='tpu'` runs on a CPU host); the scoped VMEM; and
+  every operand of a Mosaic call kept in HBM (`in_hbm`). The blocks: a weight's, the same at
+  every grid step, fetched once into one buffer (`whole`); and the (cores, steps per core) grid
+  of the kernels that add their weights' gradients into one float32 block per TensorCore
+  (`CoreGrid`).
+- Kernel code: the layer norm's normalisation and its transpose (`normalise`,
+  `normalise_transpose`), and the matrix products with a transposed operand.
+"""
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+# What a kernel's VMEM may take by its own estimate (`Shape.vmem_bytes` of each module), and the
+# scoped VMEM it asks Mosaic for: the estimate leaves 2 MiB for what it does not count.
+BUDGET = 14 * 1024 * 1024
+LIMIT = 16 * 1024 * 1024
+
+TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
+TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh.
+
+def devices() -> int:
+  """The context mesh's devices (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
+
+
+def images_per_device(batch: int) -> int:
+  """Each device's share of `batch` images under the context mesh, as `per_device` splits
+  them."""
+  count = devices()
+  if batch % count:
+    raise ValueError(f'{batch} images do not split over {count} devices')
+  return batch // count
+
+
+def per_device(function: Callable[[tuple, tuple], tuple[Any, Any]], split: Sequence[jax.Array],
+               whole: Sequence[jax.Array], split_axes: Sequence[int] | None = None
+               ) -> tuple[Any, Any]:
+  """`function(split, whole)` on each device's share under a context mesh of several devices
+  (called as it is without one, or with one of a single device).
+
+  Args:
+    function: (split, whole) -> (outputs, sums): the outputs (an array or a pytree of them),
+      split as the split arrays are, along their first axis; the sums (e.g. the weights'
+      gradients; `()` for none), each device's, added over the mesh (`psum`).
+    split: arrays split over every device of the mesh: images, image rows or tokens of whole
+      images along their first axis (or `split_axes`).
+    whole: arrays passed whole to every device (weights, tables).
+    split_axes: the axis along which each of `split` is split (default: the first).
+
+  Returns:
+    (outputs, sums).
+  """
+  split, whole = tuple(split), tuple(whole)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return function(split, whole)
+  axes = tuple(mesh.axis_names)
+  along = lambda axis: PartitionSpec(*(None,) * axis, axes)
+
+  def local(split, whole):
+    outputs, sums = function(split, whole)
+    return outputs, (jax.lax.psum(sums, axes) if jax.tree.leaves(sums) else sums)
+
+  in_specs = (tuple(along(a) for a in split_axes or (0,) * len(split)),
+              (PartitionSpec(),) * len(whole))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                       out_specs=(along(0), PartitionSpec()), check_vma=False)(split, whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# The call.
+
+def in_hbm(operands: Sequence[jax.Array]) -> list[jax.Array]:
+  """`operands` of a Mosaic kernel, constrained to stay in HBM.
+
+  A kernel's BlockSpecs stream its operands from HBM into VMEM block by block, overlapped with
+  its work. Left free, XLA's memory-space assignment also copies operands that fit into VMEM
+  there ahead of the kernel (`copy-start`): a second on-chip copy of bytes the kernel's pipeline
+  brings in anyway, which XLA's cost model counts on top of the kernel's own reads. RMT-S's v5p
+  train step estimates at 32.8 ms with the constraint and 36.4 ms without
+  (`python -m rmt_jax.tpu_compile`); the HBM traffic is the same (24.3 ms either way with
+  memory-space assignment off). For Mosaic calls only: the Pallas interpreter does not take
+  memory-space constraints.
+  """
+  return [pltpu.with_memory_space_constraint(a, pltpu.HBM) for a in operands]
+
+
+def whole(array: Any) -> pl.BlockSpec:
+  """A weight's block: all of it at every grid step, so fetched once, into one buffer."""
+  return pl.BlockSpec(array.shape, lambda *steps: (0,) * len(array.shape),
+                      pipeline_mode=pl.Buffered(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreGrid:
+  """A grid of (cores, steps per core) over `steps` blocks: the first axis parallel, one entry
+  per TensorCore of a megacore chip where the steps split evenly between two; the second a
+  sequential loop, whose steps add their weights' gradients into their core's float32 block
+  (`sums`), the partial sums added outside."""
+  steps: int
+
+  @property
+  def cores(self) -> int:
+    return 2 if self.steps % 2 == 0 else 1
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.cores, self.steps // self.cores)
+
+  def step(self, core: Any, step: Any) -> Any:
+    """The block (along the arrays' first axis) of grid step (core, step)."""
+    return core * (self.steps // self.cores) + step
+
+  def blocks(self, block_shape: Sequence[int]) -> pl.BlockSpec:
+    """Blocks of `block_shape` along an array's first axis, one per grid step."""
+    rest = (0,) * (len(block_shape) - 1)
+    return pl.BlockSpec(tuple(block_shape), lambda c, s, *_: (self.step(c, s), *rest))
+
+  def sums(self, weights: Sequence[Any]) -> tuple[list[jax.ShapeDtypeStruct], list[pl.BlockSpec]]:
+    """The outputs of the weights' gradient sums, float32 (cores, *weight shape), and their
+    blocks: core c's at every step of its loop."""
+    structs = [jax.ShapeDtypeStruct((self.cores, *w.shape), jnp.float32) for w in weights]
+    specs = [pl.BlockSpec((1, *w.shape), lambda c, s, *_, n=len(w.shape): (c,) + (0,) * n)
+             for w in weights]
+    return structs, specs
+
+
+def call(kernel: Callable[..., None], operands: Sequence[jax.Array], *,
+         out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple[int, ...],
+         in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
+         cost: pl.CostEstimate, interpret: bool | None, scratch_shapes: Sequence[Any] = (),
+         dimension_semantics: Sequence[str] = ('parallel', 'arbitrary'),
+         scalar_prefetch: int = 0) -> Any:
+  """`pl.pallas_call(kernel, ...)(*operands)` within `LIMIT` of scoped VMEM.
+
+  Args:
+    kernel: the kernel (its static arguments bound).
+    operands: the operands: first `scalar_prefetch` in SMEM, then one per `in_specs`.
+    out_shape, grid, in_specs, out_specs, scratch_shapes: as `pl.pallas_call` takes them.
+    dimension_semantics: per grid axis, 'parallel' or 'arbitrary' (default: a `CoreGrid`'s).
+    cost: the kernel's declared cost.
+    interpret: Pallas's interpreter (True), Mosaic with the operands kept in HBM (False), or by
+      the platform the computation is lowered for (None: Mosaic on TPUs).
+    scalar_prefetch: operands prefetched into SMEM before the grid, passed to the index maps
+      and first to the kernel (`pltpu.PrefetchScalarGridSpec`).
+  """
+  if interpret is None:
+    run = lambda flag: lambda *x: call(
+        kernel, x, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        dimension_semantics=dimension_semantics, cost=cost, interpret=flag,
+        scratch_shapes=scratch_shapes, scalar_prefetch=scalar_prefetch)
+    return jax.lax.platform_dependent(*operands, tpu=run(False), default=run(True))
+  blocks = dict(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
+                scratch_shapes=list(scratch_shapes))
+  if scalar_prefetch:
+    blocks = dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=scalar_prefetch,
+                                                         **blocks))
+  return pl.pallas_call(
+      kernel, out_shape=list(out_shape), **blocks,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics),
+                                           vmem_limit_bytes=LIMIT),
+      cost_estimate=cost, interpret=interpret,
+  )(*(operands if interpret else in_hbm(operands)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel code.
+
+def normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """x (tokens, C) float32 normalised (zero mean, unit variance), and 1 / std (tokens, 1)."""
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  return centred * rstd, rstd
+
+
+def normalise_transpose(dxhat: jax.Array, xhat: jax.Array, rstd: jax.Array) -> jax.Array:
+  """The transpose of `normalise` at x for the cotangent dxhat of its output (float32)."""
+  return rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
