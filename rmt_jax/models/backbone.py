@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from rmt_jax.models import initializers
-from rmt_jax.models import layers
 from rmt_jax.models import network
-from rmt_jax.models.rmt import Stage, check_stages, drop_path_rates
+from rmt_jax.models.rmt import trunk
 
 Dtype = Any
 
@@ -75,22 +74,10 @@ class RMTBackbone(network.Network):
                  for i in range(len(self.depths)) if i in self.out_indices)
 
   def setup(self):
-    check_stages(self)
     n = len(self.depths)
     if not self.out_indices or any(i not in range(n) for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)} must name stages 0..{n - 1}')
-    rates = drop_path_rates(self.drop_path_rate, self.depths)
-    self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
-    self.layers = [
-        Stage(depth=self.depths[i], num_heads=self.num_heads[i],
-              initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
-              mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
-              drop_path=rates[i],
-              layerscale=self.layerscales[i], layer_init_values=self.layer_init_values,
-              out_dim=self.embed_dims[i + 1] if i < n - 1 else None,
-              remat=self.remat[i], dtype=self.dtype, param_dtype=self.param_dtype,
-              kernels=self.kernels)
-        for i in range(n)]
+    self.patch_embed, self.layers = trunk(self)
     # PyTorch's LayerNorm default eps, not the blocks' 1e-6: the official class builds these
     # with `nn.LayerNorm(embed_dims[i])`.
     self.extra_norms = [nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,

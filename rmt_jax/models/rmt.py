@@ -80,6 +80,25 @@ def check_stages(network: nn.Module) -> None:
                        '(the rotary shift rotates channel pairs)')
 
 
+def trunk(network: nn.Module) -> tuple[layers.Stem, list['Stage']]:
+  """The stem and the stages of an RMT or an RMTBackbone, from the fields they share (built in
+  the network's `setup`, whose attributes name them `patch_embed` and `layers_i`)."""
+  check_stages(network)
+  n = len(network.depths)
+  rates = drop_path_rates(network.drop_path_rate, network.depths)
+  stem = layers.Stem(network.embed_dims[0], network.dtype, network.param_dtype, network.kernels)
+  stages = [
+      Stage(depth=network.depths[i], num_heads=network.num_heads[i],
+            initial_value=network.init_values[i], heads_range=network.heads_ranges[i],
+            mlp_ratio=network.mlp_ratios[i], axial=network.axial[i], drop_path=rates[i],
+            layerscale=network.layerscales[i], layer_init_values=network.layer_init_values,
+            out_dim=network.embed_dims[i + 1] if i < n - 1 else None, remat=network.remat[i],
+            dtype=network.dtype, param_dtype=network.param_dtype, kernels=network.kernels,
+            capture_attention=getattr(network, 'capture_attention', False))
+      for i in range(n)]
+  return stem, stages
+
+
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[tuple[float, ...]]:
   """Each stage's blocks' stochastic depth: rising linearly from 0 at the network's first block
   to `drop_path_rate` at its last."""
@@ -131,20 +150,7 @@ class RMT(network.Network):
   capture_attention: bool = False
 
   def setup(self):
-    check_stages(self)
-    n = len(self.depths)
-    rates = drop_path_rates(self.drop_path_rate, self.depths)
-    self.patch_embed = layers.Stem(self.embed_dims[0], self.dtype, self.param_dtype, self.kernels)
-    self.layers = [
-        Stage(depth=self.depths[i], num_heads=self.num_heads[i],
-              initial_value=self.init_values[i], heads_range=self.heads_ranges[i],
-              mlp_ratio=self.mlp_ratios[i], axial=self.axial[i],
-              drop_path=rates[i], layerscale=self.layerscales[i],
-              layer_init_values=self.layer_init_values,
-              out_dim=self.embed_dims[i + 1] if i < n - 1 else None, remat=self.remat[i],
-              dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
-              capture_attention=self.capture_attention)
-        for i in range(n)]
+    self.patch_embed, self.layers = trunk(self)
     self.proj = layers.dense(self.projection, self.dtype, self.param_dtype, 'proj')
     self.norm = layers.batch_norm('norm', self.param_dtype)
     if self.num_classes > 0:

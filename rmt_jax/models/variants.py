@@ -45,6 +45,14 @@ ALIASES = {
     'rmt_t3': 'rmt_t', 'rmt_m2': 'rmt_b', 'rmt_l6': 'rmt_l',
 }
 
+# The defaults of the official constructors (classification `VisRetNet`, detection /
+# segmentation `RMT`) for the arguments they share.
+_OFFICIAL_DEFAULTS: dict[str, Any] = dict(
+    embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+    init_values=(1, 1, 1, 1), heads_ranges=(3, 3, 3, 3), mlp_ratios=(3, 3, 3, 3),
+    drop_path_rate=0.1, axial=(True, True, False, False),
+    layerscales=(False, False, False, False), layer_init_values=1e-6)
+
 # Official `VisRetNet` argument -> RMT attribute, where the name differs.
 _OFFICIAL_RENAMES = {'chunkwise_recurrents': 'axial', 'use_checkpoints': 'remat'}
 # Official arguments that do not change the function (or that every official model uses).
@@ -98,12 +106,8 @@ def from_official_kwargs(**kw: Any) -> RMT:
       patch_norm=False is not supported).
   """
   # The official constructor's defaults, for arguments the caller leaves out.
-  args: dict[str, Any] = dict(
-      num_classes=1000, embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
-      num_heads=(3, 6, 12, 24), init_values=(1, 1, 1, 1), heads_ranges=(3, 3, 3, 3),
-      mlp_ratios=(3, 3, 3, 3), drop_path_rate=0.1, projection=1024,
-      axial=(True, True, False, False), layerscales=(False, False, False, False),
-      layer_init_values=1e-6, remat=(False, False, False, False), token_label=False)
+  args: dict[str, Any] = dict(_OFFICIAL_DEFAULTS, num_classes=1000, projection=1024,
+                              remat=(False, False, False, False), token_label=False)
   allowed = set(args) | set(_OFFICIAL_RENAMES) | {'dtype', 'param_dtype', 'kernels'}
   for key, value in kw.items():
     if key in _OFFICIAL_IGNORED:
@@ -151,12 +155,7 @@ def backbone_from_official_kwargs(**kw: Any) -> RMTBackbone:
   Raises:
     ValueError: an argument that the official class does not have, or patch_norm=False.
   """
-  args: dict[str, Any] = dict(
-      embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-      init_values=(1, 1, 1, 1), heads_ranges=(3, 3, 3, 3), mlp_ratios=(3, 3, 3, 3),
-      drop_path_rate=0.1, axial=(True, True, False, False),
-      layerscales=(False, False, False, False), layer_init_values=1e-6, out_indices=(0, 1, 2, 3),
-      norm_eval=True)
+  args: dict[str, Any] = dict(_OFFICIAL_DEFAULTS, out_indices=(0, 1, 2, 3), norm_eval=True)
   use_checkpoint = False
   allowed = set(args) | {'chunkwise_recurrents', 'use_checkpoint', 'dtype', 'param_dtype',
                          'kernels'}
