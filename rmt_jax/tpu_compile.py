@@ -28,7 +28,6 @@ Compiling a full RMT-S train step takes minutes on a small CPU host. libtpu is n
 otherwise: nothing else in rmt_jax imports it.
 """
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from rmt_jax.train import device_augment
 from rmt_jax.train import sharding
 from rmt_jax.analysis import counting
 from rmt_jax.analysis import tpu_floor
@@ -63,24 +63,6 @@ INSTALL_HINT = ("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the ve
                 "pins; or pip install '.[tpu-compile]'); it is only needed to compile for TPUs")
 # ImageNet-1k's training split: the schedule's steps per epoch (shapes do not depend on it).
 IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip figures (cloud.google.com/tpu/docs): HBM and dense bf16 peak."""
-  name: str
-  hbm_bytes: int
-  bf16_flops: float
-  hbm_bytes_per_second: float
-
-
-# By `device_kind` as libtpu names it.
-CHIPS = {
-    'TPU v4': Chip('v4', 32 * 2**30, 275e12, 1.2e12),
-    'TPU v5 lite': Chip('v5e', 16 * 2**30, 197e12, 0.819e12),
-    'TPU v5': Chip('v5p', 95 * 2**30, 459e12, 2.765e12),
-    'TPU v6 lite': Chip('v6e', 32 * 2**30, 918e12, 1.64e12),
-}
 
 
 def topology_devices(topology: str) -> list[Any]:
@@ -158,9 +140,10 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
     raise ValueError(f"mode must be 'train', 'eval' or 'both', got {mode!r}")
   devices = topology_devices(topology)
   kind = devices[0].device_kind
-  if kind not in CHIPS:
-    raise ValueError(f'no chip figures for {kind!r}; known: {", ".join(CHIPS)}')
-  chip = CHIPS[kind]
+  if kind not in tpu_floor.DEVICE_KINDS:
+    raise ValueError(f'no chip figures for {kind!r}; '
+                     f'known: {", ".join(tpu_floor.DEVICE_KINDS)}')
+  chip = tpu_floor.CHIPS[tpu_floor.DEVICE_KINDS[kind]]
   chips = len({tuple(d.coords) for d in devices})
   per_chip_devices = len(devices) // chips
   mesh = sharding.create_mesh(config.mesh, devices)
@@ -177,6 +160,7 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
       'residual_dtype': jnp.dtype(model.residual_dtype).name,
       'kernels': model.kernels, 'global_batch': batch, 'images_per_chip': batch / chips,
       'image_size': size, 'macs_per_image': macs,
+      'augment_on': config.data.get('augment_on', 'host'),
       'hbm_per_chip': chip.hbm_bytes, 'peak_bf16_flops_per_chip': chip.bf16_flops}
 
   batch_sh = programs.batch_sharding
@@ -184,9 +168,11 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
   classes = int(config.num_classes)
   steps = {}
   if mode in ('train', 'both'):
-    labels = jax.ShapeDtypeStruct((batch, classes), jnp.float32, sharding=batch_sh)
+    # With config.data.augment_on='device', uint8 crops and int labels: the step's figure then
+    # includes the recipe's device part (`rmt_jax.train.device_augment`).
+    train_batch = device_augment.train_batch_spec(config, batch, batch_sh)
     # Forward, input gradient and kernel gradient: 3 x the forward's 2 x MACs.
-    steps['train'] = (programs.train_step, {'image': images, 'label': labels}, 6 * macs * batch)
+    steps['train'] = (programs.train_step, train_batch, 6 * macs * batch)
   if mode in ('eval', 'both'):
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh)
     mask = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=batch_sh)
@@ -288,10 +274,10 @@ def compile_block(config: Any, topology: str, stage: int, images: int, log: Any 
   kind = devices[0].device_kind
   xla_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
   physical = None
-  if kind in CHIPS:
+  if kind in tpu_floor.DEVICE_KINDS:
     per_chip_devices = len(devices) // len({tuple(d.coords) for d in devices})
-    physical = _physical(traced.jaxpr, compiled, CHIPS[kind].name, per_chip_devices, xla_s,
-                         log)
+    physical = _physical(traced.jaxpr, compiled, tpu_floor.DEVICE_KINDS[kind], per_chip_devices,
+                         xla_s, log)
   result = {'topology': topology, 'device_kind': devices[0].device_kind, 'model': config.model,
             'stage': stage, 'images': images, 'map': [size, size, model.embed_dims[i]],
             'dtype': str(config.get('dtype')),
@@ -338,7 +324,9 @@ def format_table(result: dict[str, Any]) -> str:
       f"{result['devices']} devices, mesh {result['mesh']}), {result['dtype']} "
       f"({result['residual_dtype']} residual stream), global batch "
       f"{result['global_batch']} ({result['images_per_chip']:g} per chip) at "
-      f"{result['image_size']}px, kernels {result['kernels']!r}. XLA's TPU cost model (its "
+      f"{result['image_size']}px, kernels {result['kernels']!r}, augmentation on the "
+      f"{result.get('augment_on', 'host')} (on the device: part of the train step). XLA's TPU "
+      "cost model (its "
       "figure for a Pallas kernel is the kernel's declared cost) and the physical estimate "
       "(the kernels' MXU padding, vector work, tiled bytes and core balance, "
       "rmt_jax.analysis.tpu_floor, plus XLA's figure for the rest): estimates, not a "

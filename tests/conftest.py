@@ -99,6 +99,7 @@ _SLOW = frozenset({
     'test_input_pipeline.py::test_same_seed_same_batches_and_exact_resume[tfds]',
     'test_input_pipeline.py::test_train_batches_with_the_official_recipe[tfds]',
     'test_kernels.py::test_every_form_gives_the_same_training_gradients',
+    'test_kernels.py::test_tpu_forms_under_a_plain_jit_of_sharded_arrays_equal_one_device',
     'test_kernel_check.py::test_a_wrong_kernel_is_dropped_and_the_network_runs_the_plain_form',
     'test_kernel_check.py::test_the_command_prints_the_table',
     'test_kernel_check.py::test_a_training_run_on_tpus_checks_its_kernels_and_goes_on_without_a_failing_one',

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs_libtpu
 from conftest import relative_error
+from kernel_checks import COMPILE_HEAD
+from kernel_checks import run_script
 from rmt_jax.models import create_model
 from rmt_jax.kernels import selection as kernels
 
@@ -91,3 +94,72 @@ def test_every_form_gives_the_same_training_gradients():
     for path, want in flat['xla'].items():
       error = float(jnp.linalg.norm(flat[form][path] - want))
       assert error < 1e-5 * max(float(jnp.linalg.norm(want)), 1e-2 * scale), (form, path)
+
+
+# A plain `jax.jit` of arrays with NamedShardings over several devices and no context mesh (how
+# most JAX code shards a batch): the TPU forms' kernels, which XLA cannot partition, take the
+# mesh from their operands' types (`kernels.tpu.common.mesh_of`).
+_FOUR_CPUS = '''
+import os
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+'''
+_NO_CONTEXT_MESH = '''
+from configs import tiny_test
+from rmt_jax.train import steps
+config = tiny_test.get_config()
+config.kernels = 'tpu'
+model = steps.build_model(config)
+images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 16, 3)), jnp.float32)
+variables = model.init(jax.random.key(0), images[:1], train=False)
+def loss(params, images):
+  logits = model.apply({**variables, 'params': params}, images, train=False)
+  return jnp.sum(logits * jnp.arange(logits.shape[-1])), logits
+step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+'''
+
+
+def test_tpu_forms_under_a_plain_jit_of_sharded_arrays_equal_one_device():
+  # The interpreter stands in for the chip: four CPU devices, the batch's NamedSharding on the
+  # arrays, no `jax.set_mesh`; each kernel runs in a shard_map over the operands' mesh.
+  lines = run_script(_FOUR_CPUS + _NO_CONTEXT_MESH + '''
+(_, want_logits), want_grads = step(variables['params'], images)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec('data')))
+params = jax.device_put(variables['params'], NamedSharding(mesh, PartitionSpec()))
+assert jax.sharding.get_abstract_mesh().empty
+text = step.lower(params, sharded).as_text()
+(_, logits), grads = step(params, sharded)
+errors = [float(np.linalg.norm(np.asarray(g) - np.asarray(w)) / np.linalg.norm(np.asarray(w)))
+          for g, w in zip(jax.tree.leaves((logits, grads)), jax.tree.leaves((want_logits, want_grads)))]
+print(max(errors) < 1e-5, text.count('sdy.manual_computation') > 0)
+''', with_libtpu=False)
+  assert lines[0] == 'True True', lines
+
+
+@needs_libtpu
+def test_a_plain_jit_over_a_v5p_slice_compiles_or_names_the_fix():
+  # Ahead of time for v5p:2x2x1 (Mosaic, not the interpreter): a jit of ShapeDtypeStructs with
+  # NamedShardings compiles, forward and backward, the kernels per chip; a jit whose inputs
+  # carry no sharding and get it from `in_shardings` leaves the kernels no mesh to read and
+  # stops with the project's one line, before Mosaic's own error.
+  lines = run_script(COMPILE_HEAD + _NO_CONTEXT_MESH.replace(
+      "config.kernels = 'tpu'", "config.kernels = 'tpu'\nconfig.dtype = 'bfloat16'") + '''
+from rmt_jax.kernels.tpu import common
+mesh = Mesh(np.array(topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1')
+                     .devices), ('data',))
+batch, whole = NamedSharding(mesh, PartitionSpec('data')), NamedSharding(mesh, PartitionSpec())
+struct = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+params = jax.tree.map(lambda a: struct(a, whole), variables['params'])
+text = step.lower(params, struct(images, batch)).compile().as_text()
+print(text.count('custom_call_target="tpu_custom_call"') > 0, 'all-gather' in text)
+in_shardings = jax.jit(jax.value_and_grad(loss, has_aux=True), in_shardings=(whole, batch))
+try:
+  in_shardings.lower(jax.tree.map(lambda a: struct(a, None), variables['params']),
+                     struct(images, None)).compile()
+  print('compiled')
+except ValueError as e:
+  print(str(e) == common.SHARDING_UNKNOWN.format(devices=4), '\\n' not in str(e))
+''', with_libtpu=True)
+  assert lines[:2] == ['True False', 'True True'], lines

@@ -125,6 +125,21 @@ def test_every_kernel_of_a_block_stays_in_the_compiled_program(tmp_path):
           'attention._column_kernel'} <= kernels
 
 
+
+@needs_libtpu
+def test_kernels_xla_compiles_no_kernel(tmp_path):
+  # `--config.kernels=xla` is obeyed: the plain forms, although the slice is a TPU's.
+  out = tmp_path / 'block.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--block', '1', '--json', str(out),
+       '--config.kernels=xla'],
+      cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['kernels'] == 'xla' and result['estimated_seconds'] > 0
+  assert result['physical']['custom_calls'] == result['physical']['pallas_calls'] == 0
+
 @needs_libtpu
 def test_libtpu_on_the_path_leaves_cpu_runs_alone():
   # libtpu probes for a TPU when jax starts: on a CPU host that must fail fast and fall back.

@@ -162,6 +162,9 @@ def test_a_program_counts_the_tpu_branch_once_and_loops_by_their_length():
 
 def test_every_chip_has_its_figures_and_xla_rates_reproduce_v5p():
   assert set(tpu_floor.CHIPS) == {'v4', 'v5e', 'v5p', 'v6e'}
+  # libtpu's device kinds name each chip once (tpu_compile reads memory and peak from here).
+  assert sorted(tpu_floor.DEVICE_KINDS.values()) == sorted(tpu_floor.CHIPS)
+  assert V5P.hbm_bytes == 95 * 2**30
   for chip in tpu_floor.CHIPS.values():
     # The published peak is the MXUs at their size and the clock (v6e's clock unverified).
     if chip.name != 'v6e':

@@ -68,6 +68,7 @@ class ChipFigures:
     clock_hz: the TensorCore's clock.
     hbm_bytes_per_second: per chip.
     bf16_flops: dense bfloat16 peak per chip (2 x MACs).
+    hbm_bytes: HBM capacity per chip.
   """
   name: str
   tensorcores: int
@@ -78,6 +79,7 @@ class ChipFigures:
   clock_hz: float
   hbm_bytes_per_second: float
   bf16_flops: float
+  hbm_bytes: int
 
 
 # The chips, by name. Sources (Google Cloud TPU system architecture pages, one per version,
@@ -87,8 +89,8 @@ class ChipFigures:
 #   two TensorCores (docs/v5p: a 2x2x1 slice is 4 chips, 8 cores) with four MXUs each
 #   (docs/v5p-training); v6e one TensorCore with two 256 x 256 MXUs (docs/v6e). v4, v5e and v5p
 #   MXUs are 128 x 128 (docs/system-architecture-tpu-vm).
-# - bf16 peak and HBM bandwidth per chip: docs/{v4,v5e,v5p,v6e}: 275 TFLOP/s and 1200 GB/s;
-#   197 and 819; 459 and 2765; 918 and 1640.
+# - bf16 peak, HBM bandwidth and HBM capacity per chip: docs/{v4,v5e,v5p,v6e}: 275 TFLOP/s,
+#   1200 GB/s and 32 GiB; 197, 819 and 16; 459, 2765 and 95; 918, 1640 and 32.
 # - Clock: v4 1050 MHz (Jouppi et al. 2023, Table 2). v5e and v5p are not published; the peak
 #   = TensorCores x MXUs x 128^2 x 2 x clock gives 1.5 GHz and 1.75 GHz. v6e's docs figures
 #   would give 3.5 GHz by the same formula, which is not credible; 1.75 GHz is used UNVERIFIED
@@ -101,11 +103,14 @@ class ChipFigures:
 #   implies (3.07e12/s = 0.86 x 8 x 128 x 2 cores x 1.75 GHz, measured on isolated calls).
 # Correct a figure here once a chip measures it: nothing else holds these numbers.
 CHIPS = {
-    'v4': ChipFigures('v4', 2, 4, 128, 4, 1, 1.05e9, 1.2e12, 275e12),
-    'v5e': ChipFigures('v5e', 1, 4, 128, 4, 1, 1.5e9, 0.819e12, 197e12),
-    'v5p': ChipFigures('v5p', 2, 4, 128, 4, 1, 1.75e9, 2.765e12, 459e12),
-    'v6e': ChipFigures('v6e', 1, 2, 256, 4, 1, 1.75e9, 1.64e12, 918e12),
+    'v4': ChipFigures('v4', 2, 4, 128, 4, 1, 1.05e9, 1.2e12, 275e12, 32 * 2**30),
+    'v5e': ChipFigures('v5e', 1, 4, 128, 4, 1, 1.5e9, 0.819e12, 197e12, 16 * 2**30),
+    'v5p': ChipFigures('v5p', 2, 4, 128, 4, 1, 1.75e9, 2.765e12, 459e12, 95 * 2**30),
+    'v6e': ChipFigures('v6e', 1, 2, 256, 4, 1, 1.75e9, 1.64e12, 918e12, 32 * 2**30),
 }
+
+# The chips by the `device_kind` that jax (libtpu) gives their devices.
+DEVICE_KINDS = {'TPU v4': 'v4', 'TPU v5 lite': 'v5e', 'TPU v5': 'v5p', 'TPU v6 lite': 'v6e'}
 
 # XLA's price of a Pallas call, measured on isolated calls compiled for v5p with libtpu 0.0.42
 # (issue 30): max(declared flops / 394e12, transcendentals / 3.07e12, declared bytes /
@@ -365,7 +370,7 @@ def balance(grid: tuple[int, ...], semantics: tuple[Any, ...], cores: int) -> tu
 
 
 def _kernel_name(eqn: Any) -> str:
-  """`module.function` of a kernel body (e.g. 'attention._forward_kernel')."""
+  """`module.function` of a kernel body (e.g. 'block_tail._forward_kernel')."""
   info = getattr(eqn.params['jaxpr'], 'debug_info', None)
   function = getattr(info, 'func_name', None) or eqn.params.get('name') or 'kernel'
   source = getattr(info, 'func_src_info', '') or ''
@@ -563,6 +568,8 @@ def format_kernels(result: dict[str, Any], rows: int = 15) -> str:
   """`floor`'s kernels as two Markdown tables: by kernel, then the costliest kernel shapes (ms
   per device, all runs)."""
   ms = lambda s: f'{1e3 * s:.3f}'  # pylint: disable=unnecessary-lambda-assignment
+  if not result['kernels']:
+    return f"No Pallas kernels in the program ({result['chip']['name']})."
   lines = [
       f"Pallas kernels per device on {result['chip']['name']}: physical estimate "
       f"{ms(result['kernel_seconds'])} ms (MXU at its {result['chip']['mxu_size']}-wide tile, "

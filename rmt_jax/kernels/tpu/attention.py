@@ -246,11 +246,20 @@ def _attend_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array,
   return dq, dk, dv
 
 
-def _forward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
-  q_ref, k_ref, v_ref = refs[:3]
-  table_refs = refs[3:5] if rotary else ()
-  o_ref = refs[-1]
-  length = q_ref.shape[1]
+def _row_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, width, block, rotary):
+  """The row and whole layouts' kernel around `attend`: for each problem of the block (a loop)
+  and each head, attend(q, k, v, ..., decay) on its (tokens, d) slices (q and k rotated with
+  the problem's tables), the results stored into the outputs' slices.
+
+  refs: the `inputs` blocks (q, k, v, ...), the tables (signed sin, cos) whole if `rotary`,
+  then the `outputs` blocks.
+  attend: (q, k, v, *rest, decay) -> `outputs` float32 values; the first two are unrotated
+    after it when rotary (dq, dk of the backward).
+  """
+  in_refs = refs[:inputs]
+  table_refs = refs[inputs:inputs + 2] if rotary else ()
+  out_refs = refs[-outputs:]
+  length = in_refs[0].shape[1]
   decays = [_log_decay(length, width, rate) for rate in log_gamma]
   first = pl.program_id(0) * block  # this step's first problem (read outside the loop body)
 
@@ -259,42 +268,19 @@ def _forward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
       table = (first + p) % table_refs[0].shape[0]
     for h, decay in enumerate(decays):
       channels = pl.ds(h * head_dim, head_dim)
-      q, k, v = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref))
+      args = [ref[p, :, channels] for ref in in_refs]
       if rotary:
         sin, cos = (ref[table, :, channels] for ref in table_refs)
-        q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
-      o_ref[p, :, channels] = _attend(q, k, v, decay).astype(o_ref.dtype)
+        args[:2] = _rotate(args[0], sin, cos), _rotate(args[1], sin, cos)
+      results = attend(*args, decay)
+      if rotary and outputs == 3:  # dq, dk: the rotation's transpose
+        results = (_unrotate(results[0], sin, cos), _unrotate(results[1], sin, cos),
+                   *results[2:])
+      for ref, value in zip(out_refs, results):
+        ref[p, :, channels] = value.astype(ref.dtype)
     return carry
 
-  jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
-
-
-def _backward_kernel(*refs, log_gamma, head_dim, width, block, rotary):
-  q_ref, k_ref, v_ref, do_ref = refs[:4]
-  table_refs = refs[4:6] if rotary else ()
-  dq_ref, dk_ref, dv_ref = refs[-3:]
-  length = q_ref.shape[1]
-  decays = [_log_decay(length, width, rate) for rate in log_gamma]
-  first = pl.program_id(0) * block  # this step's first problem (read outside the loop body)
-
-  def problem(p, carry):
-    if rotary:
-      table = (first + p) % table_refs[0].shape[0]
-    for h, decay in enumerate(decays):
-      channels = pl.ds(h * head_dim, head_dim)
-      q, k, v, do = (ref[p, :, channels] for ref in (q_ref, k_ref, v_ref, do_ref))
-      if rotary:
-        sin, cos = (ref[table, :, channels] for ref in table_refs)
-        q, k = _rotate(q, sin, cos), _rotate(k, sin, cos)
-      dq, dk, dv = _attend_backward(q, k, v, do, decay)
-      if rotary:
-        dq, dk = _unrotate(dq, sin, cos), _unrotate(dk, sin, cos)
-      dq_ref[p, :, channels] = dq.astype(dq_ref.dtype)
-      dk_ref[p, :, channels] = dk.astype(dk_ref.dtype)
-      dv_ref[p, :, channels] = dv.astype(dv_ref.dtype)
-    return carry
-
-  jax.lax.fori_loop(0, q_ref.shape[0], problem, 0)
+  jax.lax.fori_loop(0, in_refs[0].shape[0], problem, 0)
 
 
 def _chunks(heads: int, head_dim: int) -> list[tuple[int, int, list[int]]]:
@@ -426,14 +412,12 @@ def _problem(q: jax.Array, heads: int, width: int | None, tables: Sequence[jax.A
 
 def _kernel(backward: bool, problem: Problem, log_gamma):
   rotary = problem.tables is not None
+  attend = _attend_backward if backward else (lambda *args: (_attend(*args),))
+  common_args = dict(attend=attend, inputs=4 if backward else 3, outputs=3 if backward else 1,
+                     log_gamma=log_gamma, head_dim=problem.head_dim, rotary=rotary)
   if problem.columns is not None:
-    attend = _attend_backward if backward else (lambda *args: (_attend(*args),))
-    return functools.partial(_column_kernel, attend=attend, inputs=4 if backward else 3,
-                             outputs=3 if backward else 1, log_gamma=log_gamma,
-                             head_dim=problem.head_dim, rotary=rotary)
-  return functools.partial(_backward_kernel if backward else _forward_kernel,
-                           log_gamma=log_gamma, head_dim=problem.head_dim,
-                           width=problem.width, block=problem.block, rotary=rotary)
+    return functools.partial(_column_kernel, **common_args)
+  return functools.partial(_row_kernel, width=problem.width, block=problem.block, **common_args)
 
 
 def _forward(q, k, v, tables, log_gamma, width, interpret):
@@ -454,7 +438,7 @@ def _check_split(q: jax.Array, tables: Sequence[jax.Array]) -> None:
   rotary tables whole: a device's first problem must be a multiple of T (the problems are
   images x rows, split by image), so that problem p still takes table p % T; the column
   layout's leading axis is images."""
-  devices = common.devices()
+  devices = common.devices((q, tables))
   if devices == 1:
     return
   local = q.shape[0] // devices

@@ -337,7 +337,7 @@ def _shape(o, w1, height, width, stream_itemsize):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _tail(x1, o, weights, scales, height, width, eps, interpret, layerscale):
-  common.images_per_device(scales.shape[1])
+  common.images_per_device(scales.shape[1], (x1, o))
 
   def forward(arrays, weights):
     o, x1, scales = arrays

@@ -4,10 +4,14 @@ mesh, the `pallas_call` skeleton, and the layer norm inside a kernel.
 - VMEM (`BUDGET`, `LIMIT`): one number for every chip, a v4 TensorCore's 16 MiB (v5e, v5p and
   v6e have more), so that a program compiled for any of them fits all. Each kernel's memory plan
   (`Shape.plan` of each module) keeps its own estimate within `BUDGET`.
-- The mesh (`per_device`): XLA does not partition Mosaic kernels. Under a context mesh of
-  several devices (`jax.set_mesh`, or `rmt_jax.train.sharding.traced_on` in the trainer) a
-  kernel's call runs in a `shard_map`: each device takes its share of the images, the weights
-  whole, and the weights' gradients (each device's sums) are added over the mesh.
+- The mesh (`per_device`): XLA does not partition Mosaic kernels. Under a mesh of several
+  devices a kernel's call runs in a `shard_map`: each device takes its share of the images, the
+  weights whole, and the weights' gradients (each device's sums) are added over the mesh. The
+  mesh is the context mesh (`jax.set_mesh`, or `rmt_jax.train.sharding.traced_on` in the
+  trainer), else the one the operands' types carry (a plain `jax.jit` of arrays or
+  `ShapeDtypeStruct`s with `NamedSharding`s). A program partitioned with neither (only
+  `jax.jit(..., in_shardings=...)` of unsharded inputs) stops when lowered for TPUs with one
+  line naming the fixes (`SHARDING_UNKNOWN`), where Mosaic's own error would not.
 - The call (`call`): Mosaic when lowered for a TPU, else Pallas's interpreter, which computes
   the same function slowly (so that `kernels='tpu'` runs on a CPU host); the scoped VMEM; and
   every operand of a Mosaic call kept in HBM (`in_hbm`). The blocks: a weight's, the same at
@@ -18,10 +22,16 @@ mesh, the `pallas_call` skeleton, and the layer norm inside a kernel.
   `normalise_transpose`), and the matrix products with a transposed operand.
 """
 
+import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
+from jax._src import sharding_impls  # The partitioning context Mosaic's lowering reads.
+import jax.extend.core
+from jax.interpreters import batching
+from jax.interpreters import mlir
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -39,26 +49,61 @@ TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
 # ---------------------------------------------------------------------------------------------
 # The mesh.
 
-def devices() -> int:
-  """The context mesh's devices (1 without one)."""
-  mesh = jax.sharding.get_abstract_mesh()
+def mesh_of(operands: Any = ()) -> jax.sharding.AbstractMesh:
+  """The mesh that a kernel's work is split over: the context mesh where one is set, else the
+  first mesh of several devices that the operands' types carry (inside a `jax.jit` of sharded
+  arrays or `ShapeDtypeStruct`s with `NamedSharding`s, every value's type names the mesh),
+  else the empty context mesh.
+
+  Args:
+    operands: a pytree of arrays or tracers (the kernel's operands).
+  """
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:
+    return context
+  for operand in jax.tree.leaves(operands):
+    mesh = getattr(getattr(jax.typeof(operand), 'sharding', None), 'mesh', None)
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+      return mesh.abstract_mesh if isinstance(mesh, jax.sharding.Mesh) else mesh
+  return context
+
+
+def devices(operands: Any = ()) -> int:
+  """The devices of `mesh_of(operands)` (1 without a mesh)."""
+  mesh = mesh_of(operands)
   return 1 if mesh.empty else mesh.size
 
 
-def images_per_device(batch: int) -> int:
-  """Each device's share of `batch` images under the context mesh, as `per_device` splits
+def images_per_device(batch: int, operands: Any = ()) -> int:
+  """Each device's share of `batch` images under `mesh_of(operands)`, as `per_device` splits
   them."""
-  count = devices()
+  count = devices(operands)
   if batch % count:
     raise ValueError(f'{batch} images do not split over {count} devices')
   return batch // count
 
 
+def on_operands_mesh(operation: Callable[..., Any]) -> Callable[..., Any]:
+  """`operation`, traced with the mesh its operands carry as the context mesh where no context
+  mesh is set, so that what it decides from the mesh before calling its kernels (the memory
+  plans of each device's share) sees the mesh that `per_device` splits over."""
+
+  @functools.wraps(operation)
+  def traced(*args, **kwargs):
+    mesh = mesh_of(args)
+    if mesh.empty or not jax.sharding.get_abstract_mesh().empty:
+      return operation(*args, **kwargs)
+    with jax.sharding.use_abstract_mesh(mesh):
+      return operation(*args, **kwargs)
+
+  return traced
+
+
 def per_device(function: Callable[[tuple, tuple], tuple[Any, Any]], split: Sequence[jax.Array],
                whole: Sequence[jax.Array], split_axes: Sequence[int] | None = None
                ) -> tuple[Any, Any]:
-  """`function(split, whole)` on each device's share under a context mesh of several devices
-  (called as it is without one, or with one of a single device).
+  """`function(split, whole)` on each device's share under a mesh of several devices
+  (`mesh_of` the operands; called as it is without one, or with one of a single device).
 
   Args:
     function: (split, whole) -> (outputs, sums): the outputs (an array or a pytree of them),
@@ -73,9 +118,9 @@ def per_device(function: Callable[[tuple, tuple], tuple[Any, Any]], split: Seque
     (outputs, sums).
   """
   split, whole = tuple(split), tuple(whole)
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = mesh_of((split, whole))
   if mesh.empty or mesh.size == 1:
-    return function(split, whole)
+    return function(tuple(_one_program(*split)), whole)
   axes = tuple(mesh.axis_names)
   along = lambda axis: PartitionSpec(*(None,) * axis, axes)
 
@@ -85,8 +130,44 @@ def per_device(function: Callable[[tuple, tuple], tuple[Any, Any]], split: Seque
 
   in_specs = (tuple(along(a) for a in split_axes or (0,) * len(split)),
               (PartitionSpec(),) * len(whole))
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                       out_specs=(along(0), PartitionSpec()), check_vma=False)(split, whole)
+  with (contextlib.nullcontext() if not jax.sharding.get_abstract_mesh().empty
+        else jax.sharding.use_abstract_mesh(mesh)):
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                         out_specs=(along(0), PartitionSpec()), check_vma=False)(split, whole)
+
+
+SHARDING_UNKNOWN = (
+    'rmt_jax: the TPU kernels run on each device\'s share of the batch, and this program is '
+    'partitioned over {devices} devices with no mesh they can read; trace it under '
+    '`with jax.set_mesh(mesh):`, or give its inputs NamedShardings (jax.device_put, '
+    'ShapeDtypeStruct(..., sharding=...)), or build the model with kernels=\'xla\'')
+
+# The identity on a kernel's split operands where no mesh is known: lowered for TPUs into a
+# program partitioned over several devices (which Mosaic cannot partition), it stops the
+# lowering with `SHARDING_UNKNOWN` before Mosaic's own error, which names no fix of ours.
+_one_program_p = jax.extend.core.Primitive('rmt_jax_one_program')
+_one_program_p.multiple_results = True
+_one_program_p.def_impl(lambda *operands: operands)
+_one_program_p.def_abstract_eval(lambda *avals: avals)
+batching.primitive_batchers[_one_program_p] = (
+    lambda operands, dims: (_one_program_p.bind(*operands), dims))
+
+
+def _one_program(*operands: jax.Array) -> Sequence[jax.Array]:
+  return _one_program_p.bind(*operands) if operands else operands
+
+
+def _one_program_tpu_lowering(ctx: Any, *operands: Any) -> Sequence[Any]:
+  # The test Mosaic's lowering makes (jax._src.tpu_custom_call): a partitioned program that is
+  # not inside a shard_map.
+  context = ctx.module_context.axis_context
+  if isinstance(context, sharding_impls.ShardingContext) and context.num_devices != 1:
+    raise ValueError(SHARDING_UNKNOWN.format(devices=context.num_devices))
+  return operands
+
+
+mlir.register_lowering(_one_program_p, lambda ctx, *operands: operands)
+mlir.register_lowering(_one_program_p, _one_program_tpu_lowering, platform='tpu')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _feed_forward(x, weights, height, width, interpret):
-  common.images_per_device(x.shape[0] // (height * width))
+  common.images_per_device(x.shape[0] // (height * width), (x,))
 
   def forward(tokens, weights):
     (x,) = tokens

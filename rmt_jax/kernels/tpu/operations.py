@@ -30,6 +30,7 @@ from rmt_jax.kernels import selection
 from rmt_jax.kernels.tpu import attention as tpu_attention
 from rmt_jax.kernels.tpu import block_head
 from rmt_jax.kernels.tpu import block_tail
+from rmt_jax.kernels.tpu import common
 from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
 from rmt_jax.kernels.tpu import lepe
 from rmt_jax.kernels.tpu import projections as tpu_projections
@@ -147,6 +148,7 @@ def _run(operation: str, arguments: tuple[Any, ...], dtype: Any,
 Pair = tuple[jax.Array, jax.Array]
 
 
+@common.on_operands_mesh
 def first_half(x: jax.Array, pos: Pair, norm: Pair, projections: Sequence[Pair],
                scales: Sequence[float], *, uses: Sequence[int], eps: float, dtype: Any,
                plain_pos: Callable[[jax.Array, Pair], jax.Array],
@@ -197,6 +199,7 @@ def first_half(x: jax.Array, pos: Pair, norm: Pair, projections: Sequence[Pair],
               unfit=unfit)
 
 
+@common.on_operands_mesh
 def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair],
                            scales: Sequence[float], *, eps: float, dtype: Any,
                            plain: Callable[..., tuple[jax.Array, ...]]) -> tuple[jax.Array, ...]:
@@ -212,6 +215,7 @@ def normalized_projections(x: jax.Array, norm: Pair, projections: Sequence[Pair]
                                        'little VMEM', 'the plain form runs', plain))
 
 
+@common.on_operands_mesh
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, column_q: jax.Array,
               column_k: jax.Array, *, heads: int, axial: bool, log_gamma: Sequence[float],
               rotary: Callable[[], Pair], plain: Callable[..., jax.Array]) -> jax.Array:
@@ -264,6 +268,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, column_q: jax.Array,
   return _run(operation, (q, k, v, column_q, column_k), v.dtype, kernel, plain, independent=3)
 
 
+@common.on_operands_mesh
 def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
              plain: Callable[[jax.Array, jax.Array, Pair], jax.Array]) -> jax.Array:
   """attention + LePE(v): `lepe.lepe_add` where it fits, else `plain(out, v, weights)`."""
@@ -273,6 +278,7 @@ def lepe_add(out: jax.Array, v: jax.Array, weights: Pair, *,
   return _run('lepe', (out, v, weights), v.dtype, kernel, plain, unfit=unfit)
 
 
+@common.on_operands_mesh
 def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
                  plain: Callable[..., jax.Array]) -> jax.Array:
   """The FFN: its kernel, which keeps the weights in VMEM, where they leave room enough (not
@@ -283,6 +289,7 @@ def feed_forward(x: jax.Array, fc1: Pair, dwconv: Pair, fc2: Pair, *,
               unfit=unfit)
 
 
+@common.on_operands_mesh
 def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: Any,
                 gammas: Pair | None, drop_scales: jax.Array | None, *, eps: float,
                 plain: Callable[..., jax.Array]) -> jax.Array:
