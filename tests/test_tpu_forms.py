@@ -206,7 +206,7 @@ def test_pairs_swapped_in_a_kernel_by_lane_rotation_as_by_reversal(dtype):
   x = jnp.arange(2 * 3 * 24, dtype=dtype).reshape(2, 3, 24)
 
   def kernel(x_ref, o_ref):
-    o_ref[...] = tpu_forms._swap_pairs(x_ref[...])
+    o_ref[...] = tpu_forms._swap_pairs(x_ref[...], tpu_forms._pair_lanes(x.shape))
 
   got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
                        interpret=True)(x)

@@ -199,29 +199,38 @@ def _log_decay(length: int, width: int | None, rate: float) -> jax.Array:
   return distance * np.float32(rate)
 
 
-def _swap_pairs(x: jax.Array) -> jax.Array:
-  """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) on the lane axis, inside a kernel.
+def _pair_lanes(shape: tuple[int, ...]) -> jax.Array:
+  """For `_swap_pairs` on arrays of `shape`: where a rotation by one lane brings each element's
+  partner (x0 <-> x1, x2 <-> x3, ...), as a boolean mask. It depends on the shape only, so a
+  kernel computes it once, outside its loops: in the loops it would be most of the rotary
+  shift's vector work (an iota, the partner's index, a rotation and a compare per call).
 
-  Two lane rotations, and a select by the lane each element came from (rotated with it), so
-  that the result does not depend on the rotation's direction convention.
+  The mask comes from rotating the lane index itself, so that the result does not depend on
+  the rotation's direction convention.
   """
+  axis = len(shape) - 1
+  lane = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+  return pltpu.roll(lane, 1, axis) == (lane ^ 1)
+
+
+def _swap_pairs(x: jax.Array, pairs: jax.Array) -> jax.Array:
+  """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) on the lane axis, inside a kernel: two lane
+  rotations and a select by `pairs` (`_pair_lanes(x.shape)`)."""
   axis, lanes = x.ndim - 1, x.shape[-1]
-  lane = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
-  partner = lane + 1 - 2 * (lane % 2)
-  by_one = pltpu.roll(x, 1, axis)
-  return jnp.where(pltpu.roll(lane, 1, axis) == partner, by_one, pltpu.roll(x, lanes - 1, axis))
+  return jnp.where(pairs, pltpu.roll(x, 1, axis), pltpu.roll(x, lanes - 1, axis))
 
 
-def _rotate(x: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """`layers.theta_shift` inside a kernel: x cos + swap_pairs(x) signed_sin, in x's dtype."""
+def _rotate(x: jax.Array, signed_sin: jax.Array, cos: jax.Array, pairs: jax.Array) -> jax.Array:
+  """`layers.theta_shift` inside a kernel: x cos + swap_pairs(x) signed_sin, in x's dtype (the
+  tables in float32)."""
   x32 = x.astype(jnp.float32)
-  return (x32 * cos.astype(jnp.float32)
-          + _swap_pairs(x32) * signed_sin.astype(jnp.float32)).astype(x.dtype)
+  return (x32 * cos + _swap_pairs(x32, pairs) * signed_sin).astype(x.dtype)
 
 
-def _unrotate(dy: jax.Array, signed_sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """The transpose of `_rotate` (float32): dy cos + swap_pairs(dy signed_sin)."""
-  return dy * cos.astype(jnp.float32) + _swap_pairs(dy * signed_sin.astype(jnp.float32))
+def _unrotate(dy: jax.Array, signed_sin: jax.Array, cos: jax.Array,
+              pairs: jax.Array) -> jax.Array:
+  """The transpose of `_rotate` (float32, the tables too): dy cos + swap_pairs(dy signed_sin)."""
+  return dy * cos + _swap_pairs(dy * signed_sin, pairs)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array) -> jax.Array:
@@ -262,6 +271,7 @@ def _row_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, width, bloc
   length = in_refs[0].shape[1]
   decays = [_log_decay(length, width, rate) for rate in log_gamma]
   first = pl.program_id(0) * block  # this step's first problem (read outside the loop body)
+  pairs = _pair_lanes((length, head_dim)) if rotary else None
 
   def problem(p, carry):
     if rotary:
@@ -270,12 +280,12 @@ def _row_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, width, bloc
       channels = pl.ds(h * head_dim, head_dim)
       args = [ref[p, :, channels] for ref in in_refs]
       if rotary:
-        sin, cos = (ref[table, :, channels] for ref in table_refs)
-        args[:2] = _rotate(args[0], sin, cos), _rotate(args[1], sin, cos)
+        sin, cos = (ref[table, :, channels].astype(jnp.float32) for ref in table_refs)
+        args[:2] = _rotate(args[0], sin, cos, pairs), _rotate(args[1], sin, cos, pairs)
       results = attend(*args, decay)
       if rotary and outputs == 3:  # dq, dk: the rotation's transpose
-        results = (_unrotate(results[0], sin, cos), _unrotate(results[1], sin, cos),
-                   *results[2:])
+        results = (_unrotate(results[0], sin, cos, pairs),
+                   _unrotate(results[1], sin, cos, pairs), *results[2:])
       for ref, value in zip(out_refs, results):
         ref[p, :, channels] = value.astype(ref.dtype)
     return carry
@@ -324,6 +334,7 @@ def _column_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, rotary):
   q_ref = in_refs[0]
   heads = len(log_gamma)
   decays = [_log_decay(q_ref.shape[1], None, rate) for rate in log_gamma]
+  pairs = _pair_lanes((q_ref.shape[1], head_dim)) if rotary else None
   chunks = _chunks(heads, head_dim)
   for copy, ref in zip(table_copies, table_refs):  # this column step's tables, once
     for c, (first, lanes, _) in enumerate(chunks):
@@ -342,11 +353,11 @@ def _column_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, rotary):
           args = [copy[:, x, lanes_h].astype(q_ref.dtype) for copy in in_copies]
           if rotary:
             sin, cos = (copy[c, :, x, lanes_h] for copy in table_copies)
-            args[:2] = _rotate(args[0], sin, cos), _rotate(args[1], sin, cos)
+            args[:2] = _rotate(args[0], sin, cos, pairs), _rotate(args[1], sin, cos, pairs)
           results = attend(*args, decays[h])
           if rotary and outputs == 3:  # dq, dk: the rotation's transpose
-            results = (_unrotate(results[0], sin, cos), _unrotate(results[1], sin, cos),
-                       *results[2:])
+            results = (_unrotate(results[0], sin, cos, pairs),
+                       _unrotate(results[1], sin, cos, pairs), *results[2:])
           for copy, value in zip(out_copies, results):
             copy[:, x, lanes_h] = value
         return carry
