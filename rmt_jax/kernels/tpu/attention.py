@@ -350,11 +350,13 @@ def _column_kernel(*refs, attend, inputs, outputs, log_gamma, head_dim, rotary):
           lane = h * head_dim - first
           # (tokens, d) of column x: strided loads, one sublane of each tile.
           lanes_h = pl.ds(lane, head_dim)
-          args = [copy[:, x, lanes_h].astype(q_ref.dtype) for copy in in_copies]
+          # The copies hold the inputs' values exactly: q and k are rotated from them in
+          # float32, and every operand goes to the MXU in the inputs' dtype.
+          args = [copy[:, x, lanes_h] for copy in in_copies]
           if rotary:
             sin, cos = (copy[c, :, x, lanes_h] for copy in table_copies)
             args[:2] = _rotate(args[0], sin, cos, pairs), _rotate(args[1], sin, cos, pairs)
-          results = attend(*args, decays[h])
+          results = attend(*(a.astype(q_ref.dtype) for a in args), decays[h])
           if rotary and outputs == 3:  # dq, dk: the rotation's transpose
             results = (_unrotate(results[0], sin, cos, pairs),
                        _unrotate(results[1], sin, cos, pairs), *results[2:])
