@@ -12,7 +12,8 @@ robust to other load on the machine), measured in one run on the same images, of
           window and resizes it (uint8); flip, RandAugment, normalisation, erasing and
           Mixup/CutMix run in the compiled step (`rmt_jax.data.batch_augment`), whose cost
           per batch is measured beside it (on the local jax device; with --tpu_topology,
-          XLA's TPU estimate too);
+          XLA's TPU estimate too, and with --train_step_json its share of the train step
+          that `rmt_jax.tpu_compile --json` estimated);
   eval    decode + resize + centre crop + normalise + padded batches;
   official  with --official_script, the official PyTorch pipeline's rate on the same files,
           run between ours (`official_pipeline_rate.py`, which needs torch, torchvision, timm);
@@ -138,6 +139,10 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
                       'for one chip of it (needs libtpu)', flag_values=flag_values)
   flags.DEFINE_integer('tpu_batch_per_chip', 64, 'images per chip for --tpu_topology',
                        flag_values=flag_values)
+  flags.DEFINE_string('train_step_json', '', "`python -m rmt_jax.tpu_compile ... --mode train "
+                      "--json FILE`'s output for the same topology and images per chip: the "
+                      "device part is reported as a share of that train step's XLA estimate",
+                      flag_values=flag_values)
   flags.DEFINE_string('json', '', 'also write the rates here', flag_values=flag_values)
 
 
@@ -217,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{options.tpu_batch_per_chip} images: XLA's estimate "
           + (f'{estimate:.3f} ms' if estimate else "none (the cost model gave no time)")
           + " (form 'matmul'; an estimate, not a measurement)")
+    if options.train_step_json and estimate:
+      device.update(train_step_share(options.train_step_json, estimate, options.tpu_topology,
+                                     options.tpu_batch_per_chip))
+      print(f"{device['train_step_model']}'s train step on {options.tpu_topology}, "
+            f"{options.tpu_batch_per_chip} images per chip: XLA's estimate "
+            f"{device['train_step_ms']:.2f} ms; the device part is "
+            f"{device['percent_of_train_step']:.1f}% of it")
   if options.breakdown:
     print_breakdown(stage_costs(files, cfg, batch_size, warmup, batches))
   if options.json:
@@ -333,6 +345,23 @@ def tpu_estimate(cfg, topology: str, batch_per_chip: int, size: int) -> dict:
           # libtpu 0.0.42's cost model answers some programs with a negative time: none, then.
           'tpu_estimated_ms': (1e3 * float(cost['optimal_seconds'])
                                if cost.get('optimal_seconds', 0.0) > 0 else None)}
+
+
+def train_step_share(path: str, device_ms: float, topology: str, batch_per_chip: int) -> dict:
+  """The device part's share of the train step that `rmt_jax.tpu_compile --json` estimated.
+
+  Raises:
+    ValueError: the file is for another topology or another number of images per chip.
+  """
+  with open(path) as f:
+    result = json.load(f)
+  if result['topology'] != topology or result['images_per_chip'] != batch_per_chip:
+    raise ValueError(f"{path} holds {result['topology']} at {result['images_per_chip']:g} "
+                     f'images per chip, not {topology} at {batch_per_chip}')
+  step_ms = 1e3 * result['train']['estimated_step_seconds']
+  return {'train_step_model': result['model'], 'train_step_ms': step_ms,
+          'train_step_augment_on': result.get('augment_on', 'host'),
+          'percent_of_train_step': 100 * device_ms / step_ms}
 
 
 def stage_costs(files: list[str], cfg, batch_size: int, warmup: int,

@@ -24,6 +24,8 @@ DROP_PATH = {'rmt_t': 0.1, 'rmt_s': 0.15, 'rmt_b': 0.4, 'rmt_l': 0.5}
 def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   """The official recipe for `variant` ('rmt_t', 'rmt_s', 'rmt_b', 'rmt_l')."""
   c = ml_collections.ConfigDict()
+  # What the run learns: 'classification', or 'segmentation' (configs/segmentation_demo.py).
+  c.task = 'classification'
   c.model = variant
   c.num_classes = 1000
   c.drop_path_rate = DROP_PATH.get(variant, -1.0)  # < 0: the variant table's value.
@@ -43,6 +45,11 @@ def get_config(variant: str = 'rmt_s') -> ml_collections.ConfigDict:
   c.data = data_config.default_config()
   # One number of classes for the head and the targets.
   c.data.num_classes = c.get_ref('num_classes')
+  # The ImageNet variants finish the recipe in the train step (flip, RandAugment, normalisation,
+  # erasing, Mixup/CutMix: rmt_jax/train/device_augment.py); the host only decodes and crops, at
+  # 2.5x the images per CPU-second of doing it all (docs/input_pipeline_speed.md). 'host' does it
+  # all in tf.data.
+  c.data.augment_on = 'device' if variant in DROP_PATH else 'host'
 
   c.seed = 0
   c.global_batch_size = 2048  # Official: 128 per GPU x 16 GPUs.

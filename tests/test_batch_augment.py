@@ -198,3 +198,70 @@ def test_augment_runs_the_whole_recipe_under_jit():
   assert np.mean(np.abs(np.asarray(again[0]) - np.asarray(out)) > 0.02) < 0.01
   with pytest.raises(ValueError, match='form must be'):
     ba.augment(images, labels, jax.random.key(0), recipe, 'fast')
+
+
+def _equalize_cases():
+  rng = np.random.default_rng(3)
+  full = rng.integers(0, 256, (20, 28, 3), np.uint8)
+  narrow = rng.integers(40, 61, (20, 28, 3), np.uint8)
+  flat = np.full((20, 28, 3), 77, np.uint8)
+  two = np.where(rng.random((20, 28, 3)) < 0.3, 10, 200).astype(np.uint8)
+  # One value holds most pixels (PIL leaves the last non-empty bin out of its step).
+  dominant = np.where(rng.random((20, 28, 3)) < 0.8, 255, full).astype(np.uint8)
+  return [full, narrow, flat, two, dominant, _smooth()]
+
+
+def test_equalize_forms_equal_pils():
+  image_lib = pytest.importorskip('PIL.Image', reason="compares with PIL's ImageOps.equalize")
+  image_ops = pytest.importorskip('PIL.ImageOps')
+  for image in _equalize_cases():
+    want = np.asarray(image_ops.equalize(image_lib.fromarray(image)))
+    for form in ba.FORMS:  # 'gather': bincount + gather; 'matmul': compares only (TPUs).
+      np.testing.assert_array_equal(ba.equalize(jnp.asarray(image), form), want, err_msg=form)
+
+
+def test_equalize_chosen_changes_the_chosen_images_only():
+  images = np.stack([_image(12, 10, s) // (1 + s % 4) for s in range(11)])
+  chosen = np.asarray([1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1], bool)  # 8 chosen: 3 chunks of 3.
+  for form in ba.FORMS:
+    run = jax.jit(lambda x, c, form=form: ba.equalize_chosen(x, c, form, chunk=3))
+    out = np.asarray(run(jnp.asarray(images), jnp.asarray(chosen)))
+    for image, got, picked in zip(images, out, chosen):
+      want = ba.equalize(jnp.asarray(image)) if picked else image
+      np.testing.assert_array_equal(got, want, err_msg=form)
+    np.testing.assert_array_equal(run(jnp.asarray(images), jnp.zeros(11, bool)), images)
+
+
+def _one_op_after_another(image, layers, flip):
+  """timm's order, op by op: flip, then each layer's op where applied; and how many of the
+  applied ops were geometric."""
+  if flip:
+    image = image[:, ::-1]
+  moved = 0
+  for op, applied, magnitude, negate in layers:
+    if bool(applied):
+      name = POLICY.ops[int(op)]
+      moved += name in policies.GEOMETRIC_OPS
+      image = ba.apply_op(image, name, magnitude, negate)
+  return np.asarray(image), moved
+
+
+def test_randaugment_batch_applies_timms_order_with_one_warp():
+  image = jnp.asarray(_smooth())
+  keys = jax.random.split(jax.random.key(2), 48)
+  flips = jnp.asarray(np.arange(48) % 2 == 1)
+  for form in ba.FORMS:
+    out = jax.jit(lambda x, k, f, form=form: ba.randaugment_batch(
+        jnp.broadcast_to(x, (48,) + x.shape), k, POLICY, form=form, flip=f))(image, keys, flips)
+    # Drawn as randaugment_batch draws them (under vmap: the 'rbg' generator's draws differ
+    # from unbatched ones).
+    layers = jax.vmap(lambda k: [ba.layer_parameters(layer_key, POLICY) for layer_key in
+                                 jax.random.split(k, POLICY.num_layers)])(keys)
+    for b, (got, flip) in enumerate(zip(np.asarray(out), np.asarray(flips))):
+      drawn = [[x[b] for x in layer] for layer in layers]
+      want, moved = _one_op_after_another(image, drawn, flip)
+      diff = np.abs(got.astype(int) - want.astype(int))
+      if moved < 2:  # The same ops in the same order: the same image.
+        assert diff.max() <= (0 if form == 'gather' else 1), (form, moved, diff.max())
+      else:  # Two warps composed: the same geometry, one interpolation fewer.
+        assert np.median(diff) <= 2, (form, np.median(diff))

@@ -23,6 +23,7 @@ from rmt_jax.weights import checkpoint
 from rmt_jax.train import loop
 from rmt_jax.train import metrics_writer
 from rmt_jax.train import steps as train_steps
+from rmt_jax.train import tasks
 from conftest import main_env  # pylint: disable=g-bad-import-order
 
 
@@ -347,10 +348,10 @@ def tiny_run(tmp_path_factory):
       programs['built'] = build_programs(*args, **kwargs)
     return programs['built']
 
-  unevaluated = {n: {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0} for n in ('raw', 'ema')}
+  unevaluated = {n: {'loss': 0.0, 'top1': 0.0, 'top5': 0.0} for n in ('eval', 'eval_ema')}
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train_steps, 'build_programs', build_once)
-    patch.setattr(loop, 'evaluate', lambda *_: unevaluated)
+    patch.setattr(tasks.Classification, 'evaluate', lambda *_: unevaluated)
     patch.setattr(input_pipeline, 'create_eval_iterator', lambda *_, **__: [])
     workdir = root / 'run'
     loop.train_and_evaluate(config, str(workdir))

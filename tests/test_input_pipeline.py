@@ -299,3 +299,17 @@ def test_benchmark_command_runs(tmp_path, capsys):
   assert {'decode', 'train', 'train_crop_flip', 'train_host_part', 'eval'} <= set(rates)
   assert all(r['images_per_cpu_second'] > 0 for k, r in rates.items() if k != 'device_part')
   assert rates['device_part']['ms_per_batch'] > 0
+
+
+def test_benchmark_gives_the_device_part_as_a_share_of_the_train_step(tmp_path):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import input_pipeline as benchmark  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'rmt_s_train.json'  # As `rmt_jax.tpu_compile --json` writes it.
+  path.write_text(json.dumps({'topology': 'v5p:2x2x1', 'images_per_chip': 64.0, 'model': 'rmt_s',
+                              'train': {'estimated_step_seconds': 0.0154}}))
+  share = benchmark.train_step_share(str(path), 0.308, 'v5p:2x2x1', 64)
+  assert share['train_step_ms'] == pytest.approx(15.4)
+  assert share['percent_of_train_step'] == pytest.approx(2.0)
+  assert share['train_step_augment_on'] == 'host' and share['train_step_model'] == 'rmt_s'
+  with pytest.raises(ValueError, match='not v5p:2x2x1 at 128'):
+    benchmark.train_step_share(str(path), 0.308, 'v5p:2x2x1', 128)

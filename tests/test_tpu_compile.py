@@ -75,6 +75,21 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
 
 
 @needs_libtpu
+def test_a_train_step_that_augments_on_the_device_compiles_with_uint8_crops(tmp_path):
+  out = tmp_path / 'tiny.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'rmt_jax.tpu_compile', '--config', 'configs/tiny_test.py',
+       '--topology', 'v5p:2x2x1', '--batch_per_chip', '4', '--json', str(out), '--mode', 'train',
+       '--config.data.augment_on=device', '--config.data.randaugment=rand-m9-mstd0.5-inc1',
+       '--config.data.reprob=0.25', '--config.data.mixup=0.8', '--config.data.cutmix=1.0'],
+      cwd=REPO, env=libtpu_env(True), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['augment_on'] == 'device' and 'augmentation on the device' in proc.stdout
+  assert result['train']['estimated_step_seconds'] > 0
+
+
+@needs_libtpu
 def test_one_block_compiles_for_one_device_and_reports_its_cost(tmp_path):
   out = tmp_path / 'block.json'
   proc = subprocess.run(

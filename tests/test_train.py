@@ -150,6 +150,7 @@ def test_configs_hold_the_official_recipe():
     assert (config.base_lr, config.weight_decay, config.warmup_epochs) == (5e-4, 0.05, 5)
     assert (config.warmup_lr, config.min_lr, config.eps) == (1e-6, 1e-5, 1e-8)
     assert config.data.label_smoothing == 0.1 and config.data.mixup == 0.8
+    assert config.data.augment_on == 'device'  # The host decodes and crops; the step the rest.
     config.num_classes = 100  # One number for the head and the targets.
     assert config.data.num_classes == 100
 
@@ -201,7 +202,7 @@ def _run_loop(tmp_path, losses, preempt_at=None):
   try:
     setup = loop.LoopSetup(
         config=config, total_steps=len(losses), steps_per_epoch=100,
-        train_batches=_FakeIterator(), eval_batches=[], train_step=fake_step, eval_step=None,
+        train_batches=_FakeIterator(), train_step=fake_step, evaluate=None,
         learning_rate=lambda step: 0.1, checkpointer=ckpt, checkpoint_metadata={},
         writer=writer, preemption=_Preempted(preempt_at))
     result = loop._run_loop(setup, state=0, step=0)  # pylint: disable=protected-access

@@ -1,4 +1,5 @@
-"""The input pipeline: sources (TFDS ImageNet, image folders, the digits demo), the official
+"""The input pipeline: sources (TFDS ImageNet, image folders, the digits demo), the digit
+mosaics of the segmentation demo (`mosaics`, label maps, no tf.data), the official
 DeiT-style augmentation (random-resized crop, RandAugment, random erasing, Mixup and CutMix) on
 the host (`augment`, `randaugment`, `mixup`, in TensorFlow) or, per batch, in jax inside the
 compiled step (`batch_augment`), their shared settings (`policies`), the evaluation

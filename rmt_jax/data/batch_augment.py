@@ -11,14 +11,20 @@ each op with the meaning and the parameter distributions of the host's TensorFlo
 (`augment.py`, `randaugment.py`, `mixup.py`, which follow timm) and every random choice drawn from
 one key: per example where timm draws per image, per batch for Mixup/CutMix. Only jax and numpy.
 
-RandAugment as array ops: each of the policy's layers draws (op, applied, magnitude, sign) per
-image. The five ops that move pixels (rotate, shear, translate) are one affine warp per layer,
-the identity for images whose op moves nothing; the warp samples bilinearly in two 1-D passes
-(along x, then along y, e.g. Catmull and Smith's two-pass warp), which equals the host's 2-D
-bilinear sampling exactly for shears and translations and differs by interpolation rounding for
-rotations. The value ops are a select among their outputs. `form` picks how the warp's 1-D passes
-sample: 'gather' (two taps a pixel; cheap on CPUs) or 'matmul' (an interpolation matrix per line,
-MXU work on TPUs, where gathers are slow); both give the same images (`form_for`).
+RandAugment as array ops (`randaugment_batch`): each of the policy's layers draws (op, applied,
+magnitude, sign) per image. The flip and the ops that move pixels (rotate, shear, translate) of
+both layers compose into one affine warp per image, between the two layers' value ops (exactly
+timm's order except for the 1 image in 36 whose layers are both geometric: one resampling of the
+composed map instead of two). The warp samples bilinearly in two 1-D passes (along x, then along
+y, e.g. Catmull and Smith's two-pass warp), which equals the host's 2-D bilinear sampling exactly
+for shears and translations and differs by interpolation rounding for rotations. The per-pixel
+value ops are a select among their outputs; those with statistics or a filter, and Equalize, run
+on the images that drew them only (`value_layer`, `on_chosen`). `form` picks how the passes
+sample and how Equalize counts and looks up: 'gather' (two taps a pixel, a bincount, a gather;
+cheap on CPUs) or 'matmul' (an interpolation matrix per line and one-hot products, MXU work on
+TPUs, where gathers and scatters are slow; compares for Equalize); both give the same images
+within one grey level of the warp's rounding (`form_for`). The train step runs `augment` on each
+device's share of the batch: `rmt_jax.train.device_augment`.
 """
 
 import dataclasses
@@ -90,11 +96,14 @@ def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchR
     raise ValueError(f'form must be one of {FORMS}, got {form!r}')
   k_flip, k_ra, k_erase, k_mix = jax.random.split(key, 4)
   batch = images.shape[0]
-  if recipe.hflip > 0:
-    images = random_horizontal_flip(images, k_flip, recipe.hflip)
   if recipe.randaugment is not None:
-    images = jax.vmap(lambda x, k: randaugment(x, k, recipe.randaugment, recipe.fill, form))(
-        images, jax.random.split(k_ra, batch))
+    # The flip joins RandAugment's first warp (`randaugment`), with the same draws.
+    flip = (jax.random.uniform(k_flip, (batch,)) < recipe.hflip if recipe.hflip > 0
+            else jnp.zeros((batch,), bool))
+    images = randaugment_batch(images, jax.random.split(k_ra, batch), recipe.randaugment,
+                               recipe.fill, form, flip)
+  elif recipe.hflip > 0:
+    images = random_horizontal_flip(images, k_flip, recipe.hflip)
   out = normalize(images, recipe.mean, recipe.std)
   if recipe.reprob > 0:
     out = jax.vmap(lambda x, k: random_erasing(
@@ -249,18 +258,38 @@ def auto_contrast(image):
   return jnp.where(hi > lo, jnp.clip(out, 0, 255), x).astype(jnp.uint8)
 
 
-def _equalize_channel(channel):
+def _histogram(values, form):
+  """Counts of 0..255 in int32 `values` [N]: a scatter-add ('gather' form), or ('matmul') a
+  compare with every bin summed over the values (TPUs scatter slowly; the compares fuse into
+  one reduction)."""
+  if form == 'gather':
+    return jnp.bincount(values, length=256)
+  return jnp.sum((values[:, None] == jnp.arange(256)).astype(jnp.int32), 0)
+
+
+def _lookup(table, values, form):
+  """table[values] for an int32 table [256]: a gather ('gather' form), or ('matmul') the sum of
+  the table masked by a compare with every index (TPUs gather slowly; this fuses into one
+  elementwise pass with a 256-wide reduction)."""
+  if form == 'gather':
+    return table[values]
+  return jnp.sum(jnp.where(values[..., None] == jnp.arange(256), table, 0), -1)
+
+
+def _equalize_channel(channel, form='gather'):
   """PIL `ImageOps.equalize` for one uint8 channel [H, W]."""
-  values = channel.astype(jnp.int32).reshape(-1)
-  hist = jnp.bincount(values, length=256)
+  values = channel.astype(jnp.int32)
+  hist = _histogram(values.reshape(-1), form)
   step = (values.size - hist[values.max()]) // 255  # All but the last non-empty bin.
   safe = jnp.maximum(step, 1)
   lut = jnp.clip((jnp.cumsum(hist) - hist + safe // 2) // safe, 0, 255)
-  return jnp.where(step > 0, lut[channel.astype(jnp.int32)], channel).astype(jnp.uint8)
+  lut = jnp.where(step > 0, lut, jnp.arange(256))
+  return _lookup(lut, values, form).astype(jnp.uint8)
 
 
-def equalize(image):
-  return jnp.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
+def equalize(image, form: str = 'gather'):
+  """PIL `ImageOps.equalize`; `form` as the warp's (`form_for`), the same images either way."""
+  return jnp.stack([_equalize_channel(image[..., c], form) for c in range(3)], -1)
 
 
 def invert(image):
@@ -304,9 +333,15 @@ def sharpness(image, factor):
   x = image.astype(jnp.float32)
   height, width, _ = x.shape
   weights = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
-  smooth = sum(weights[dy][dx] / 13.0 * x[dy:height - 2 + dy, dx:width - 2 + dx]
+  # Neighbours of a zero-padded copy, and a mask for the border (an elementwise select rather
+  # than an update of the interior: one fusion on TPUs).
+  padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
+  smooth = sum(weights[dy][dx] / 13.0 * padded[dy:height + dy, dx:width + dx]
                for dy in range(3) for dx in range(3))
-  degenerate = x.at[1:-1, 1:-1].set(jnp.round(smooth))
+  rows = jnp.arange(height)[:, None, None]
+  cols = jnp.arange(width)[None, :, None]
+  interior = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
+  degenerate = jnp.where(interior, jnp.round(smooth), x)
   return _blend(degenerate, image, factor)
 
 
@@ -320,7 +355,7 @@ def _resample(lines, source, form):
   size = lines.shape[1]
   if form == 'matmul':
     taps = jnp.maximum(0.0, 1.0 - jnp.abs(source[..., None] - jnp.arange(size)))
-    return jnp.einsum('lmn,lnc->lmc', taps, lines, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum('lmn,lnc->lmc', taps, lines, precision=jax.lax.Precision.HIGH)
   low = jnp.floor(source)
   frac = (source - low)[..., None]
   low = low.astype(jnp.int32)
@@ -378,14 +413,14 @@ def geometric_matrix(name: str, level, negate, height: int, width: int):
   raise ValueError(f'{name!r} is not a geometric RandAugment op')
 
 
-def value_op(image, name: str, level, negate):
+def value_op(image, name: str, level, negate, form: str = 'gather'):
   """timm's value op `name` at `level` (magnitude / 10), sign flipped by `negate`."""
   signed = lambda v: jnp.where(negate, -v, v)
   enhance = level * 1.8 + 0.1
   increasing = 1.0 + signed(level * 0.9)
   ops = {
       'AutoContrast': lambda: auto_contrast(image),
-      'Equalize': lambda: equalize(image),
+      'Equalize': lambda: equalize(image, form),
       'Invert': lambda: invert(image),
       'Posterize': lambda: posterize(image, (level * 4).astype(jnp.int32)),
       'PosterizeIncreasing': lambda: posterize(image, 4 - (level * 4).astype(jnp.int32)),
@@ -413,7 +448,7 @@ def apply_op(image, name: str, magnitude, negate, fill=policies.DEFAULT_FILL,
   if name in policies.GEOMETRIC_OPS:
     matrix = geometric_matrix(name, level, negate, image.shape[0], image.shape[1])
     return affine(image, matrix, fill, form)
-  return value_op(image, name, level, negate)
+  return value_op(image, name, level, negate, form)
 
 
 def _magnitude(key, policy):
@@ -438,31 +473,160 @@ def layer_parameters(key, policy: policies.RandAugmentPolicy):
           jax.random.uniform(k_sign) > 0.5)
 
 
-def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DEFAULT_FILL,
+def compose(first, then):
+  """The affine data (as `affine` takes it) of warping by `first`, then by `then`: with PIL's
+  output-to-input maps, the product first @ then."""
+  def square(m):
+    return jnp.stack([m[0:3], m[3:6], jnp.asarray([0.0, 0.0, 1.0])])
+  return (square(first) @ square(then))[:2].reshape(6)
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def mirror_matrix(width: int):
+  """The affine data of a horizontal flip: output (x, y) reads the input at (W - 1 - x, y)."""
+  return jnp.asarray([-1.0, 0.0, width - 1.0, 0.0, 1.0, 0.0])
+
+
+def on_chosen(images, chosen, fn, form: str = 'gather', chunk: int = 8):
+  """`fn` (uint8 [K, H, W, 3] -> the same) on the images of [B, H, W, 3] where `chosen` [B],
+  the others as they are: the chosen images are gathered `chunk` at a time (a loop that runs once
+  unless more than `chunk` were chosen), transformed and put back, so that a batch pays for an op
+  that a few images draw on those images only, not on all of them.
+  """
+  batch = images.shape[0]
+  chunk = max(1, min(chunk, batch))
+  count = jnp.sum(chosen.astype(jnp.int32))
+  order = jnp.concatenate([jnp.argsort(~chosen, stable=True),  # The chosen ones first.
+                           jnp.zeros((chunk,), jnp.int32)])
+
+  def body(carry):
+    start, images = carry
+    slots = start + jnp.arange(chunk)
+    # Slots past the chosen ones point outside the batch: read clipped, written nowhere.
+    index = jnp.where(slots < count, jax.lax.dynamic_slice(order, (start,), (chunk,)), batch)
+    if form == 'gather':
+      taken = jnp.take(images, index, axis=0, mode='clip')
+      return start + chunk, images.at[index].set(fn(taken, index), mode='drop')
+    # TPUs: the gather and the scatter as products with the one-hot of the indices, MXU work
+    # instead of per-image dynamic slices; exact at the default precision (one bfloat16 pass on
+    # TPUs: zeros, ones and integers below 256 are exact in bfloat16).
+    pick = jax.nn.one_hot(index, batch, dtype=jnp.float32)  # [chunk, B]; empty rows past.
+    taken = jnp.einsum('kb,bhwc->khwc', pick, images.astype(jnp.float32)).astype(jnp.uint8)
+    back = jnp.einsum('kb,khwc->bhwc', pick,
+                      fn(taken, index).astype(jnp.float32)).astype(jnp.uint8)
+    hit = jnp.sum(pick, 0) > 0
+    return start + chunk, jnp.where(hit[:, None, None, None], back, images)
+
+  return jax.lax.while_loop(lambda carry: carry[0] < count, body, (jnp.int32(0), images))[1]
+
+
+def equalize_chosen(images, chosen, form: str = 'gather', chunk: int = 8):
+  """`equalize` of the images [B, H, W, 3] where `chosen` [B], the others as they are
+  (`on_chosen`: RandAugment picks Equalize for 1 image in 30 a layer)."""
+  return on_chosen(images, chosen, lambda x, _: jax.vmap(lambda i: equalize(i, form))(x), form,
+                   chunk)
+
+
+# Value ops that need more than one pass over an image (statistics, a filter, a histogram): run
+# on the images that drew them only (`on_chosen`); the others are one elementwise pass.
+_GATHERED_OPS = ('AutoContrast', 'Contrast', 'ContrastIncreasing', 'Color', 'ColorIncreasing',
+                 'Sharpness', 'SharpnessIncreasing')
+
+
+def _value_select(images, names, index, level, negate, form):
+  """Per image, `value_op` number index - 1 of `names` (index 0: the image as it is)."""
+  if not names:
+    return images
+  branches = [lambda x, lv, ng: x] + [
+      (lambda x, lv, ng, name=name: value_op(x, name, lv, ng, form)) for name in names]
+  return jax.vmap(lambda x, j, lv, ng: jax.lax.switch(j, branches, x, lv, ng))(
+      images, index, level, negate)
+
+
+def value_layer(images, op, apply, level, negate, policy: policies.RandAugmentPolicy,
                 form: str = 'gather'):
-  """`policy.num_layers` random ops on one uint8 image [H, W, 3] (`vmap` it over a batch), each
-  drawn by `layer_parameters`."""
-  height, width, _ = image.shape
+  """One RandAugment layer's value ops on [B, H, W, 3]: image b gets `policy.ops[op[b]]` where
+  `apply[b]` and that op is a value op, else stays as it is.
+
+  The per-pixel ops are a select among their outputs in one elementwise pass over the batch; the
+  ops with statistics or a filter (`_GATHERED_OPS`, 2 in 15 images a layer) and Equalize (1 in 30)
+  run on the images that drew them (`on_chosen`, with room for twice their expected number).
+  """
+  ops = policy.ops
+  values = [n for n in ops if n not in policies.GEOMETRIC_OPS]
+  groups = [[n for n in values if n not in _GATHERED_OPS and n != 'Equalize'],
+            [n for n in values if n in _GATHERED_OPS], [n for n in values if n == 'Equalize']]
+  batch = images.shape[0]
+  for g, names in enumerate(groups):
+    if not names:
+      continue
+    index = jnp.zeros(op.shape, jnp.int32)
+    for j, name in enumerate(names):
+      index = jnp.where(apply & (op == ops.index(name)), j + 1, index)
+    if g == 0:
+      images = _value_select(images, names, index, level, negate, form)
+      continue
+    expected = batch * policy.prob * len(names) / len(ops)
+    chunk = int(math.ceil(2 * expected)) + 1
+    if g == 1:
+      fn = lambda x, picked, names=names, index=index: _value_select(
+          x, names, jnp.take(index, picked, mode='clip'), jnp.take(level, picked, mode='clip'),
+          jnp.take(negate, picked, mode='clip'), form)
+    else:
+      fn = lambda x, _: jax.vmap(lambda i: equalize(i, form))(x)
+    images = on_chosen(images, index > 0, fn, form, chunk)
+  return images
+
+
+def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DEFAULT_FILL,
+                form: str = 'gather', flip: jax.Array | None = None):
+  """`randaugment_batch` on one uint8 image [H, W, 3] with its key (and flip)."""
+  return randaugment_batch(image[None], key[None], policy, fill, form,
+                           None if flip is None else jnp.asarray(flip)[None])[0]
+
+
+def randaugment_batch(images, keys, policy: policies.RandAugmentPolicy,
+                      fill=policies.DEFAULT_FILL, form: str = 'gather',
+                      flip: jax.Array | None = None):
+  """`policy.num_layers` random ops on each uint8 image of [B, H, W, 3], drawn per image by
+  `layer_parameters` from its key in `keys` [B]; images where `flip` [B] holds are mirrored first.
+
+  Each layer applies one op, geometric or value. The program runs the layers' value ops in order
+  with n - 1 warps between them (one for n = 1), every layer's geometric op composed into the
+  warp next to it: layer i's into the warp after layer i - 1's value op (the first warp for
+  layers 0 and 1), which is the op's place in the sequence since the layer's own value op is
+  then the identity. The flip joins the first warp: every value op commutes with a horizontal
+  mirror (per-pixel maps, per-channel statistics, a symmetric 3x3 filter). So a batch runs
+  n - 1 warps instead of n warps and a flip, and each image's ops happen in timm's order; where
+  two geometric ops share a warp (two layers of 2, for 1 image in 36 under the default policy),
+  the image is resampled once for the composed map instead of twice (the same geometry, one
+  interpolation's rounding and blur fewer). The value ops: `value_layer`.
+  """
+  _, height, width, _ = images.shape
   ops = policy.ops
   geometric = [n for n in ops if n in policies.GEOMETRIC_OPS]
-  values = [n for n in ops if n not in policies.GEOMETRIC_OPS]
-  for layer_key in jax.random.split(key, policy.num_layers):
-    op, apply, magnitude, negate = layer_parameters(layer_key, policy)
-    level = magnitude / policies.LEVEL_DENOM
-    if geometric:
-      # One warp a layer: the chosen op's matrix, the identity when it moves no pixels.
-      matrix = jnp.asarray([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+  layers = jax.vmap(lambda k: [layer_parameters(layer_key, policy)
+                               for layer_key in jax.random.split(k, policy.num_layers)])(keys)
+  identity = jnp.broadcast_to(jnp.asarray(IDENTITY), (images.shape[0], 6))
+  warps = [identity] * max(policy.num_layers - 1, 1)
+  if flip is not None:
+    warps[0] = jnp.where(flip[:, None], mirror_matrix(width), identity)
+  if geometric:
+    for i, (op, apply, magnitude, negate) in enumerate(layers):
+      level = magnitude / policies.LEVEL_DENOM
+      matrix = identity  # The identity where this layer's op moves no pixels.
       for name in geometric:
-        chosen = apply & (op == ops.index(name))
-        matrix = jnp.where(chosen, geometric_matrix(name, level, negate, height, width),
-                           matrix)
-      image = affine(image, matrix, fill, form)
-    if values:
-      # Branch 0 keeps the image (op not applied, or geometric); under vmap all branches run.
-      index = jnp.zeros((), jnp.int32)
-      for i, name in enumerate(values):
-        index = jnp.where(apply & (op == ops.index(name)), i + 1, index)
-      branches = [lambda x, lv, ng: x] + [
-          (lambda x, lv, ng, name=name: value_op(x, name, lv, ng)) for name in values]
-      image = jax.lax.switch(index, branches, image, level, negate)
-  return image
+        chosen = (apply & (op == ops.index(name)))[:, None]
+        matrix = jnp.where(chosen, jax.vmap(
+            lambda lv, ng, name=name: geometric_matrix(name, lv, ng, height, width))(
+                level, negate), matrix)
+      slot = max(i - 1, 0)
+      warps[slot] = jax.vmap(compose)(warps[slot], matrix)
+  for i, (op, apply, magnitude, negate) in enumerate(layers):
+    images = value_layer(images, op, apply, magnitude / policies.LEVEL_DENOM, negate, policy,
+                         form)
+    if i < len(warps) and (geometric or flip is not None):
+      images = jax.vmap(lambda x, m: affine(x, m, fill, form))(images, warps[i])
+  return images

@@ -281,15 +281,10 @@ def materialize_digits(root: str, size: int = 32) -> str:
   root = os.path.expanduser(root)
   if os.path.isdir(os.path.join(root, 'val')):
     return root
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
-  index = np.arange(len(digits.target))
-  train_idx, val_idx = model_selection.train_test_split(
-      index, test_size=DIGITS_EVAL_FRACTION, stratify=digits.target, random_state=0)
+  digits = _load_digits()
   tmp = f'{root}.tmp{os.getpid()}'
-  for split, idx in (('train', train_idx), ('val', val_idx)):
-    for i in idx:
+  for split in ('train', 'val'):
+    for i in _digit_split_indices(split):
       folder = os.path.join(tmp, split, str(digits.target[i]))
       os.makedirs(folder, exist_ok=True)
       pixels = (digits.images[i] / 16.0 * 255.0)[:, :, None]
@@ -304,3 +299,26 @@ def materialize_digits(root: str, size: int = 32) -> str:
       raise
     tf.io.gfile.rmtree(tmp)  # Another process won the race.
   return root
+
+
+def _load_digits():
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  return sk_datasets.load_digits()
+
+
+def _digit_split_indices(split: str) -> np.ndarray:
+  """The digits of `split` ('train' or 'val'): a fixed stratified 80/20 split."""
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  target = _load_digits().target
+  train_idx, val_idx = model_selection.train_test_split(
+      np.arange(len(target)), test_size=DIGITS_EVAL_FRACTION, stratify=target, random_state=0)
+  return {'train': train_idx, 'val': val_idx}[split]
+
+
+def digit_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The 8x8 digits of `split` ('train' or 'val', the split `materialize_digits` writes) as
+  (ink float32 [N, 8, 8] in [0, 1], labels int32 [N])."""
+  digits = _load_digits()
+  index = _digit_split_indices(split)
+  return ((digits.images[index] / 16.0).astype(np.float32),
+          digits.target[index].astype(np.int32))

@@ -5,6 +5,8 @@ qhfan/RMT `classfication_release/main.py`) on any number of devices and hosts: i
 jitted steps of `steps.py` for the mesh (`steps.build_programs`), feeds them the input
 pipeline's global batches (Mixup/CutMix/label-smoothed targets), and evaluates the EMA of the
 weights and BatchNorm statistics beside the raw weights after every epoch (top-1, top-5, loss).
+The task (`config.task`: classification, or segmentation) brings its data, programs and
+evaluation (`tasks.Task`, `task_for`); everything else here is shared.
 Checkpoints, resumption and `init_from` weights go through `rmt_jax.weights.checkpoint`;
 metrics through `metrics_writer.py`. With `config.eval_only` it evaluates `config.init_from`
 over the whole eval split instead.
@@ -33,7 +35,9 @@ from rmt_jax.kernels.tpu import operations as tpu_operations
 from rmt_jax.train import kernel_check
 from rmt_jax.train import metrics_writer
 from rmt_jax.train import sharding
+from rmt_jax.train import segmentation
 from rmt_jax.train import steps
+from rmt_jax.train import tasks
 from rmt_jax.weights import checkpoint
 from rmt_jax.weights import loading
 
@@ -42,16 +46,18 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss; the message gives the step and the last checkpoint."""
 
 
-def evaluate(eval_fn: Callable[..., Any], weights: Any, eval_data: Any) -> dict[str, dict]:
-  """One pass over the eval split; {name: {'loss', 'top1', 'top5', 'count'}} means."""
-  totals = None
-  for batch in eval_data:
-    sums = eval_fn(weights, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  return {name: {'loss': s['loss'] / max(s['count'], 1), 'top1': s['top1'] / max(s['count'], 1),
-                 'top5': s['top5'] / max(s['count'], 1), 'count': s['count']}
-          for name, s in totals.items()}
+def task_for(config: ml_collections.ConfigDict, workdir: str) -> tasks.Task:
+  """The task that `config.task` names ('classification' when absent).
+
+  Raises:
+    ValueError: an unknown task.
+  """
+  name = config.get('task', 'classification')
+  if name == 'classification':
+    return tasks.Classification()
+  if name == 'segmentation':
+    return segmentation.Segmentation(workdir)
+  raise ValueError(f'config.task must be one of {tasks.TASKS}, got {name!r}')
 
 
 def _to_global_arrays(tree: Any, shardings: Any) -> Any:
@@ -92,13 +98,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh %s over %d devices, %d processes.', dict(mesh.shape), mesh.size,
                jax.process_count())
+  task = task_for(config, workdir)
+  if config.eval_only and task.name != 'classification':
+    raise ValueError(f'config.eval_only evaluates classifiers; a {task.name} run evaluates its '
+                     'weights by training for 0 more steps (rerun a finished workdir).')
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   try:
     # Every program of the run is traced within the on-device kernel check's decisions.
     with tpu_operations.declined(_declined_kernels(config, mesh, workdir)):
       if config.eval_only:
         return _evaluate_init_from(config, mesh, writer)
-      return _start_or_resume_training(config, workdir, mesh, writer)
+      return _start_or_resume_training(config, workdir, mesh, writer, task)
   finally:
     writer.close()
 
@@ -166,7 +176,8 @@ def _evaluate_init_from(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
       in_shardings=(shardings, {'image': batch_sh, 'label': batch_sh, 'mask': batch_sh}),
       out_shardings=sharding.replicated(mesh))
   start = time.time()
-  results = evaluate(eval_fn, weights, _eval_batches(config, mesh, data))['raw']
+  results = tasks.classification_means(
+      tasks.sum_over_batches(eval_fn, weights, _eval_batches(config, mesh, data)))['raw']
   step = int(metadata.get('step', 0))
   event = writer.write(step, 'eval_only', {'loss': results['loss'], 'top1': results['top1'],
                                            'top5': results['top5'],
@@ -213,14 +224,6 @@ class _Preemption:
       self._previous = None
 
 
-def _eval_metrics_by_split(results: Mapping[str, Mapping[str, float]]
-                           ) -> dict[str, dict[str, float]]:
-  """`evaluate`'s means keyed by the split names of the metrics: 'eval' (raw), 'eval_ema'."""
-  names = {'raw': 'eval', 'ema': 'eval_ema'}
-  return {names.get(k, k): {m: v[m] for m in ('loss', 'top1', 'top5')}
-          for k, v in results.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class LoopSetup:
   """What the training loop reads, besides the state it advances and the step it is at.
@@ -229,15 +232,15 @@ class LoopSetup:
     config: the run's config (the log, eval and checkpoint intervals, the global batch size).
     total_steps: optimizer steps of the whole run; the loop stops there.
     steps_per_epoch: optimizer steps per epoch (the unit of `config.eval_every_epochs`).
-    train_batches: endless global training batches (`input_pipeline.TrainIterator`); its
-      `get_state()` is saved with each checkpoint.
-    eval_batches: the eval split, iterated afresh for each evaluation.
+    train_batches: endless global training batches (`Task.train_batches`); its `get_state()`
+      is saved with each checkpoint.
     train_step: jitted (state, batch) -> (state, {'loss', 'grad_norm'}) (`Programs.train_step`).
-    eval_step: jitted (state, batch) -> sums for the raw and EMA weights (`Programs.eval_step`).
+    evaluate: (state, step) -> {split: {metric: value}} for the raw and EMA weights, one pass
+      over the held-out data (`Task.evaluate` with `Programs.eval_step`).
     learning_rate: step -> learning rate (the run's schedule), for the logs.
     checkpointer: saves the state, the data position and `checkpoint_metadata`.
     checkpoint_metadata: what every checkpoint stores beside the state (the model, its
-      overrides, the evaluation preprocessing, the class names).
+      overrides, the evaluation preprocessing, the class names: `Task.checkpoint_metadata`).
     writer: where the metrics go.
     preemption: `reached(step)` says when a SIGTERM asks the run to save and stop.
   """
@@ -245,9 +248,8 @@ class LoopSetup:
   total_steps: int
   steps_per_epoch: int
   train_batches: input_pipeline.TrainIterator
-  eval_batches: Iterable[Any]
   train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
+  evaluate: Callable[[Any, int], Mapping[str, Mapping[str, float]]]
   learning_rate: optax.Schedule
   checkpointer: checkpoint.TrainCheckpointer
   checkpoint_metadata: Mapping[str, Any]
@@ -257,21 +259,20 @@ class LoopSetup:
 
 def _start_or_resume_training(config: ml_collections.ConfigDict, workdir: str,
                               mesh: jax.sharding.Mesh,
-                              writer: metrics_writer.MetricsWriter) -> dict[str, Any]:
-  """Builds the data, the programs and the checkpointer; restores or initialises the state
-  (see `train_and_evaluate`); runs the loop."""
-  batch_sh = sharding.batch_sharding(mesh)
-  train_batches = input_pipeline.create_train_iterator(
-      config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-      mesh_sharding=batch_sh)
-  eval_batches = _eval_batches(config, mesh, config.data)
+                              writer: metrics_writer.MetricsWriter,
+                              task: tasks.Task) -> dict[str, Any]:
+  """Builds the task's data and programs and the checkpointer; restores or initialises the
+  state (see `train_and_evaluate`); runs the loop."""
+  train_batches = task.train_batches(config, mesh)
+  eval_batches = task.eval_batches(config, mesh)
   steps_per_epoch = train_batches.steps_per_epoch
   total_steps = (int(config.total_steps) if config.get('total_steps', -1) > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  programs = steps.build_programs(config, mesh, steps_per_epoch, total_steps)
+  programs = task.build_programs(config, mesh, steps_per_epoch, total_steps)
   state_sh = programs.state_shardings
 
   def load_weights(state, variables, _):
+    variables = task.variables_for_network(variables)
     params = steps.merge_weights(state.params, variables['params'],
                                  reinit_head=config.init_reinit_head)
     batch_stats = steps.merge_weights(state.batch_stats, variables.get('batch_stats', {}),
@@ -285,14 +286,7 @@ def _start_or_resume_training(config: ml_collections.ConfigDict, workdir: str,
 
   ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=config.max_to_keep,
                                       async_save=config.async_checkpoints)
-  # The evaluation's preprocessing travels with the weights: predict, visualize and eval-only
-  # runs prepare images as this run's evaluation did (a 32 px digit is no 224 px photo).
-  meta = {'model': config.model, 'model_overrides': steps.model_overrides(config),
-          eval_preprocessing.METADATA_KEY:
-              eval_preprocessing.from_config(config.data).to_metadata()}
-  names = input_pipeline.class_names(config.data)
-  if names:  # `predict` prints them (a folder's class names, ImageNet's readable names).
-    meta['class_names'] = names
+  meta = task.checkpoint_metadata(config)
   preemption = _Preemption()
   try:
     state, data_state, source = checkpoint.restore_or_initialize(
@@ -306,8 +300,8 @@ def _start_or_resume_training(config: ml_collections.ConfigDict, workdir: str,
                  steps_per_epoch, source)
     setup = LoopSetup(
         config=config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        train_batches=train_batches, eval_batches=eval_batches,
-        train_step=programs.train_step, eval_step=programs.eval_step,
+        train_batches=train_batches, train_step=programs.train_step,
+        evaluate=lambda s, at: task.evaluate(programs.eval_step, s, eval_batches, at),
         learning_rate=programs.schedule, checkpointer=ckpt, checkpoint_metadata=meta,
         writer=writer, preemption=preemption)
     return _run_loop(setup, state, step)
@@ -358,8 +352,7 @@ def _run_loop(setup: LoopSetup, state: Any, step: int) -> dict[str, Any]:
 
   def evaluate_and_log():
     flush_train_metrics()
-    results = evaluate(setup.eval_step, state, setup.eval_batches)
-    for split, values in _eval_metrics_by_split(results).items():
+    for split, values in setup.evaluate(state, step).items():
       event = writer.write(step, split, values)
       metrics_writer.log_progress(step, total_steps, steps_per_epoch, event, None)
       last[split] = values

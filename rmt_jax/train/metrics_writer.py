@@ -87,7 +87,8 @@ def log_progress(step: int, total_steps: int, steps_per_epoch: int, event: Mappi
                  eta_seconds: float | None) -> None:
   """One console line per log event: where the run is, how fast, and when it ends."""
   parts = [f'step {step}/{total_steps}', f'epoch {step / steps_per_epoch:.2f}']
-  for name in ('loss', 'top1', 'top5', 'learning_rate', 'images_per_sec'):
+  for name in ('loss', 'top1', 'top5', 'miou', 'pixel_accuracy', 'learning_rate',
+               'images_per_sec'):
     if name in event:
       value = event[name]
       parts.append(f'{name} {value:.4g}' if name != 'images_per_sec' else f'{value:.0f} img/s')

@@ -29,6 +29,7 @@ import optax
 
 from rmt_jax.kernels import selection as kernel_forms
 from rmt_jax.models import RMT, create_model
+from rmt_jax.train import device_augment
 from rmt_jax.train import optim
 from rmt_jax.train import sharding
 
@@ -118,7 +119,9 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: RMT,
                tx: optax.GradientTransformation, ema: float, accum_steps: int = 1,
-               micro_sharding: jax.sharding.NamedSharding | None = None
+               micro_sharding: jax.sharding.NamedSharding | None = None,
+               augment: device_augment.DeviceAugment | None = None,
+               criterion: Callable[[jax.Array, jax.Array], jax.Array] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on one global batch.
 
@@ -132,23 +135,33 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: RMT,
 
   Args:
     state: the train state (donated by the jitted caller).
-    batch: {'image': [B, H, W, 3], 'label': [B, classes] soft targets}.
+    batch: {'image': [B, H, W, 3], 'label': [B, classes] soft targets}; with `augment`,
+      {'image': uint8 [B, H, W, 3] crops, 'label': int [B]}.
     model: the network.
     tx: the optimizer.
     ema: EMA decay per step (0 keeps the EMA equal to the weights).
     accum_steps: micro-batches per step.
     micro_sharding: sharding of a micro-batch's leading axis (the batch sharding).
+    augment: `config.data.augment_on = 'device'`: the rest of the recipe, run on each device's
+      share of the batch with the step's key (`device_augment`), before the micro-batch split.
+    criterion: (logits, labels) -> the mean loss; None: soft-target cross-entropy (the
+      classifier's). A dense task passes its own (e.g. `segmentation.pixel_cross_entropy`).
 
   Returns:
     (new state, {'loss', 'grad_norm'} as float32 scalars).
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  if augment is not None:
+    batch = augment(batch, device_augment.step_key(state.rng, state.step))
 
   def loss_fn(params, batch_stats, images, labels, step_rng):
     logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                   train=True, mutable=['batch_stats'],
                                   rngs={'dropout': step_rng})
-    loss = soft_target_cross_entropy(logits, labels).mean()
+    if criterion is None:
+      loss = soft_target_cross_entropy(logits, labels).mean()
+    else:
+      loss = criterion(logits, labels)
     return loss, updates['batch_stats']
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -278,6 +291,9 @@ class Programs:
     state_shardings: NamedShardings of the state.
     batch_sharding: the global batch's sharding (leading axis over every device).
     train_step: jitted (state, {'image', 'label'}) -> (state, metrics); the state is donated.
+      The batch is `device_augment.train_batch_spec(config, ...)`'s: the host's augmented
+      float32 images and soft targets, or with `config.data.augment_on = 'device'` the uint8
+      crops and int labels, which the step augments itself.
     eval_step: jitted (state, {'image', 'label', 'mask'}) -> sums for the raw and EMA weights.
   """
   model: RMT = flax.struct.field(pytree_node=False)
@@ -292,19 +308,28 @@ class Programs:
 
 
 def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   steps_per_epoch: int, total_steps: int) -> Programs:
+                   steps_per_epoch: int, total_steps: int, *, model: Any = None,
+                   criterion: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                   evaluation: Callable[..., Any] | None = None) -> Programs:
   """The model, optimizer, state shardings and jitted steps of a run of `config` on `mesh`.
+
+  The defaults are the classifier's; another task (`segmentation.py`) passes its network, its
+  loss and its evaluation, and shares the rest (optimizer, EMA, sharding, accumulation).
 
   Args:
     config: the run's config.
     mesh: from `sharding.create_mesh` (real devices, or a TPU topology's for AOT compiles).
     steps_per_epoch: optimizer steps per epoch (the schedule's unit).
     total_steps: optimizer steps of the run.
+    model: the network; None: `build_model(config, mesh)`.
+    criterion: the training loss, as `train_step` takes it; None: the classifier's.
+    evaluation: (model, variable_sets, batch) -> sums, as `eval_step`; None: `eval_step`.
 
   Raises:
     ValueError: the global batch does not split into `grad_accum_steps` x devices.
   """
-  model = build_model(config, mesh)
+  model = build_model(config, mesh) if model is None else model
+  evaluation = eval_step if evaluation is None else evaluation
   batch_sh = sharding.batch_sharding(mesh)
   accum = int(config.get('grad_accum_steps', 1))
   if config.global_batch_size % (accum * mesh.size):
@@ -323,11 +348,13 @@ def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   p_train = jax.jit(
       sharding.traced_on(mesh, functools.partial(train_step, model=model, tx=tx,
                                          ema=optim.ema_decay(config), accum_steps=accum,
-                                         micro_sharding=batch_sh)),
+                                         micro_sharding=batch_sh,
+                                         augment=device_augment.DeviceAugment.for_run(
+                                             config, mesh), criterion=criterion)),
       in_shardings=(state_sh, batch_shardings),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   p_eval = jax.jit(
-      sharding.traced_on(mesh, lambda s, b: eval_step(
+      sharding.traced_on(mesh, lambda s, b: evaluation(
           model, {'raw': {'params': s.params, 'batch_stats': s.batch_stats},
                   'ema': {'params': s.ema_params, 'batch_stats': s.ema_batch_stats}}, b)),
       in_shardings=(state_sh, {'image': batch_sh, 'label': batch_sh, 'mask': batch_sh}),
