@@ -551,33 +551,43 @@ def value_layer(images, op, apply, level, negate, policy: policies.RandAugmentPo
   `apply[b]` and that op is a value op, else stays as it is.
 
   The per-pixel ops are a select among their outputs in one elementwise pass over the batch; the
-  ops with statistics or a filter (`_GATHERED_OPS`, 2 in 15 images a layer) and Equalize (1 in 30)
-  run on the images that drew them (`on_chosen`, with room for twice their expected number).
+  ops with statistics or a filter (`_GATHERED_OPS`, 4 in 30 images a layer) and Equalize (1 in
+  30) run on the images that drew them: one `on_chosen` for both (room for twice their expected
+  number), Equalize on those of them that drew it (a second `on_chosen`, over the few gathered
+  images rather than the batch: each `on_chosen` over the batch costs a pass over it).
   """
   ops = policy.ops
   values = [n for n in ops if n not in policies.GEOMETRIC_OPS]
   groups = [[n for n in values if n not in _GATHERED_OPS and n != 'Equalize'],
             [n for n in values if n in _GATHERED_OPS], [n for n in values if n == 'Equalize']]
   batch = images.shape[0]
-  for g, names in enumerate(groups):
-    if not names:
-      continue
+  indices = []
+  for names in groups:
     index = jnp.zeros(op.shape, jnp.int32)
     for j, name in enumerate(names):
       index = jnp.where(apply & (op == ops.index(name)), j + 1, index)
-    if g == 0:
-      images = _value_select(images, names, index, level, negate, form)
-      continue
-    expected = batch * policy.prob * len(names) / len(ops)
-    chunk = int(math.ceil(2 * expected)) + 1
-    if g == 1:
-      fn = lambda x, picked, names=names, index=index: _value_select(
-          x, names, jnp.take(index, picked, mode='clip'), jnp.take(level, picked, mode='clip'),
-          jnp.take(negate, picked, mode='clip'), form)
-    else:
-      fn = lambda x, _: jax.vmap(lambda i: equalize(i, form))(x)
-    images = on_chosen(images, index > 0, fn, form, chunk)
-  return images
+    indices.append(index)
+  if groups[0]:
+    images = _value_select(images, groups[0], indices[0], level, negate, form)
+  gathered, equalized = groups[1], groups[2]
+  if not gathered and not equalized:
+    return images
+
+  def chunk_for(count, size):
+    return int(math.ceil(2 * size * policy.prob * count / len(ops))) + 1
+
+  def fn(x, picked):
+    take = lambda v: jnp.take(v, picked, mode='clip')  # Slots past the chosen: index `batch`.
+    if gathered:
+      x = _value_select(x, gathered, take(indices[1]), take(level), take(negate), form)
+    if equalized:
+      chosen = (picked < batch) & (take(indices[2]) > 0)
+      x = on_chosen(x, chosen, lambda y, _: jax.vmap(lambda i: equalize(i, form))(y), form,
+                    chunk_for(len(equalized), batch))
+    return x
+
+  chosen = (indices[1] > 0) | (indices[2] > 0)
+  return on_chosen(images, chosen, fn, form, chunk_for(len(gathered) + len(equalized), batch))
 
 
 def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DEFAULT_FILL,
