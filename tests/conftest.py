@@ -3,6 +3,7 @@ test lanes, libtpu for the TPU compiles, a tiny model trained on an image folder
 served by a GCS emulator on this machine. What the Pallas kernels' tests check alike is in
 kernel_checks.py."""
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -413,3 +414,27 @@ def gcs_workdir(gcs_emulator):
   """A gs:// directory of the test's own (nothing there yet), on `gcs_emulator`."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(f'{gcs_emulator}/{uuid.uuid4().hex[:8]}')
+
+
+@contextlib.contextmanager
+def programs_built_once_without_evaluation():
+  """Within the block, `loop.train_and_evaluate` builds its programs once and every later run
+  reuses them (one compile for a run and its resumptions), and no run evaluates (zeros stand
+  for the metrics): for tests of training and resumption alone."""
+  # pylint: disable=g-import-not-at-top
+  from rmt_jax.data import input_pipeline
+  from rmt_jax.train import steps
+  from rmt_jax.train import tasks
+  build_programs, programs = steps.build_programs, {}
+
+  def build_once(*args, **kwargs):
+    if not programs:
+      programs['built'] = build_programs(*args, **kwargs)
+    return programs['built']
+
+  unevaluated = {n: {'loss': 0.0, 'top1': 0.0, 'top5': 0.0} for n in ('eval', 'eval_ema')}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(steps, 'build_programs', build_once)
+    patch.setattr(tasks.Classification, 'evaluate', lambda *_: unevaluated)
+    patch.setattr(input_pipeline, 'create_eval_iterator', lambda *_, **__: [])
+    yield

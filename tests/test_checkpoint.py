@@ -23,8 +23,8 @@ from rmt_jax.weights import checkpoint
 from rmt_jax.train import loop
 from rmt_jax.train import metrics_writer
 from rmt_jax.train import steps as train_steps
-from rmt_jax.train import tasks
 from conftest import main_env  # pylint: disable=g-bad-import-order
+from conftest import programs_built_once_without_evaluation  # pylint: disable=g-bad-import-order
 
 
 def _state(value: float) -> train_steps.TrainState:
@@ -335,24 +335,12 @@ def tiny_run(tmp_path_factory):
   test is which checkpoint the run resumes from, and that it then trains exactly as before.
   """
   from configs import tiny_test  # pylint: disable=g-import-not-at-top
-  from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('tiny_run')
   config = tiny_test.get_config()
   config.data.digits_dir = str(root / 'digits')
   config.total_steps = 6
   config.async_checkpoints = False
-  build_programs, programs = train_steps.build_programs, {}
-
-  def build_once(*args, **kwargs):
-    if not programs:
-      programs['built'] = build_programs(*args, **kwargs)
-    return programs['built']
-
-  unevaluated = {n: {'loss': 0.0, 'top1': 0.0, 'top5': 0.0} for n in ('eval', 'eval_ema')}
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train_steps, 'build_programs', build_once)
-    patch.setattr(tasks.Classification, 'evaluate', lambda *_: unevaluated)
-    patch.setattr(input_pipeline, 'create_eval_iterator', lambda *_, **__: [])
+  with programs_built_once_without_evaluation():
     workdir = root / 'run'
     loop.train_and_evaluate(config, str(workdir))
     yield config, workdir, checkpoint.load_train_state(workdir, 6)[0]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from rmt_jax.train import device_augment
-from rmt_jax.train import steps as train_steps
 from rmt_jax.weights import checkpoint
+from conftest import programs_built_once_without_evaluation  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -131,27 +131,14 @@ def _device_run(tmp_path_factory):
   """A finished 4-step run of configs/tiny_test.py with the whole recipe on the device
   (checkpoints 2 and 4), its programs kept for the resumed run below."""
   from configs import tiny_test  # pylint: disable=g-import-not-at-top
-  from rmt_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from rmt_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from rmt_jax.train import tasks  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('device_run')
   config = tiny_test.get_config()
   config.data.digits_dir = str(root / 'digits')
   config.data.update(augment_on='device', hflip=0.5, randaugment='rand-m9-mstd0.5-inc1',
                      reprob=0.25, mixup=0.8, cutmix=1.0)
   config.async_checkpoints = False
-  build_programs, programs = train_steps.build_programs, {}
-
-  def build_once(*args, **kwargs):
-    if not programs:
-      programs['built'] = build_programs(*args, **kwargs)
-    return programs['built']
-
-  unevaluated = {n: {'loss': 0.0, 'top1': 0.0, 'top5': 0.0} for n in ('eval', 'eval_ema')}
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train_steps, 'build_programs', build_once)
-    patch.setattr(tasks.Classification, 'evaluate', lambda *_: unevaluated)
-    patch.setattr(input_pipeline, 'create_eval_iterator', lambda *_, **__: [])
+  with programs_built_once_without_evaluation():
     workdir = root / 'run'
     result = loop.train_and_evaluate(config, str(workdir))
     yield config, workdir, result, loop
