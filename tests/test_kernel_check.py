@@ -47,6 +47,7 @@ def test_recording_finds_every_kernel_of_the_train_step(calls):
       'whole attention 2x2x16 float32', 'lepe 2x2x16 float32', 'second_half 2x2x16 float32'])
 
 
+@pytest.mark.slow  # The interpreter times both forms of a kernel: ~25 s on two CPU cores.
 def test_a_correct_kernel_is_kept(calls):
   lines = []
   [result] = check.check(_of(calls, 'axial attention'), repeats=1, say=lines.append)

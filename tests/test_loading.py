@@ -45,6 +45,7 @@ def test_load_a_converted_directory(tiny, tmp_path):
   assert rmt_jax.load(tmp_path / 'w', dtype=jnp.bfloat16)[0].dtype == jnp.bfloat16
 
 
+@pytest.mark.slow  # A training run by main.py (folder_workdir): ~45 s on two CPU cores.
 def test_load_a_training_workdir_takes_the_ema_weights(folder_workdir):
   model, variables, metadata = loading.load_with_metadata(folder_workdir)
   state, meta = checkpoint.load_train_state(folder_workdir)

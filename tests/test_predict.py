@@ -150,6 +150,7 @@ def test_json_output(weights_and_images, capsys):
     assert row['top'][0]['label'] == 0 and 0 < row['top'][0]['probability'] <= 1
 
 
+@pytest.mark.slow  # A training run by main.py (the folder_workdir fixture).
 def test_folder_model_prints_its_folder_names(folder_workdir, weights_and_images, capsys):
   _, _, _, images = weights_and_images
   assert predict.main(['--weights', str(folder_workdir), '--json', *images]) == 0

@@ -74,6 +74,13 @@ class Neighbours:
   integer division): (t + 0.5) / W is at least 0.5 / W away from an integer, far beyond
   float32's rounding at these sizes. A band's halo tokens are only read as neighbours: their
   own masks do not matter, nor does the rotation's wrap-around.
+
+  A shift is one rotation and one select. `pltpu.roll` follows `jnp.roll` (Mosaic's rotate
+  and the interpreter both; jax's TPU tests compare it with `np.roll`), so the neighbour
+  `offset` tokens ahead is a rotation by -offset. The border test is one compare: a neighbour
+  dx > 0 columns away can only fall off the right edge, dx < 0 off the left (rows alike).
+  Each mask is made once per band and shared by every shift by the same amount (a conv's
+  columns and rows, a backward pass's several convolutions).
   """
 
   def __init__(self, tokens: int, height: int, width: int, first: jax.Array | int):
@@ -83,24 +90,22 @@ class Neighbours:
     raster_row = jnp.floor((position + 0.5) * np.float32(1.0 / width))
     self.column = position - raster_row * width
     self.row = raster_row - jnp.floor((raster_row + 0.5) * np.float32(1.0 / height)) * height
-    # Whether a rotation by +s brings v[t - s] to t (numpy's convention) or v[t + s].
-    moved = pltpu.roll(t, 1, 0) - t
-    self.numpy_roll = (moved == -1) | (moved == tokens - 1)
+    self._inside: dict[tuple[int, int], jax.Array] = {}
+
+  def inside(self, dy: int, dx: int) -> jax.Array:
+    """Whether the pixel (row + dy, column + dx) lies in the image, (tokens, 1); one of dy, dx
+    is 0."""
+    if (dy, dx) not in self._inside:
+      position, size, d = (self.row, self.height, dy) if dy else (self.column, self.width, dx)
+      self._inside[dy, dx] = position < size - d if d > 0 else position >= -d
+    return self._inside[dy, dx]
 
   def shift(self, v: jax.Array, dy: int, dx: int) -> jax.Array:
     """v at (row + dy, column + dx), zero outside the image; one of dy, dx is 0."""
     if dy == dx == 0:
       return v
-    if dy:
-      inside = (self.row + dy >= 0) & (self.row + dy < self.height)
-    else:
-      inside = (self.column + dx >= 0) & (self.column + dx < self.width)
     offset = dy * self.width + dx
-    s = abs(offset)
-    by_s, by_minus_s = pltpu.roll(v, s, 0), pltpu.roll(v, self.tokens - s, 0)
-    # Under numpy's convention by_s[t] = v[t - s]; under the other, v[t + s].
-    backward = self.numpy_roll if offset < 0 else jnp.logical_not(self.numpy_roll)
-    return jnp.where(inside, jnp.where(backward, by_s, by_minus_s), 0.0)
+    return jnp.where(self.inside(dy, dx), pltpu.roll(v, (-offset) % self.tokens, 0), 0.0)
 
   def columns(self, v: jax.Array, radius: int) -> list[jax.Array]:
     """v at columns x - radius ... x + radius: a conv's taps along a row."""
