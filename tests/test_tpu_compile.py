@@ -49,6 +49,10 @@ def test_tiny_config_compiles_for_a_v5p_slice_and_reports_its_cost(tmp_path):
         physical['kernel_seconds'] + max(entry['estimated_step_seconds']
                                          - physical['kernel_xla_seconds'], 0))
     assert 0 < entry['physical_utilisation'] < 1
+    # Free vector work bounds what reworking it can reach, from above.
+    assert physical['step_seconds_without_vector'] <= entry['physical_step_seconds']
+    assert entry['physical_utilisation'] <= entry['physical_utilisation_without_vector'] < 1
+  assert "train: with the kernels' vector work free" in proc.stdout
   assert '| train |' in proc.stdout and '| eval |' in proc.stdout
   assert 'estimates, not a measurement' in proc.stdout and 'physical est. step ms' in proc.stdout
   assert 'train: Pallas kernels per device on v5p' in proc.stdout

@@ -157,6 +157,14 @@ def test_a_program_counts_the_tpu_branch_once_and_loops_by_their_length():
   assert (row['calls'], row['runs'], row['kernel']) == (2, 6, 'test_tpu_floor.kernel')
   assert result['step_seconds'] == pytest.approx(
       result['kernel_seconds'] + 1e-3 - result['kernel_xla_seconds'])
+  # Without its vector work the kernel is bound by its bytes: 6 runs of 2 (8, 128) float32
+  # blocks in and 2 out, one step per TensorCore.
+  k = tpu_floor.kernel_estimate(next(tpu_floor.pallas_calls(jaxpr.jaxpr))[0], V5P)
+  assert k.mxu_seconds == 0 and k.hbm_seconds > k.transcendental_seconds == 0
+  assert k.hbm_seconds == pytest.approx(4 * 8 * 128 * 4 / V5P.hbm_bytes_per_second)
+  assert result['kernel_seconds_without_vector'] == pytest.approx(6 * k.hbm_seconds)
+  assert result['step_seconds_without_vector'] == pytest.approx(
+      6 * k.hbm_seconds + 1e-3 - result['kernel_xla_seconds'])
   assert 'Pallas kernels per device on v5p' in tpu_floor.format_kernels(result)
 
 
