@@ -221,15 +221,21 @@ def test_equalize_forms_equal_pils():
 
 
 def test_equalize_chosen_changes_the_chosen_images_only():
-  images = np.stack([_image(12, 10, s) // (1 + s % 4) for s in range(11)])
+  # Over 255 pixels a channel: below that PIL's step is 0 and equalize leaves an image as it is.
+  images = np.stack([_image(20, 28, s) // (1 + s % 4) for s in range(11)])
+  equalized = np.stack([ba.equalize(jnp.asarray(image)) for image in images])
+  assert np.all(np.any(equalized != images, axis=(1, 2, 3)))
   chosen = np.asarray([1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1], bool)  # 8 chosen: 3 chunks of 3.
   for form in ba.FORMS:
     run = jax.jit(lambda x, c, form=form: ba.equalize_chosen(x, c, form, chunk=3))
     out = np.asarray(run(jnp.asarray(images), jnp.asarray(chosen)))
-    for image, got, picked in zip(images, out, chosen):
-      want = ba.equalize(jnp.asarray(image)) if picked else image
-      np.testing.assert_array_equal(got, want, err_msg=form)
+    for image, want, got, picked in zip(images, equalized, out, chosen):
+      np.testing.assert_array_equal(got, want if picked else image, err_msg=form)
     np.testing.assert_array_equal(run(jnp.asarray(images), jnp.zeros(11, bool)), images)
+    # One chosen, the batch's last, and two empty slots, which must not write over it.
+    out = np.asarray(run(jnp.asarray(images), jnp.asarray(np.arange(11) == 10)))
+    np.testing.assert_array_equal(out[10], equalized[10], err_msg=form)
+    np.testing.assert_array_equal(out[:10], images[:10], err_msg=form)
 
 
 def _one_op_after_another(image, layers, flip):

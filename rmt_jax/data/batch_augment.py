@@ -20,11 +20,12 @@ y, e.g. Catmull and Smith's two-pass warp), which equals the host's 2-D bilinear
 for shears and translations and differs by interpolation rounding for rotations. The per-pixel
 value ops are a select among their outputs; those with statistics or a filter, and Equalize, run
 on the images that drew them only (`value_layer`, `on_chosen`). `form` picks how the passes
-sample and how Equalize counts and looks up: 'gather' (two taps a pixel, a bincount, a gather;
-cheap on CPUs) or 'matmul' (an interpolation matrix per line and one-hot products, MXU work on
-TPUs, where gathers and scatters are slow; compares for Equalize); both give the same images
-within one grey level of the warp's rounding (`form_for`). The train step runs `augment` on each
-device's share of the batch: `rmt_jax.train.device_augment`.
+sample, how Equalize counts and looks up and how `on_chosen` takes and puts back its images:
+'gather' (two taps a pixel, a bincount, gathers and scatters; cheap on CPUs) or 'matmul' (an
+interpolation matrix per line, MXU work on TPUs, where gathers and scatters are slow; compares
+for Equalize; a dynamic slice and an in-place update per image taken); both give the same
+images within one grey level of the warp's rounding (`form_for`). The train step runs `augment`
+on each device's share of the batch: `rmt_jax.train.device_augment`.
 """
 
 import dataclasses
@@ -102,6 +103,11 @@ def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchR
             else jnp.zeros((batch,), bool))
     images = randaugment_batch(images, jax.random.split(k_ra, batch), recipe.randaugment,
                                recipe.fill, form, flip)
+    if form == 'matmul':
+      # TPUs: XLA fuses the last value layer's select into normalisation and then lays the
+      # RandAugment passes out around that fusion, at a cost above the uint8 batch's write and
+      # read that the fusion saves (`docs/input_pipeline_speed.md`).
+      images = jax.lax.optimization_barrier(images)
   elif recipe.hflip > 0:
     images = random_horizontal_flip(images, k_flip, recipe.hflip)
   out = normalize(images, recipe.mean, recipe.std)
@@ -493,7 +499,9 @@ def on_chosen(images, chosen, fn, form: str = 'gather', chunk: int = 8):
   """`fn` (uint8 [K, H, W, 3] -> the same) on the images of [B, H, W, 3] where `chosen` [B],
   the others as they are: the chosen images are gathered `chunk` at a time (a loop that runs once
   unless more than `chunk` were chosen), transformed and put back, so that a batch pays for an op
-  that a few images draw on those images only, not on all of them.
+  that a few images draw on those images only, not on all of them. `fn` also gets each slot's
+  index into the batch, `B` for the slots past the chosen ones (what it makes of those is
+  dropped).
   """
   batch = images.shape[0]
   chunk = max(1, min(chunk, batch))
@@ -503,21 +511,26 @@ def on_chosen(images, chosen, fn, form: str = 'gather', chunk: int = 8):
 
   def body(carry):
     start, images = carry
-    slots = start + jnp.arange(chunk)
-    # Slots past the chosen ones point outside the batch: read clipped, written nowhere.
-    index = jnp.where(slots < count, jax.lax.dynamic_slice(order, (start,), (chunk,)), batch)
+    valid = start + jnp.arange(chunk) < count
+    index = jax.lax.dynamic_slice(order, (start,), (chunk,))
+    picked = jnp.where(valid, index, batch)
     if form == 'gather':
-      taken = jnp.take(images, index, axis=0, mode='clip')
-      return start + chunk, images.at[index].set(fn(taken, index), mode='drop')
-    # TPUs: the gather and the scatter as products with the one-hot of the indices, MXU work
-    # instead of per-image dynamic slices; exact at the default precision (one bfloat16 pass on
-    # TPUs: zeros, ones and integers below 256 are exact in bfloat16).
-    pick = jax.nn.one_hot(index, batch, dtype=jnp.float32)  # [chunk, B]; empty rows past.
-    taken = jnp.einsum('kb,bhwc->khwc', pick, images.astype(jnp.float32)).astype(jnp.uint8)
-    back = jnp.einsum('kb,khwc->bhwc', pick,
-                      fn(taken, index).astype(jnp.float32)).astype(jnp.uint8)
-    hit = jnp.sum(pick, 0) > 0
-    return start + chunk, jnp.where(hit[:, None, None, None], back, images)
+      # Slots past the chosen ones point outside the batch: read clipped, written nowhere.
+      taken = jnp.take(images, picked, axis=0, mode='clip')
+      return start + chunk, images.at[picked].set(fn(taken, picked), mode='drop')
+    # TPUs: one dynamic slice per slot and in-place updates, each a whole image (contiguous
+    # along the batch axis), where a gather and a scatter run slowly and one-hot products pass
+    # over the whole batch. Updates clamp their index instead of dropping it, so a slot past
+    # the chosen ones reads the first slot's image and writes it back unchanged, before the
+    # first slot writes what that image became (the updates run from the last slot down).
+    source = jnp.where(valid, index, index[0])
+    taken = jnp.stack([jax.lax.dynamic_index_in_dim(images, source[k], keepdims=False)
+                       for k in range(chunk)])
+    out = jnp.where(valid.reshape((chunk,) + (1,) * (images.ndim - 1)), fn(taken, picked),
+                    taken)
+    for k in reversed(range(chunk)):
+      images = jax.lax.dynamic_update_index_in_dim(images, out[k], source[k], 0)
+    return start + chunk, images
 
   return jax.lax.while_loop(lambda carry: carry[0] < count, body, (jnp.int32(0), images))[1]
 
@@ -550,11 +563,12 @@ def value_layer(images, op, apply, level, negate, policy: policies.RandAugmentPo
   """One RandAugment layer's value ops on [B, H, W, 3]: image b gets `policy.ops[op[b]]` where
   `apply[b]` and that op is a value op, else stays as it is.
 
-  The per-pixel ops are a select among their outputs in one elementwise pass over the batch; the
-  ops with statistics or a filter (`_GATHERED_OPS`, 4 in 30 images a layer) and Equalize (1 in
-  30) run on the images that drew them: one `on_chosen` for both (room for twice their expected
-  number), Equalize on those of them that drew it (a second `on_chosen`, over the few gathered
-  images rather than the batch: each `on_chosen` over the batch costs a pass over it).
+  The ops with statistics or a filter (`_GATHERED_OPS`, 4 in 30 images a layer) and Equalize (1
+  in 30) run on the images that drew them: one `on_chosen` for both (room for twice their
+  expected number), Equalize on those of them that drew it (a second `on_chosen`, over the few
+  gathered images rather than the batch). Then the per-pixel ops, a select among their outputs
+  in one elementwise pass over the batch, which XLA fuses with the pass that reads the layer's
+  output.
   """
   ops = policy.ops
   values = [n for n in ops if n not in policies.GEOMETRIC_OPS]
@@ -567,11 +581,7 @@ def value_layer(images, op, apply, level, negate, policy: policies.RandAugmentPo
     for j, name in enumerate(names):
       index = jnp.where(apply & (op == ops.index(name)), j + 1, index)
     indices.append(index)
-  if groups[0]:
-    images = _value_select(images, groups[0], indices[0], level, negate, form)
   gathered, equalized = groups[1], groups[2]
-  if not gathered and not equalized:
-    return images
 
   def chunk_for(count, size):
     return int(math.ceil(2 * size * policy.prob * count / len(ops))) + 1
@@ -586,8 +596,15 @@ def value_layer(images, op, apply, level, negate, policy: policies.RandAugmentPo
                     chunk_for(len(equalized), batch))
     return x
 
-  chosen = (indices[1] > 0) | (indices[2] > 0)
-  return on_chosen(images, chosen, fn, form, chunk_for(len(gathered) + len(equalized), batch))
+  if gathered or equalized:
+    chosen = (indices[1] > 0) | (indices[2] > 0)
+    images = on_chosen(images, chosen, fn, form,
+                       chunk_for(len(gathered) + len(equalized), batch))
+  # The select last (its images and `on_chosen`'s are disjoint), so that it fuses with the
+  # pass that reads the layer's output instead of being written out before `on_chosen`.
+  if groups[0]:
+    images = _value_select(images, groups[0], indices[0], level, negate, form)
+  return images
 
 
 def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DEFAULT_FILL,
