@@ -510,7 +510,7 @@ def floor(closed_jaxpr: Any, chip: ChipFigures | str, devices_per_chip: int = 1,
     seconds of all its runs, physical and XLA's); 'by_kernel' (the same summed by kernel, with
     each unit's seconds: the units overlap, so these add to more than 'seconds');
     'kernel_seconds' and 'kernel_xla_seconds' (sums); 'kernel_seconds_without_vector' (the
-    kernels' seconds were their vector work free: per run the largest of MXU, transcendental
+    kernels' seconds if their vector work were free: per run the largest of MXU, transcendental
     and HBM time, a floor that no rework of their vector work goes below, given their matrix
     shapes and arrays); with `xla_step_seconds`, 'other_xla_seconds', 'step_seconds' and
     'step_seconds_without_vector'; 'unknown_loops'; 'not_counted' (primitives the vector count
