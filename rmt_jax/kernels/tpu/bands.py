@@ -80,7 +80,8 @@ class Neighbours:
   `offset` tokens ahead is a rotation by -offset. The border test is one compare: a neighbour
   dx > 0 columns away can only fall off the right edge, dx < 0 off the left (rows alike).
   Each mask is made once per band and shared by every shift by the same amount (a conv's
-  columns and rows, a backward pass's several convolutions).
+  columns and rows, a backward pass's several convolutions); so a `Neighbours` belongs to the
+  trace that builds it (a band's body), not to loops or branches inside it that shift first.
   """
 
   def __init__(self, tokens: int, height: int, width: int, first: jax.Array | int):
