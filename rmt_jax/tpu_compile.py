@@ -194,6 +194,10 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
     if step_s is None:
       log(f"{name}: XLA's cost model gave no step time ({cost['optimal_seconds']:g} s) for "
           f'{kind}; memory and FLOPs are still reported')
+
+    def share_of_peak(step: float | None) -> float | None:
+      return model_flops / chips / (step * chip.bf16_flops) if step else None
+
     entry = {
         'compile_seconds': seconds, 'memory_per_device': memory,
         'memory_per_chip': per_chip_memory,
@@ -205,22 +209,18 @@ def compile_for_topology(config: Any, topology: str, mode: str = 'both',
         'estimated_step_seconds': step_s,
         'xla_optimal_seconds': cost['optimal_seconds'],
         'estimated_images_per_second': batch / step_s if step_s else None,
-        'estimated_utilisation': (model_flops / chips / (step_s * chip.bf16_flops)
-                                  if step_s else None)}
+        'estimated_utilisation': share_of_peak(step_s)}
     # Beside XLA's estimate, what the chip would spend on the Pallas kernels (`tpu_floor`).
     physical = _physical(traced.jaxpr, compiled, chip.name, per_chip_devices, step_s, log)
     physical_s = physical.get('step_seconds')
     entry.update({
         'physical': physical, 'physical_step_seconds': physical_s,
         'physical_images_per_second': batch / physical_s if physical_s else None,
-        'physical_utilisation': (model_flops / chips / (physical_s * chip.bf16_flops)
-                                 if physical_s else None)})
-    ceiling_s = physical.get('step_seconds_without_vector')
-    if ceiling_s:
-      # What no rework of the kernels' vector work can exceed: their MXU work at its tile,
-      # transcendentals and tiled bytes alone, and XLA's figure for the rest.
-      entry['physical_utilisation_without_vector'] = (
-          model_flops / chips / (ceiling_s * chip.bf16_flops))
+        'physical_utilisation': share_of_peak(physical_s),
+        # What no rework of the kernels' vector work can exceed: their MXU work at its tile,
+        # transcendentals and tiled bytes alone, and XLA's figure for the rest.
+        'physical_utilisation_without_vector': share_of_peak(
+            physical.get('step_seconds_without_vector'))})
     if traffic:
       entry['traffic'] = tpu_traffic.traffic(compiled)
     steps[name] = entry
