@@ -302,9 +302,10 @@ def device_part_cost(cfg, batch: int, size: int) -> dict:
   device, compiled, the median of 3 calls."""
   import jax  # pylint: disable=g-import-not-at-top
   from rmt_jax.data import batch_augment  # pylint: disable=g-import-not-at-top
+  from rmt_jax.train import device_augment  # pylint: disable=g-import-not-at-top
   recipe = batch_augment.BatchRecipe.from_config(cfg)
   form = batch_augment.form_for(jax.devices())
-  step = jax.jit(lambda x, y, k: batch_augment.augment(x, y, k, recipe, form))
+  step = jax.jit(lambda x, y, k: augment.shard(x, y, k, 0))
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
   images, labels = jax.device_put(images), jax.device_put(np.arange(batch, dtype=np.int32))
   jax.block_until_ready(step(images, labels, jax.random.key(0)))
@@ -320,23 +321,25 @@ def device_part_cost(cfg, batch: int, size: int) -> dict:
 
 
 def tpu_estimate(cfg, topology: str, batch_per_chip: int, size: int) -> dict:
-  """XLA's estimated seconds (`cost_analysis()['optimal_seconds']`) of `batch_augment.augment`
-  for one chip of a TPU topology, compiled ahead of time with libtpu."""
+  """XLA's estimated seconds (`cost_analysis()['optimal_seconds']`) of the train step's device
+  part (`device_augment.DeviceAugment` for TPUs: `batch_augment.augment` with the warp's TPU
+  kernel) for one chip of a TPU topology, compiled ahead of time with libtpu."""
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from rmt_jax.data import batch_augment  # pylint: disable=g-import-not-at-top
+  from rmt_jax.train import device_augment  # pylint: disable=g-import-not-at-top
   devices = topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
   mesh = jax.sharding.Mesh(np.array(devices[:1]), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  recipe = batch_augment.BatchRecipe.from_config(cfg)
-  form = batch_augment.form_for(devices)
+  augment = device_augment.DeviceAugment(batch_augment.BatchRecipe.from_config(cfg),
+                                         batch_augment.form_for(devices), kernel=True)
   args = (jax.ShapeDtypeStruct((batch_per_chip, size, size, 3), np.uint8, sharding=replicated),
           jax.ShapeDtypeStruct((batch_per_chip,), np.int32, sharding=replicated),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
-  step = jax.jit(lambda x, y, k: batch_augment.augment(x, y, k, recipe, form))
+  step = jax.jit(lambda x, y, k: augment.shard(x, y, k, 0))
   cost = step.lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]

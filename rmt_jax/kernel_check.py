@@ -4,7 +4,8 @@
         [--workdir DIR] [--config.FIELD=VALUE ...]
 
 Builds the config's network, records every Pallas kernel its train step would call at that
-batch per chip (the stages' shapes, the config's dtype), and runs each forward and backward
+batch per chip (the stages' shapes, the config's dtype; with `data.augment_on='device'`, the
+augmentation's warp too), and runs each forward and backward
 against its plain form on the default device: values compared (the interpreter tests'
 tolerances), both timed. Prints one line per kernel as it goes and then the table (operation,
 per-image shape, dtype, each form's error from the reference, ms per form, the form chosen);
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 from rmt_jax.kernels import check
 from rmt_jax.runtime import console
+from rmt_jax.train import device_augment
 from rmt_jax.train import kernel_check
 from rmt_jax.train import steps
 
@@ -43,7 +45,9 @@ def main(argv: list[str]) -> int:
   config = _CONFIG.value
   batch = _BATCH_PER_CHIP.value or max(1, config.global_batch_size // jax.device_count())
   model = steps.build_model(config)
-  results = kernel_check.check_model(model, batch, config.data.image_size, _WORKDIR.value)
+  results = kernel_check.check_model(
+      model, batch, config.data.image_size, _WORKDIR.value,
+      augment=device_augment.DeviceAugment.for_run(config, None))
   print('\n' + check.table(results))
   return 0
 

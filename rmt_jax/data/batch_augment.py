@@ -24,22 +24,30 @@ sample, how Equalize counts and looks up and how `on_chosen` takes and puts back
 'gather' (two taps a pixel, a bincount, gathers and scatters; cheap on CPUs) or 'matmul' (an
 interpolation matrix per line, MXU work on TPUs, where gathers and scatters are slow; compares
 for Equalize; a dynamic slice and an in-place update per image taken); both give the same
-images within one grey level of the warp's rounding (`form_for`). The train step runs `augment`
-on each device's share of the batch: `rmt_jax.train.device_augment`.
+images within one grey level of the warp's rounding (`form_for`). The warp itself may be passed
+in (`Warp`; `plain_warp` by default): the train step runs `augment` on each device's share of the
+batch with the TPU kernel's warp on TPUs (`rmt_jax.train.device_augment`), sized by the policy's
+largest scale (`warp_scale_bound`).
 """
 
 import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmt_jax.data import policies
 from rmt_jax.data.eval_preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 _GRAY = (0.299, 0.587, 0.114)  # PIL's 'L' conversion (ITU-R 601-2 luma).
 FORMS = ('gather', 'matmul')
+
+# A batch's warp: (uint8 images [B, H, W, 3], float32 affine data [B, 6] as `affine` takes it)
+# -> uint8 images; `plain_warp`'s function (a kernel may be passed in instead).
+Warp = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +88,7 @@ def form_for(devices: Sequence[Any]) -> str:
 
 
 def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchRecipe,
-            form: str = 'gather') -> tuple[jax.Array, jax.Array]:
+            form: str = 'gather', warp: Warp | None = None) -> tuple[jax.Array, jax.Array]:
   """The recipe after the crop, on a batch.
 
   Args:
@@ -89,6 +97,8 @@ def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchR
     key: the batch's key (e.g. the step's, folded with the step number).
     recipe: what to do.
     form: 'gather' or 'matmul' (`form_for`); the same images either way.
+    warp: RandAugment's warp of the batch; None: `plain_warp` in `form` (the train step passes
+      the TPU kernel, `rmt_jax.train.device_augment`).
 
   Returns:
     (float32 [B, H, W, 3] normalised images, float32 [B, num_classes] targets summing to 1).
@@ -102,7 +112,7 @@ def augment(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchR
     flip = (jax.random.uniform(k_flip, (batch,)) < recipe.hflip if recipe.hflip > 0
             else jnp.zeros((batch,), bool))
     images = randaugment_batch(images, jax.random.split(k_ra, batch), recipe.randaugment,
-                               recipe.fill, form, flip)
+                               recipe.fill, form, flip, warp)
     if form == 'matmul':
       # TPUs: XLA fuses the last value layer's select into normalisation and then lays the
       # RandAugment passes out around that fusion, at a cost above the uint8 batch's write and
@@ -399,6 +409,43 @@ def affine(image, matrix, fill=policies.DEFAULT_FILL, form: str = 'gather'):
   return jnp.clip(jnp.round(out), 0.0, 255.0).astype(jnp.uint8)
 
 
+def plain_warp(fill=policies.DEFAULT_FILL, form: str = 'gather') -> Warp:
+  """`affine` on each image of a batch with its own affine data."""
+  return jax.vmap(lambda image, matrix: affine(image, matrix, fill, form))
+
+
+@functools.lru_cache(maxsize=None)
+def warp_scale_bound(policy: policies.RandAugmentPolicy) -> float:
+  """The largest scale at which a pass of the policy's warps samples a line: |a - b d / e|
+  along x, e along y, over every map of its geometric ops at levels up to its maximum, two
+  composed (a warp takes at most two layers' ops, `randaugment_batch`) and the flip (which
+  changes no scale). inf where some map's e could be <= 0 (a vertical mirror, or a rotation of
+  90 degrees or more), which the two passes cannot sample (`affine`)."""
+  names = [n for n in policy.ops if n in policies.GEOMETRIC_OPS]
+  levels = np.linspace(0.0, policy.magnitude_max / policies.LEVEL_DENOM, 41)
+  linear = [np.eye(2)]
+  with jax.ensure_compile_time_eval():
+    for name in names:
+      for negate in (False, True):
+        m = np.asarray(jax.vmap(lambda lv, name=name, negate=negate: geometric_matrix(
+            name, lv, negate, 2, 2))(levels))
+        linear += list(np.stack([m[:, [0, 1]], m[:, [3, 4]]], axis=1))
+  maps = np.stack(linear)
+  pairs = np.einsum('aij,bjk->abik', maps, maps).reshape(-1, 2, 2)
+  e = pairs[:, 1, 1]
+  if np.min(e) <= 1e-6:
+    return math.inf
+  along_x = np.abs(np.linalg.det(pairs) / e)
+  return float(max(np.max(along_x), np.max(e)))
+
+
+def rotation_share(policy: policies.RandAugmentPolicy) -> float:
+  """The expected share of images whose first warp rotates (both passes then scale): the
+  first warp takes the first two layers' geometric ops."""
+  per_layer = policy.prob * policy.ops.count('Rotate') / max(len(policy.ops), 1)
+  return 1.0 - (1.0 - per_layer) ** min(policy.num_layers, 2)
+
+
 def geometric_matrix(name: str, level, negate, height: int, width: int):
   """The affine data of timm's op `name` at `level` (magnitude / 10), sign flipped by `negate`."""
   signed = lambda v: jnp.where(negate, -v, v)  # timm's `_randomly_negate`.
@@ -616,9 +663,11 @@ def randaugment(image, key, policy: policies.RandAugmentPolicy, fill=policies.DE
 
 def randaugment_batch(images, keys, policy: policies.RandAugmentPolicy,
                       fill=policies.DEFAULT_FILL, form: str = 'gather',
-                      flip: jax.Array | None = None):
+                      flip: jax.Array | None = None, warp: Warp | None = None):
   """`policy.num_layers` random ops on each uint8 image of [B, H, W, 3], drawn per image by
-  `layer_parameters` from its key in `keys` [B]; images where `flip` [B] holds are mirrored first.
+  `layer_parameters` from its key in `keys` [B]; images where `flip` [B] holds are mirrored first;
+  the warps by `warp` (default `plain_warp(fill, form)`), whose maps stay within
+  `warp_scale_bound(policy)`.
 
   Each layer applies one op, geometric or value. The program runs the layers' value ops in order
   with n - 1 warps between them (one for n = 1), every layer's geometric op composed into the
@@ -634,6 +683,7 @@ def randaugment_batch(images, keys, policy: policies.RandAugmentPolicy,
   _, height, width, _ = images.shape
   ops = policy.ops
   geometric = [n for n in ops if n in policies.GEOMETRIC_OPS]
+  warp = plain_warp(fill, form) if warp is None else warp
   layers = jax.vmap(lambda k: [layer_parameters(layer_key, policy)
                                for layer_key in jax.random.split(k, policy.num_layers)])(keys)
   identity = jnp.broadcast_to(jnp.asarray(IDENTITY), (images.shape[0], 6))
@@ -655,5 +705,5 @@ def randaugment_batch(images, keys, policy: policies.RandAugmentPolicy,
     images = value_layer(images, op, apply, magnitude / policies.LEVEL_DENOM, negate, policy,
                          form)
     if i < len(warps) and (geometric or flip is not None):
-      images = jax.vmap(lambda x, m: affine(x, m, fill, form))(images, warps[i])
+      images = warp(images, warps[i])
   return images

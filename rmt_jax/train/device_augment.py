@@ -21,6 +21,7 @@ iterator's determinism is that of the host path).
 """
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -28,6 +29,8 @@ import ml_collections
 import numpy as np
 
 from rmt_jax.data import batch_augment
+from rmt_jax.kernels import selection
+from rmt_jax.kernels.tpu import operations as tpu_operations
 from rmt_jax.train import sharding
 
 # Folded into the state's key before the step number, so the augmentation's draws are
@@ -60,12 +63,16 @@ class DeviceAugment:
 
   Attributes:
     recipe: what to do (from `config.data`).
-    form: the warp's form for the mesh's devices (`batch_augment.form_for`).
+    form: the plain warp's form for the mesh's devices (`batch_augment.form_for`).
     mesh: the batch is split over `sharding.BATCH_AXES` of this mesh; None: one device.
+    kernel: RandAugment's warp by its TPU kernel (`kernels.tpu.warp`, through
+      `tpu_operations.affine_warp`: checked on the device, the plain form where it does not
+      fit or the check declines it) instead of the plain form.
   """
   recipe: batch_augment.BatchRecipe
   form: str
   mesh: jax.sharding.Mesh | None = None
+  kernel: bool = False
 
   @classmethod
   def for_run(cls, config: ml_collections.ConfigDict,
@@ -82,14 +89,29 @@ class DeviceAugment:
       raise ValueError(f"config.data.augment_on='device' finishes the classification recipe; "
                        f"a {config.task} run augments on the host (augment_on='host')")
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    kernels = selection.check(config.get('kernels', 'auto'))
+    kernels = selection.for_devices(devices) if kernels == 'auto' else kernels
     return cls(batch_augment.BatchRecipe.from_config(config.data),
-               batch_augment.form_for(devices), mesh)
+               batch_augment.form_for(devices), mesh, kernel=kernels == 'tpu')
+
+  def warp(self) -> batch_augment.Warp | None:
+    """The warp `augment` takes: the TPU kernel's operation where `kernel` is set (None: the
+    plain form)."""
+    policy = self.recipe.randaugment
+    if not self.kernel or policy is None:
+      return None
+    return functools.partial(
+        tpu_operations.affine_warp, fill=self.recipe.fill,
+        max_scale=batch_augment.warp_scale_bound(policy),
+        scaled_share=batch_augment.rotation_share(policy),
+        plain=batch_augment.plain_warp(self.recipe.fill, self.form))
 
   def shard(self, images: jax.Array, labels: jax.Array, key: jax.Array,
             index: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """Device `index`'s share: `batch_augment.augment` with the key folded with `index`."""
     return batch_augment.augment(images, labels.astype(np.int32),
-                                 jax.random.fold_in(key, index), self.recipe, self.form)
+                                 jax.random.fold_in(key, index), self.recipe, self.form,
+                                 self.warp())
 
   def __call__(self, batch: Mapping[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
     """{'image': uint8 [B, S, S, 3], 'label': int [B]} -> {'image': float32 normalised,

@@ -32,6 +32,7 @@ from rmt_jax.data import input_pipeline
 from rmt_jax.kernels import check
 from rmt_jax.kernels import selection as kernel_forms
 from rmt_jax.kernels.tpu import operations as tpu_operations
+from rmt_jax.train import device_augment
 from rmt_jax.train import kernel_check
 from rmt_jax.train import metrics_writer
 from rmt_jax.train import sharding
@@ -124,7 +125,9 @@ def _declined_kernels(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   model = steps.build_model(config, mesh)
   say = lambda line: (logging.warning if line.startswith('warning:') else logging.info)(line)
   results = kernel_check.check_model(model, max(1, config.global_batch_size // mesh.size),
-                                     config.data.image_size, workdir, say=say)
+                                     config.data.image_size, workdir,
+                                     augment=device_augment.DeviceAugment.for_run(config, mesh),
+                                     say=say)
   logging.info('Kernel check (rmt_jax.kernels.check):\n%s', check.table(results))
   # Every process traces the same programs: process 0's choices (its timings) hold for all.
   chosen = np.array([r.chosen == 'kernel' for r in results])

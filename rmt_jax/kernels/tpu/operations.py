@@ -13,6 +13,8 @@ and shape (`selection.fallback`). The model never asks a kernel whether it fits.
 - `feed_forward`: the FFN (`feed_forward`).
 - `second_half`: out_proj, the residuals, LN and the FFN (`block_tail`, else the plain second
   half with the FFN's kernel where that fits).
+- `affine_warp`: RandAugment's warp of a batch in the train step's augmentation (`warp`), not
+  the model's; recorded and checked as the others.
 
 `recording()` collects, while a model is traced, each kernel call it would make (operation,
 per-image shape, dtype, abstract arguments, the kernel and the plain form as functions), which
@@ -21,6 +23,8 @@ is what the on-device check runs.
 
 import contextlib
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -34,6 +38,7 @@ from rmt_jax.kernels.tpu import common
 from rmt_jax.kernels.tpu import feed_forward as tpu_feed_forward
 from rmt_jax.kernels.tpu import lepe
 from rmt_jax.kernels.tpu import projections as tpu_projections
+from rmt_jax.kernels.tpu import warp as tpu_warp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +60,16 @@ class Call:
   the same function of arrays shaped as `arguments` (a pytree of ShapeDtypeStructs). `kernel`
   is None where the kernel's memory plan does not fit (the plain form runs anyway);
   `reference`, where set, is the plain form in float32 (of the same arguments cast to it).
-  `constants`: the positions of arguments that are not differentiated (drop path's scales)."""
+  `constants`: the positions of arguments that are not differentiated (drop path's scales).
+  `sample`, where set, draws the check's arguments (numpy Generator -> arguments) where normal
+  draws mean nothing (images and their affine maps)."""
   key: Key
   arguments: Any
   kernel: Callable[..., Any] | None
   plain: Callable[..., Any]
   reference: Callable[..., Any] | None = None
   constants: tuple[int, ...] = ()
+  sample: Callable[[Any], Any] | None = None
 
 
 _declined: frozenset[Key] = frozenset()
@@ -107,7 +115,8 @@ def recording() -> Iterator[dict[Key, Call]]:
 def _run(operation: str, arguments: tuple[Any, ...], dtype: Any,
          kernel: Callable[..., Any] | None, plain: Callable[..., Any], *,
          independent: int | None = None, constants: tuple[int, ...] = (),
-         unfit: tuple[str, str, str, Callable[..., Any]] | None = None) -> Any:
+         unfit: tuple[str, str, str, Callable[..., Any]] | None = None,
+         sample: Callable[[Any], Any] | None = None) -> Any:
   """`kernel(*arguments)`, unless the plain forms are asked for, the check declined it, or it
   does not fit (`unfit`: what, why, what runs instead, and that function, for the one line).
 
@@ -125,7 +134,7 @@ def _run(operation: str, arguments: tuple[Any, ...], dtype: Any,
       _recorded[key] = Call(key, jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arguments[:n]),
                             None if unfit else tied(kernel), tied(plain),
-                            constants=constants)
+                            constants=constants, sample=sample)
     # Recording needs the shapes only: the kernel is traced when the check runs it, where its
     # failures are caught and reported. Where it does not fit, what runs instead is traced: its
     # own kernels (the projections', the FFN's) are recorded too.
@@ -303,3 +312,21 @@ def second_half(x1: jax.Array, o: jax.Array, out_proj: Pair, norm: Pair, ffn: An
       "the block's second half", 'its weights leave too little VMEM', 'the plain form runs',
       plain)
   return _run('second_half', arguments, o.dtype, kernel, plain, constants=(6,), unfit=unfit)
+
+
+def affine_warp(images: jax.Array, matrices: jax.Array, *, fill: tuple[int, int, int],
+                max_scale: float, scaled_share: float,
+                plain: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """RandAugment's warp of a device's batch (uint8 (B, H, W, 3), each image at its affine map
+  (B, 6)): `warp.affine_warp` where its lines fit VMEM (a finite `max_scale` among them), else
+  `plain(images, matrices)`. Called on each device's share (inside the augmentation's
+  `shard_map`), so the kernel takes no mesh of its own."""
+  fits = math.isfinite(max_scale) and tpu_warp.fits_vmem(images.shape, max_scale)
+  kernel = lambda images, matrices: tpu_warp.affine_warp(
+      images, matrices, fill=tuple(int(v) for v in fill), max_scale=max_scale,
+      scaled_share=scaled_share)
+  unfit = None if fits else ('the affine warp', f'its lines at scales up to {max_scale} do not '
+                             'fit VMEM', 'the plain form runs', plain)
+  return _run('affine warp', (images, matrices), images.dtype, kernel, plain, constants=(0, 1),
+              unfit=unfit, sample=functools.partial(tpu_warp.sample, images.shape,
+                                                    max_scale=max_scale))
