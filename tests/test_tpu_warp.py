@@ -50,7 +50,8 @@ def _images(batch, height, width, seed=0):
                                                           dtype=np.uint8))
 
 
-@pytest.mark.parametrize('height,width', [(20, 36), (33, 17)])
+@pytest.mark.parametrize('height,width', [
+    (20, 36), pytest.param(33, 17, marks=pytest.mark.slow)])  # odd sizes: ~11 s
 def test_equals_the_plain_form_within_a_grey_level(height, width):
   maps = _maps(height, width)
   images = _images(len(maps), height, width)
@@ -113,11 +114,15 @@ def test_an_unfit_bound_runs_the_plain_form_and_says_so(caplog):
              for r in caplog.records)
 
 
-def test_the_train_steps_augmentation_takes_it_and_the_check_records_it():
-  config = _config(kernels='tpu')
-  augment = device_augment.DeviceAugment.for_run(config, None)
-  assert augment.kernel
+def test_the_train_step_takes_it_where_its_kernels_are_the_tpus():
+  assert device_augment.DeviceAugment.for_run(_config(kernels='tpu'), None).kernel
   assert not device_augment.DeviceAugment.for_run(_config(kernels='xla'), None).kernel
+  assert not device_augment.DeviceAugment.for_run(_config(kernels='auto'), None).kernel  # CPU
+
+
+@pytest.mark.slow  # Two RandAugment batches and a model's trace: ~23 s on two CPU cores.
+def test_the_train_steps_augmentation_with_it_and_the_check_records_it():
+  augment = device_augment.DeviceAugment.for_run(_config(kernels='tpu'), None)
   images = _images(8, 24, 40, seed=2)
   keys = jax.random.split(jax.random.key(3), 8)
   flip = jax.random.uniform(jax.random.key(4), (8,)) < 0.5
