@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from rmt_jax.kernels.tpu import operations as tpu_operations
 from rmt_jax.train import device_augment
 from rmt_jax.train import sharding
 from rmt_jax.analysis import counting
@@ -261,7 +262,8 @@ def compile_block(config: Any, topology: str, stage: int, images: int, log: Any 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   x = jax.ShapeDtypeStruct((images, size, size, model.embed_dims[i]), model.residual_dtype,
                            sharding=replicated)
-  variables = jax.eval_shape(block.init, jax.random.key(0), x)
+  with tpu_operations.plain_only():  # the weights, whatever form runs (`steps.init_state`)
+    variables = jax.eval_shape(block.init, jax.random.key(0), x)
   variables = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), variables)
 

@@ -2,8 +2,8 @@
 
 The single operations' CPU forms are tested against their definitions in test_cpu_forms.py and
 each form's parity with the official outputs in test_model.py; here the whole network's
-gradients under each form are compared, and 'auto' is shown to follow the devices in context
-(the context mesh's, else the default backend's).
+gradients under each form are compared, and 'auto' (and the TPU kernels' VMEM budget) is shown
+to follow the devices in context (the context mesh's, else the default backend's).
 """
 
 import jax
@@ -36,6 +36,24 @@ def test_auto_takes_the_form_of_the_devices_in_context():
       assert kernels.for_context() == kernels.for_platform(platform)
       text = str(jax.make_jaxpr(forms)(1.0))
     assert f'{factor}' in text and '3.0' not in text, text
+
+
+def test_the_vmem_budget_follows_the_chip_traced_for():
+  from rmt_jax.kernels.tpu import block_tail, common  # pylint: disable=g-import-not-at-top
+  mib = 1024 * 1024
+
+  def on(device_kind):
+    mesh = jax.sharding.AbstractMesh((1,), ('d',), abstract_device=jax.sharding.AbstractDevice(
+        device_kind, 2, 'tpu'))
+    with jax.sharding.use_abstract_mesh(mesh):
+      # RMT-S's stage-4 second half at 64 images a chip: its weights and their float32
+      # gradients fit a v5p's budget, not a v4's.
+      return common.limit(), common.budget(), block_tail.fits_vmem((64, 7, 7, 512), 1536, 2, 4)
+
+  assert on('TPU v4') == (16 * mib, 14 * mib, False)
+  assert on('TPU v5') == (32 * mib, 30 * mib, True)
+  assert on('a chip not named') == (16 * mib, 14 * mib, False)
+  assert common.chip() is None and common.limit() == 16 * mib  # the interpreter (a CPU host)
 
 
 def test_explicit_forms_and_resolution():

@@ -139,7 +139,7 @@ def test_plans(stream):
       if plan is None:
         unplanned[uses].append((height, dim))
         continue
-      assert shape.vmem_bytes(plan) <= common.BUDGET
+      assert shape.vmem_bytes(plan) <= common.budget()
       rows = plan.block_rows
       assert (rows % height == 0 and 64 % (rows // height) == 0) or height % rows == 0
       assert rows * width % plan.band == 0

@@ -83,7 +83,7 @@ def test_plans_tile_the_tokens_within_the_vmem_budget(height, width, dim, hidden
   assert (plan is None) == ((dim, hidden) in ((512, 1536), (320, 960), (448, 1344), (640, 1920)))
   if plan is None:
     return
-  assert shape.vmem_bytes(plan) <= common.BUDGET
+  assert shape.vmem_bytes(plan) <= common.budget()
   tokens = plan.block_images * height * width
   assert 64 % plan.block_images == 0 and tokens % 16 == 0
   assert tokens % plan.band == 0 and plan.band % 16 == 0 and plan.band >= 2 * shape.halo

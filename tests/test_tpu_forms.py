@@ -317,7 +317,7 @@ def test_column_layout_plans_fit_vmem_for_every_axial_stage():
       assert fits == (itemsize == 2 or size != 28 or channels <= 128), (size, channels)
       problem = tpu_forms.Problem(64, size, heads, channels // heads, None, itemsize, 1, size)
       vmem = problem.column_vmem_bytes(problem.block, problem.column_block)
-      assert (vmem <= common.BUDGET) == fits
+      assert (vmem <= common.budget()) == fits
 
 
 def test_masa_takes_the_transposes_where_the_column_layout_does_not_fit(monkeypatch):

@@ -121,7 +121,7 @@ def test_every_stage_but_the_widest_has_a_plan_at_64_images(name):
       assert not tpu_projections.fits_vmem((64, size, size, dim), dim, 3, 4, 2)
       continue
     assert shape.block_rows is not None, (name, dim)
-    assert shape.vmem_bytes(shape.block_rows) <= common.BUDGET
+    assert shape.vmem_bytes(shape.block_rows) <= common.budget()
     assert shape.block_rows * size <= tpu_projections._BLOCK_TOKENS
     size //= 2
 

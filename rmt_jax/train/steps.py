@@ -28,6 +28,7 @@ import ml_collections
 import optax
 
 from rmt_jax.kernels import selection as kernel_forms
+from rmt_jax.kernels.tpu import operations as tpu_operations
 from rmt_jax.models import RMT, create_model
 from rmt_jax.train import device_augment
 from rmt_jax.train import optim
@@ -104,8 +105,11 @@ def init_state(rng: jax.Array, model: RMT, tx: optax.GradientTransformation,
                image_size: int) -> TrainState:
   """A fresh state: the model's init, AdamW's zeros, the EMA equal to the weights."""
   init_rng, train_rng = jax.random.split(rng)
-  variables = model.init({'params': init_rng}, jnp.zeros((1, image_size, image_size, 3)),
-                         train=False)
+  # The weights are the same whatever form runs; the TPU kernels' memory plans are for the
+  # steps' shapes, not this one image traced outside the mesh, so the plain forms trace it.
+  with tpu_operations.plain_only():
+    variables = model.init({'params': init_rng}, jnp.zeros((1, image_size, image_size, 3)),
+                           train=False)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats,

@@ -61,7 +61,7 @@ from rmt_jax.kernels.tpu import common
 
 # A block's q (problems x tokens x channels) is kept near this many bytes: big enough that a
 # grid step's fixed cost (~0.35 us) is small against its DMA, small enough that the backward's
-# seven double-buffered blocks (lanes padded to 128) fit the default scoped VMEM (16 MiB).
+# seven double-buffered blocks (lanes padded to 128) fit a v4's scoped VMEM (16 MiB).
 _BLOCK_BYTES = 256 * 1024
 
 _LANES = 128  # a vector register's (and a VMEM tile's) lane axis
@@ -116,34 +116,34 @@ class Problem:
   def column_block(self) -> int:
     """Columns per grid step (column layout): the most that are a multiple of 8 (a sublane
     tile) or all of them, with one image's block within `_BLOCK_BYTES` and the VMEM within
-    `common.BUDGET`; else the fewest that are."""
+    `common.budget()`; else the fewest that are."""
     per_column = self.length * self.channels * self.itemsize
     legal = [c for c in range(1, self.columns + 1)
              if self.columns % c == 0 and (c % 8 == 0 or c == self.columns)]
     within = [c for c in legal if c * per_column <= _BLOCK_BYTES
-              and self.column_vmem_bytes(1, c) <= common.BUDGET]
+              and self.column_vmem_bytes(1, c) <= common.budget()]
     return max(within) if within else min(legal)
 
   @property
   def block(self) -> int:
     """Entries per grid step: the largest divisor of `problems` whose block is within
-    `_BLOCK_BYTES` (and in the column layout, whose VMEM is within `common.BUDGET`), or
+    `_BLOCK_BYTES` (and in the column layout, whose VMEM is within `common.budget()`), or
     one."""
     per_entry = self.length * self.channels * self.itemsize
     if self.columns is not None:
       per_entry *= self.column_block
     limit = max(1, _BLOCK_BYTES // per_entry)
     fits = lambda p: (self.columns is None or p == 1 or
-                      self.column_vmem_bytes(p, self.column_block) <= common.BUDGET)
+                      self.column_vmem_bytes(p, self.column_block) <= common.budget())
     return max(p for p in range(1, min(limit, self.problems) + 1)
                if self.problems % p == 0 and fits(p))
 
   @property
   def fits_vmem(self) -> bool:
-    """Whether the kernels' VMEM is within `common.BUDGET` (the column layout's estimate;
+    """Whether the kernels' VMEM is within `common.budget()` (the column layout's estimate;
     the other layouts' blocks are `_BLOCK_BYTES` at most, which always fits)."""
     return (self.columns is None or
-            self.column_vmem_bytes(self.block, self.column_block) <= common.BUDGET)
+            self.column_vmem_bytes(self.block, self.column_block) <= common.budget())
 
   @property
   def grid(self) -> tuple[int, ...]:
@@ -485,7 +485,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def columns_fit_vmem(shape: Sequence[int], heads: int, itemsize: int) -> bool:
   """Whether `decayed_attention`'s column layout of a (b, h, w, heads * d) map in this itemsize
-  fits VMEM (`common.BUDGET`): all but float32 maps of 28 columns with more than 128
+  fits VMEM (`common.budget()`): all but float32 maps of 28 columns with more than 128
   channels (RMT-B and RMT-L's stage 2 at 224 pixels computing in float32)."""
   images, length, columns, channels = shape
   return Problem(images, length, heads, channels // heads, None, itemsize, 1, columns).fits_vmem

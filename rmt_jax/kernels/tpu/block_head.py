@@ -26,7 +26,7 @@ moved a sixth of the RMT-S train step's bytes, `tpu_compile --traffic`). Here:
 - Roundings are the plain form's: the conv of x in the compute dtype (float32 sums), its bias
   added in the compute dtype, x1 in the stream's dtype; the norm and the projections as
   `tpu_projections`.
-- `Shape.plan` chooses rows per step and band within `common.BUDGET` by its own estimate
+- `Shape.plan` chooses rows per step and band within `common.budget()` by its own estimate
   (`Shape.vmem_bytes`). Where none fits with a cotangent per use, MaSA takes the kernel with
   one per output (autodiff adds the others'); where none fits at all (`fits_vmem`), it runs
   `pos` plainly and the projections kernel (or the plain projections) after it.
@@ -117,7 +117,7 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the most rows per step, within
-    `common.BUDGET`: blocks of whole images (up to `_BLOCK_TOKENS` tokens where one fits)
+    `common.budget()`: blocks of whole images (up to `_BLOCK_TOKENS` tokens where one fits)
     where any fits, else of part of an image (rows dividing the height, in whole bfloat16
     tiles of tokens); None if none fits."""
     pixels = self.height * self.width
@@ -128,7 +128,7 @@ class Shape:
     for rows in (images, parts):
       plans = [Plan(block_rows, band) for block_rows in rows
                for band in tpu_bands.bands(block_rows * self.width, self.halo)]
-      fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
+      fitting = [p for p in plans if self.vmem_bytes(p) <= common.budget()]
       if fitting:
         return max(fitting, key=lambda p: (p.band, p.block_rows))
     return None
@@ -150,7 +150,7 @@ class Shape:
 
 def fits_vmem(x_shape: Sequence[int], outputs: int, itemsize: int, stream_itemsize: int,
               uses: Sequence[int] | None = None) -> bool:
-  """Whether `block_first_half` has a plan within `common.BUDGET` for x of `x_shape`
+  """Whether `block_first_half` has a plan within `common.budget()` for x of `x_shape`
   (b, h, w, C), `outputs` projections and `uses` consumers of each (default one), the batch
   split over the context mesh's devices."""
   batch, height, width, dim = x_shape
@@ -320,7 +320,7 @@ def _shape(x, w, height, width, outputs, uses):
   shape = Shape(x.shape[0] // height, height, width, dim, outputs, w.dtype.itemsize,
                 x.dtype.itemsize, sum(uses))
   if shape.plan is None:
-    raise ValueError(f'the block-head kernel does not fit {common.BUDGET / 2**20:.0f} MiB '
+    raise ValueError(f'the block-head kernel does not fit {common.budget() / 2**20:.0f} MiB '
                      f'of VMEM for {dim} channels on {height} x {width} images (see '
                      "fits_vmem); use kernels='xla'")
   return shape

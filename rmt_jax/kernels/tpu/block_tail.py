@@ -25,7 +25,7 @@ Here:
   MiB on its own: 8 rows a step, two more read).
 - Drop path's scales are per image, (2, b) float32 in SMEM (scalar prefetch); a token finds its
   image's scale by the same float floor as `tpu_bands.Neighbours` finds its row.
-- `Shape.plan` chooses rows per step, band and chunk within `common.BUDGET` by its own
+- `Shape.plan` chooses rows per step, band and chunk within `common.budget()` by its own
   estimate (`Shape.vmem_bytes`). Every plan it gives for RMT-T/S/B/L at 224 px and 64 images
   per chip compiles for a v4 and a v5p (float32 and bfloat16 streams): stages 1-3 of RMT-T and
   -S, 1-2 of RMT-B and -L. The others' weights with their float32 gradients leave too little
@@ -218,7 +218,7 @@ class Shape(ffn.Shape):
     the two outputs; the weights once and their float32 gradient sums twice; the FFN kernel's
     float32 temporaries and ten (band + 2 halo, C) float32 ones for out_proj, the residual and
     the norm. Every plan this gives for RMT-T/S/B/L at 224 px and 64 images compiled for a v4
-    and a v5p within `common.LIMIT`."""
+    and a v5p within `common.limit()`."""
     rows = plan.block_rows + (2 if plan.block_rows < self.height else 0)
     tokens = plan.block_rows * self.width
     extended = plan.band + 2 * self.halo
@@ -237,7 +237,7 @@ class Shape(ffn.Shape):
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the widest chunks, then the most rows per step,
-    within `common.BUDGET`: blocks of whole images (any whole number of them, up to the FFN
+    within `common.budget()`: blocks of whole images (any whole number of them, up to the FFN
     kernel's tokens per step) where one fits, else of part of an image (rows dividing the
     height, in whole bfloat16 tiles of tokens; the most rows before the widest chunks); None if
     none fits."""
@@ -255,7 +255,7 @@ class Shape(ffn.Shape):
                for block_rows in rows
                for band in tpu_bands.bands(block_rows * self.width, self.halo)
                for chunk in chunks]
-      fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
+      fitting = [p for p in plans if self.vmem_bytes(p) <= common.budget()]
       if fitting:
         return max(fitting, key=key)
     return None
@@ -275,7 +275,7 @@ class Shape(ffn.Shape):
 
 
 def fits_vmem(x_shape, hidden: int, itemsize: int, stream_itemsize: int) -> bool:
-  """Whether `block_tail` has a plan within `common.BUDGET` for x of `x_shape` (b, h, w, C)
+  """Whether `block_tail` has a plan within `common.budget()` for x of `x_shape` (b, h, w, C)
   and `hidden` channels, the batch split over the context mesh's devices."""
   batch, height, width, dim = x_shape
   return Shape(common.images_per_device(batch) * height * width, height, width, dim,
@@ -330,7 +330,7 @@ def _shape(o, w1, height, width, stream_itemsize):
   tokens, dim = o.shape[0] * o.shape[1], o.shape[2]
   shape = Shape(tokens, height, width, dim, w1.shape[1], o.dtype.itemsize, stream_itemsize)
   if shape.plan is None:
-    raise ValueError(f'the block-tail kernel does not fit {common.BUDGET / 2**20:.0f} MiB '
+    raise ValueError(f'the block-tail kernel does not fit {common.budget() / 2**20:.0f} MiB '
                      f'of VMEM for {dim} -> {shape.hidden} channels on {height} x {width} images')
   return shape
 

@@ -1,9 +1,11 @@
 """What every Pallas TPU kernel here shares: the VMEM budget, the per-device mapping under a
 mesh, the `pallas_call` skeleton, and the layer norm inside a kernel.
 
-- VMEM (`BUDGET`, `LIMIT`): one number for every chip, a v4 TensorCore's 16 MiB (v5e, v5p and
-  v6e have more), so that a program compiled for any of them fits all. Each kernel's memory plan
-  (`Shape.plan` of each module) keeps its own estimate within `BUDGET`.
+- VMEM (`budget`, `limit`): by the chip the program is traced for (`chip`): the scoped VMEM a
+  kernel asks Mosaic for is a v4 TensorCore's 16 MiB on v4 and on any chip not named, 32 MiB on
+  v5e, v5p and v6e (64-128 MiB a TensorCore); each kernel's memory plan (`Shape.plan` of each
+  module) keeps its own estimate within the budget, 2 MiB less. The interpreter (a CPU host)
+  takes the v4 figures, so its plans are the ones a program for any chip can run.
 - The mesh (`per_device`): XLA does not partition Mosaic kernels. Under a mesh of several
   devices a kernel's call runs in a `shard_map`: each device takes its share of the images, the
   weights whole, and the weights' gradients (each device's sums) are added over the mesh. The
@@ -37,10 +39,42 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-# What a kernel's VMEM may take by its own estimate (`Shape.vmem_bytes` of each module), and the
-# scoped VMEM it asks Mosaic for: the estimate leaves 2 MiB for what it does not count.
-BUDGET = 14 * 1024 * 1024
-LIMIT = 16 * 1024 * 1024
+# The scoped VMEM a kernel asks Mosaic for, per TensorCore, by the `device_kind` of the chip it
+# is compiled for; other chips and the interpreter take `_SMALLEST`. A v4 TensorCore has 16 MiB
+# of VMEM; v5p 64 MiB, v5e and v6e 128 MiB (jax's `pltpu.get_tpu_info_for_chip`): half of v5p's
+# leaves Mosaic's own scratch room, and every plan RMT-T/S/B/L take at 224 px and 64 images a
+# chip compiles within it (tests/test_kernels.py).
+_SMALLEST = 16 * 1024 * 1024
+_LIMITS = {'TPU v4': _SMALLEST, 'TPU v5': 32 * 1024 * 1024, 'TPU v5p': 32 * 1024 * 1024,
+           'TPU v5 lite': 32 * 1024 * 1024, 'TPU v5e': 32 * 1024 * 1024,
+           'TPU v6 lite': 32 * 1024 * 1024, 'TPU v6e': 32 * 1024 * 1024}
+# What a kernel's own estimate (`Shape.vmem_bytes` of each module) leaves for what it does not
+# count.
+_UNCOUNTED = 2 * 1024 * 1024
+
+
+def chip() -> str | None:
+  """The `device_kind` of the TPU that what is being traced is compiled for: the context mesh's
+  devices' where a mesh is set (`jax.set_mesh`, `use_abstract_mesh`, `on_operands_mesh`; the
+  abstract devices of `jax.experimental.topologies` too), else the default backend's; None
+  where that is not a TPU (the interpreter)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    device = mesh.abstract_device
+    return device.device_kind if device.platform == 'tpu' else None
+  if jax.default_backend() == 'tpu':
+    return jax.devices()[0].device_kind
+  return None
+
+
+def limit() -> int:
+  """The scoped VMEM, bytes, that a kernel traced now asks Mosaic for (`chip`)."""
+  return _LIMITS.get(chip(), _SMALLEST)
+
+
+def budget() -> int:
+  """What a kernel traced now may take of VMEM by its own estimate: `limit()` less 2 MiB."""
+  return limit() - _UNCOUNTED
 
 TRANS_A = (((0,), (0,)), ((), ()))  # x.T @ y
 TRANS_B = (((1,), (1,)), ((), ()))  # x @ y.T
@@ -234,7 +268,7 @@ def call(kernel: Callable[..., None], operands: Sequence[jax.Array], *,
          cost: pl.CostEstimate, interpret: bool | None, scratch_shapes: Sequence[Any] = (),
          dimension_semantics: Sequence[str] = ('parallel', 'arbitrary'),
          scalar_prefetch: int = 0) -> Any:
-  """`pl.pallas_call(kernel, ...)(*operands)` within `LIMIT` of scoped VMEM.
+  """`pl.pallas_call(kernel, ...)(*operands)` within `limit()` of scoped VMEM.
 
   Args:
     kernel: the kernel (its static arguments bound).
@@ -261,7 +295,7 @@ def call(kernel: Callable[..., None], operands: Sequence[jax.Array], *,
   return pl.pallas_call(
       kernel, out_shape=list(out_shape), **blocks,
       compiler_params=pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics),
-                                           vmem_limit_bytes=LIMIT),
+                                           vmem_limit_bytes=limit()),
       cost_estimate=cost, interpret=interpret,
   )(*(operands if interpret else in_hbm(operands)))
 

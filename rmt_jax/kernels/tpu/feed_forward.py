@@ -27,9 +27,9 @@ backward pass, so the FFN moved a fifth of the RMT-S train step's bytes (`tpu_co
   gradients are added into one float32 block per TensorCore: the grid is (cores, steps), the
   first axis parallel, the second a sequential sum; the partial sums (and, under a mesh, the
   devices' sums) are added outside.
-- `Shape.plan` chooses images per step, band and chunk to fit a v4's 16 MiB of VMEM (v5e, v5p
-  and v6e have more). Where the weights and their gradients leave too little of it (the last
-  stage of RMT-S, -B and -L, 512 -> 1536 channels or wider, and the third of RMT-B and -L),
+- `Shape.plan` chooses images per step, band and chunk within the chip's VMEM budget
+  (`common.budget`). Where the weights and their gradients leave too little of it (on a v4: the
+  last stage of RMT-S, -B and -L, 512 -> 1536 channels or wider, and the third of RMT-B and -L),
   there is no plan (`fits_vmem`) and `layers.FeedForward` runs the plain form.
 
 Both kernels declare their true cost (`pl.CostEstimate`, see `cost_estimates`), which XLA's
@@ -122,7 +122,7 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands (the least recomputed halo), then the widest chunks,
-    then the most images per step, that fits `common.BUDGET`; None if none does.
+    then the most images per step, that fits `common.budget()`; None if none does.
 
     Blocks hold whole images, a multiple of 16 tokens (a bfloat16 tile) unless a block is all
     the images, and at most `_BLOCK_TOKENS` where whole images allow; bands divide the block
@@ -136,7 +136,7 @@ class Shape:
              for block_images in tpu_bands.image_blocks(self.images, pixels, _BLOCK_TOKENS)
              for band in tpu_bands.bands(block_images * pixels, self.halo)
              for chunk in chunks]
-    fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= common.budget()]
     return max(fitting, key=lambda p: (p.band, p.chunk, p.block_images), default=None)
 
   @property
@@ -158,7 +158,7 @@ class Shape:
 
 
 def fits_vmem(x_shape: Sequence[int], hidden: int, itemsize: int) -> bool:
-  """Whether `feed_forward` has a plan within `common.BUDGET` for x of `x_shape` (b, h, w, C)
+  """Whether `feed_forward` has a plan within `common.budget()` for x of `x_shape` (b, h, w, C)
   and `hidden` channels, with the batch split over the context mesh's devices as the kernel
   splits it.
 
@@ -338,7 +338,7 @@ def _shape(x: jax.Array, w1: jax.Array, height: int, width: int) -> Shape:
     raise ValueError(f'{tokens} tokens are not whole {height} x {width} images')
   shape = Shape(tokens, height, width, dim, w1.shape[1], x.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the FFN kernel does not fit {common.BUDGET / 2**20:.0f} MiB of VMEM '
+    raise ValueError(f'the FFN kernel does not fit {common.budget() / 2**20:.0f} MiB of VMEM '
                      f'for {dim} -> {shape.hidden} channels on {height} x {width} images '
                      "(its weights stay in VMEM; see fits_vmem); use kernels='xla'")
   return shape

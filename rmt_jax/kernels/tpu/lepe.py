@@ -15,7 +15,7 @@ attention's output in another: LePE moved a tenth of the RMT-S train step's byte
   sublane axis). v, MaSA's compute dtype, is small enough that a whole 56 x 56 image fits.
 - Roundings are the plain form's: the conv in float32 of v in the compute dtype, its output and
   its bias and the sum with the attention in the compute dtype.
-- `Shape.plan` chooses images per step and band within `common.BUDGET` by its own estimate
+- `Shape.plan` chooses images per step and band within `common.budget()` by its own estimate
   (`Shape.vmem_bytes`); where none fits (`fits_vmem`), MaSA runs the plain conv and add.
 
 Both kernels declare their true cost (`cost_estimates`). As the other kernels, they run per
@@ -98,13 +98,13 @@ class Shape:
   @functools.cached_property
   def plan(self) -> Plan | None:
     """The plan with the longest bands, then the most images per step (up to `_BLOCK_TOKENS`
-    tokens where one image fits), within `common.BUDGET`; None if none fits."""
+    tokens where one image fits), within `common.budget()`; None if none fits."""
     pixels = self.height * self.width
     # Any whole number of images: rows arrays need no 16-token tiles in HBM.
     images = [d for d in range(self.images, 0, -1)
               if self.images % d == 0 and d * pixels <= _BLOCK_TOKENS] or [1]
     plans = [Plan(d, band) for d in images for band in tpu_bands.bands(d * pixels, self.halo)]
-    fitting = [p for p in plans if self.vmem_bytes(p) <= common.BUDGET]
+    fitting = [p for p in plans if self.vmem_bytes(p) <= common.budget()]
     return max(fitting, key=lambda p: (p.band, p.block_images)) if fitting else None
 
   @property
@@ -118,7 +118,7 @@ class Shape:
 
 
 def fits_vmem(v_shape: Sequence[int], itemsize: int) -> bool:
-  """Whether `lepe_add` has a plan within `common.BUDGET` for v of `v_shape` (b, h, w, C),
+  """Whether `lepe_add` has a plan within `common.budget()` for v of `v_shape` (b, h, w, C),
   the batch split over the context mesh's devices."""
   batch, height, width, dim = v_shape
   return Shape(common.images_per_device(batch), height, width, dim, itemsize).plan is not None
@@ -240,7 +240,7 @@ def _call(kernel, shape, arrays, weights, cost, interpret):
 def _shape(v, height, width):
   shape = Shape(v.shape[0] // height, height, width, v.shape[-1], v.dtype.itemsize)
   if shape.plan is None:
-    raise ValueError(f'the LePE kernel does not fit {common.BUDGET / 2**20:.0f} MiB of VMEM '
+    raise ValueError(f'the LePE kernel does not fit {common.budget() / 2**20:.0f} MiB of VMEM '
                      f'for {shape.dim} channels on {height} x {width} images (see fits_vmem); '
                      "use kernels='xla'")
   return shape

@@ -2,7 +2,7 @@
 
 Each function takes the arrays of one step of the paper's block and the plain form of that
 step, and decides for itself what runs: its Pallas kernel where the kernel's memory plan fits
-the shape (VMEM, `common.BUDGET`) and the on-device check has not declined it (`declined`,
+the shape (VMEM, `common.budget()`) and the on-device check has not declined it (`declined`,
 `rmt_jax.kernels.check`), else the plain form, which it reports in one log line per operation
 and shape (`selection.fallback`). The model never asks a kernel whether it fits.
 

@@ -19,8 +19,8 @@ passes. Here:
 - The weights stay in VMEM (one buffer) and their gradients are summed into one float32 block
   per TensorCore: the grid is (cores, steps), the first axis parallel, the second a sequential
   sum; the partial sums (and, under a mesh, the devices' sums) are added outside.
-- `Shape.plan` picks the rows per step that fit a v4's 16 MiB of VMEM; where none do, there is
-  no plan (`fits_vmem`) and `layers.ManhattanSelfAttention` runs the plain form.
+- `Shape.plan` picks the rows per step that fit the chip's VMEM budget (`common.budget`); where
+  none do, there is no plan (`fits_vmem`) and `layers.ManhattanSelfAttention` runs the plain form.
 - In a `RetBlock`, MaSA runs `tpu_block_head` (this kernel with the block's `pos` conv in
   front) where that has a plan; this kernel serves MaSA on its own and the stages where the
   larger one does not fit (RMT-L's third).
@@ -88,10 +88,10 @@ class Shape:
   @functools.cached_property
   def block_rows(self) -> int | None:
     """The most rows per step (a divisor of `rows`, within `_BLOCK_TOKENS` where any is) that
-    fits `common.BUDGET`; None if none does."""
+    fits `common.budget()`; None if none does."""
     divisors = [r for r in range(self.rows, 0, -1) if self.rows % r == 0]
     candidates = [r for r in divisors if r * self.width <= _BLOCK_TOKENS] or divisors[-1:]
-    return next((r for r in candidates if self.vmem_bytes(r) <= common.BUDGET), None)
+    return next((r for r in candidates if self.vmem_bytes(r) <= common.budget()), None)
 
   @property
   def steps(self) -> int:
@@ -105,7 +105,7 @@ class Shape:
 
 def fits_vmem(x_shape: Sequence[int], features: int, outputs: int, in_itemsize: int,
               itemsize: int) -> bool:
-  """Whether `normalized_projections` has a plan within `common.BUDGET` for x of `x_shape`
+  """Whether `normalized_projections` has a plan within `common.budget()` for x of `x_shape`
   (b, h, w, C), `outputs` projections to `features` channels, with the batch split over the
   context mesh's devices as the kernel splits it."""
   batch, height, width, dim = x_shape
@@ -208,7 +208,7 @@ def _shape(x: jax.Array, w: jax.Array, outputs: int) -> Shape:
   shape = Shape(rows, width, dim, w.shape[1] // outputs, outputs, x.dtype.itemsize,
                 w.dtype.itemsize)
   if shape.block_rows is None:
-    raise ValueError(f'the projection kernel does not fit {common.BUDGET / 2**20:.0f} MiB of '
+    raise ValueError(f'the projection kernel does not fit {common.budget() / 2**20:.0f} MiB of '
                      f'VMEM for {outputs} x {dim} -> {shape.features} channels on rows of '
                      f"{width} tokens (its weights stay in VMEM; see fits_vmem); use "
                      "kernels='xla'")

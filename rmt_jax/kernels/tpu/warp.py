@@ -97,7 +97,7 @@ class Shape:
 
   @property
   def fits_vmem(self) -> bool:
-    return self.vmem_bytes() <= common.BUDGET
+    return self.vmem_bytes() <= common.budget()
 
 
 def fits_vmem(images_shape: Sequence[int], max_scale: float) -> bool:
