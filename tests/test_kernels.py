@@ -51,7 +51,8 @@ def test_the_vmem_budget_follows_the_chip_traced_for():
       return common.limit(), common.budget(), block_tail.fits_vmem((64, 7, 7, 512), 1536, 2, 4)
 
   assert on('TPU v4') == (16 * mib, 14 * mib, False)
-  assert on('TPU v5') == (32 * mib, 30 * mib, True)
+  assert on('TPU v5') == (48 * mib, 46 * mib, True)
+  assert on('TPU v6 lite')[:2] == (64 * mib, 62 * mib)
   assert on('a chip not named') == (16 * mib, 14 * mib, False)
   assert common.chip() is None and common.limit() == 16 * mib  # the interpreter (a CPU host)
 

@@ -358,12 +358,12 @@ def _head_bwd(height, width, eps, scales, interpret, uses, residuals, cotangents
     dx, *grads = tpu_bands.call_on_rows(
         _backward_kernel, shape, rows, weights, [jax.ShapeDtypeStruct(x.shape, x.dtype)],
         weights, cost_estimates(shape)[1], interpret, eps=eps, scales=scales, uses=uses)
-    return dx, tuple(g.sum(axis=0) for g in grads)
+    return dx, common.core_sums(grads)
 
   compute = weights[4].dtype
   rows = (x, x1, dx1.astype(x1.dtype), *(dy.astype(compute) for dy in dys))
   dx, grads = common.per_device(backward, rows, weights)
-  return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
+  return dx, common.like_weights(grads, weights)
 
 
 _head.defvjp(_head_fwd, _head_bwd)

@@ -366,12 +366,12 @@ def _tail_bwd(height, width, eps, interpret, layerscale, residuals, dx3):
     cost = cost_estimates(shape, x1.dtype.itemsize, layerscale)[1]
     dx1, do, *grads = _call(_backward_kernel, shape, scales, (o, x1, dx3), weights, out,
                             weights, cost, interpret, eps=eps, layerscale=layerscale)
-    return (dx1, do), tuple(g.sum(axis=0) for g in grads)
+    return (dx1, do), common.core_sums(grads)
 
   (dx1, do), grads = common.per_device(backward, (o, x1, dx3.astype(x1.dtype), scales), weights,
                                        split_axes=(0, 0, 0, 1))
   # Drop path's scales are not learned: no gradient.
-  return (dx1, do, tuple(g.astype(w.dtype) for g, w in zip(grads, weights)),
+  return (dx1, do, common.like_weights(grads, weights),
           jnp.zeros_like(scales))
 
 

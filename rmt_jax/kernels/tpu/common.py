@@ -2,10 +2,11 @@
 mesh, the `pallas_call` skeleton, and the layer norm inside a kernel.
 
 - VMEM (`budget`, `limit`): by the chip the program is traced for (`chip`): the scoped VMEM a
-  kernel asks Mosaic for is a v4 TensorCore's 16 MiB on v4 and on any chip not named, 32 MiB on
-  v5e, v5p and v6e (64-128 MiB a TensorCore); each kernel's memory plan (`Shape.plan` of each
-  module) keeps its own estimate within the budget, 2 MiB less. The interpreter (a CPU host)
-  takes the v4 figures, so its plans are the ones a program for any chip can run.
+  kernel asks Mosaic for is a v4 TensorCore's 16 MiB on v4 and on any chip not named, 48 MiB on
+  v5p (64 MiB a TensorCore), 64 MiB on v5e and v6e (128 MiB); each kernel's memory plan
+  (`Shape.plan` of each module) keeps its own estimate within the budget, 2 MiB less. The
+  interpreter (a CPU host) takes the v4 figures, so its plans are the ones a program for any
+  chip can run.
 - The mesh (`per_device`): XLA does not partition Mosaic kernels. Under a mesh of several
   devices a kernel's call runs in a `shard_map`: each device takes its share of the images, the
   weights whole, and the weights' gradients (each device's sums) are added over the mesh. The
@@ -41,13 +42,14 @@ from jax.sharding import PartitionSpec
 
 # The scoped VMEM a kernel asks Mosaic for, per TensorCore, by the `device_kind` of the chip it
 # is compiled for; other chips and the interpreter take `_SMALLEST`. A v4 TensorCore has 16 MiB
-# of VMEM; v5p 64 MiB, v5e and v6e 128 MiB (jax's `pltpu.get_tpu_info_for_chip`): half of v5p's
-# leaves Mosaic's own scratch room, and every plan RMT-T/S/B/L take at 224 px and 64 images a
-# chip compiles within it (tests/test_kernels.py).
+# of VMEM; v5p 64 MiB, v5e and v6e 128 MiB (jax's `pltpu.get_tpu_info_for_chip`). Three quarters
+# of v5p's and half of v5e's and v6e's leave Mosaic's own scratch room; RMT's plans at 64 images
+# a chip compile within them ahead of time (the compile tests, `rmt_jax.tpu_compile`), and the
+# on-device check drops a kernel that does not build on its chip.
 _SMALLEST = 16 * 1024 * 1024
-_LIMITS = {'TPU v4': _SMALLEST, 'TPU v5': 32 * 1024 * 1024, 'TPU v5p': 32 * 1024 * 1024,
-           'TPU v5 lite': 32 * 1024 * 1024, 'TPU v5e': 32 * 1024 * 1024,
-           'TPU v6 lite': 32 * 1024 * 1024, 'TPU v6e': 32 * 1024 * 1024}
+_LIMITS = {'TPU v4': _SMALLEST, 'TPU v5': 48 * 1024 * 1024, 'TPU v5p': 48 * 1024 * 1024,
+           'TPU v5 lite': 64 * 1024 * 1024, 'TPU v5e': 64 * 1024 * 1024,
+           'TPU v6 lite': 64 * 1024 * 1024, 'TPU v6e': 64 * 1024 * 1024}
 # What a kernel's own estimate (`Shape.vmem_bytes` of each module) leaves for what it does not
 # count.
 _UNCOUNTED = 2 * 1024 * 1024
@@ -298,6 +300,18 @@ def call(kernel: Callable[..., None], operands: Sequence[jax.Array], *,
                                            vmem_limit_bytes=limit()),
       cost_estimate=cost, interpret=interpret,
   )(*(operands if interpret else in_hbm(operands)))
+
+
+def core_sums(partials: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """The weights' gradients of one device: the float32 partial sums of each TensorCore
+  (`CoreGrid.sums`, (cores, *weight shape) each) added."""
+  return tuple(g.sum(axis=0) for g in partials)
+
+
+def like_weights(gradients: Sequence[jax.Array],
+                 weights: Sequence[Any]) -> tuple[jax.Array, ...]:
+  """The weights' gradients (float32 sums) in the weights' own dtypes, as autodiff returns them."""
+  return tuple(g.astype(w.dtype) for g, w in zip(gradients, weights))
 
 
 # ---------------------------------------------------------------------------------------------

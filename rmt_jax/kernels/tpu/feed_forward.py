@@ -370,10 +370,10 @@ def _feed_forward_bwd(height, width, interpret, residuals, dy):
     # Every weight's gradient, fc2's bias too, though the kernel does not read that bias.
     dx, *grads = _call(_backward_kernel, shape, (x, *weights[:5], dy), 5, weights,
                        cost_estimates(shape)[1], interpret)
-    return dx, tuple(g.sum(axis=0) for g in grads)
+    return dx, common.core_sums(grads)
 
   dx, grads = common.per_device(backward, (x, dy.astype(x.dtype)), weights)
-  return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
+  return dx, common.like_weights(grads, weights)
 
 
 _feed_forward.defvjp(_feed_forward_fwd, _feed_forward_bwd)

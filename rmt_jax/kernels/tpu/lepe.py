@@ -267,11 +267,11 @@ def _lepe_add_bwd(height, width, interpret, residuals, do):
     shape = _shape(arrays[0], height, width)
     dv, *grads = _call(_backward_kernel, shape, arrays, weights, cost_estimates(shape)[1],
                        interpret)
-    return dv, tuple(g.sum(axis=0) for g in grads)
+    return dv, common.core_sums(grads)
 
   do = do.astype(v.dtype)
   dv, grads = common.per_device(backward, (v, do), weights)
-  return do, dv, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
+  return do, dv, common.like_weights(grads, weights)
 
 
 _lepe_add.defvjp(_lepe_add_fwd, _lepe_add_bwd)

@@ -242,12 +242,12 @@ def _projections_bwd(eps, scales, interpret, residuals, dys):
         _backward_kernel, shape, (x, scale, shift, w, *dys), 3,
         [jax.ShapeDtypeStruct(x.shape, x.dtype)], (w, b, scale, shift),
         cost_estimates(shape)[1], eps, scales, interpret)
-    return dx, tuple(g.sum(axis=0) for g in (dscale, dshift, dw, db))
+    return dx, common.core_sums((dscale, dshift, dw, db))
 
   dys = tuple(dy.astype(weights[0].dtype) for dy in dys)
   dx, grads = common.per_device(backward, (x, *dys), (*norm, *weights))
-  return (dx, tuple(g.astype(p.dtype) for g, p in zip(grads[:2], norm)),
-          tuple(g.astype(w.dtype) for g, w in zip(grads[2:], weights)))
+  return (dx, common.like_weights(grads[:2], norm),
+          common.like_weights(grads[2:], weights))
 
 
 _projections.defvjp(_projections_fwd, _projections_bwd)

@@ -7,9 +7,10 @@ per image and pass (1 for flips, shears and translations, not for rotations) and
 linear in l (the shear and the translation). With k = floor(o(l)) and f = o(l) - k, linear
 interpolation at that position is exactly
 
-    sum_j hat(frac(s m) + f - j) * line_l[floor(s m) + k + j],  j = 0, 1, 2,  hat(t) = max(0, 1 - |t|)
+    sum_j hat(frac(s m) + f - j) * line_l[floor(s m) + k + j],  j = 0, 1, 2,
 
-so the pass is three steps a plain XLA program has no cheap form of, in VMEM:
+with hat(t) = max(0, 1 - |t|), so the pass is three steps a plain XLA program has no cheap form
+of, in VMEM:
 
 - the shift of each line by its own integer k (zeros outside the image): one rotation and one
   select per bit of k modulo the padded line, the bits chosen per line;
@@ -19,9 +20,10 @@ so the pass is three steps a plain XLA program has no cheap form of, in VMEM:
 
 The images enter and leave as uint8 planes (channel, row, column): the kernel subtracts the fill
 colour (sampling zeros outside and adding the fill back blends the edges with it, as the plain
-form does) and rounds and clips its output to [0, 255]. A pass along x keeps lines on sublanes and positions on lanes, a pass along y the
-other way round, so no pass transposes. A map that mirrors horizontally (a negative scale along x)
-samples the mirrored image at the mirrored positions, the kernel reversing the lines first.
+form does) and rounds and clips its output to [0, 255]. A pass along x keeps lines on sublanes
+and positions on lanes, a pass along y the other way round, so no pass transposes. A map that
+mirrors horizontally (a negative scale along x) samples the mirrored image at the mirrored
+positions, the kernel reversing the lines first.
 
 `Shape.max_scale` bounds |s| for the lines' padding: a caller whose maps scale more gets zeros
 (the fill) where a line would be read past its padding; `rmt_jax.data.batch_augment` derives the
@@ -108,11 +110,10 @@ def fits_vmem(images_shape: Sequence[int], max_scale: float) -> bool:
 
 def cost_estimate(shape: Shape, scaled_share: float) -> pl.CostEstimate:
   """The kernel's cost: its uint8 planes read and written once, each image's 6 parameters and 3
-  flags once; per channel and pass the
-  shift's rotation and select per bit, the mask and the weighted sum of the taps (~4 x the
-  bits + 16 operations per element of the padded lines, declared as flops), and the selection
-  products of the `scaled_share` of images whose passes scale (2 x 3 taps x the product's MACs).
-  """
+  flags once; per channel and pass the shift's rotation and select per bit, the mask and the
+  weighted sum of the taps (~4 x the bits + 16 operations per element of the padded lines,
+  declared as flops), and the selection products of the `scaled_share` of images whose passes
+  scale (2 x 3 taps x the product's MACs)."""
   along_x = shape.rows * shape.line_lanes
   along_y = shape.line_rows * shape.columns
   elementwise = sum((4 * (size - 1).bit_length() + 16) * elements
