@@ -5,10 +5,10 @@
 
 Builds the config's network, records every Pallas kernel its train step would call at that
 batch per chip (the stages' shapes, the config's dtype; with `data.augment_on='device'`, the
-augmentation's warp too), and runs each forward and backward
-against its plain form on the default device: values compared (the interpreter tests'
-tolerances), both timed. Prints one line per kernel as it goes and then the table (operation,
-per-image shape, dtype, each form's error from the reference, ms per form, the form chosen);
+augmentation's warp too), and runs each forward and backward against its plain form on the
+default device: values compared (the interpreter tests' tolerances), both timed. Prints one line
+per kernel as it goes and then the table (operation, per-image shape, dtype, each form's error
+from the reference, ms per form, the form chosen);
 a kernel that fails to lower, compile or run, or is wrong, is dropped with one warning line.
 With `--workdir`, the results are cached there as a training run caches them
 (`kernel_check.json`). The first thing to run on a new chip or jax version; on a CPU host the

@@ -4,13 +4,14 @@ on the device at hand, for the run's own shapes and dtypes.
 For every recorded call (`tpu.operations.recording`) both forms run forward and backward (the
 value and every input's gradient of sum(sin(f(inputs))), inputs drawn at O(0.3) so that no form
 hides behind a near-zero value; for a call with nothing to differentiate, the augmentation's
-warp of uint8 images, its outputs, on the inputs its `sample` draws) and are timed. A kernel is kept where it lowers, compiles and
-runs, its results are finite and as close to the reference as the plain form's (error <= 1.5 x
-the plain form's + 1e-5 relative in float32, + 2^-9 in bfloat16: the tolerances of the
-interpreter tests), and it is faster; else the plain form runs (`tpu.operations.declined`). The
-reference is the plain form in float32 at the highest matmul precision: both forms' rounding
-(bfloat16 compute, a chip's float32 matmul precision) counts against them alike, and a kernel
-that accumulates in float32 where the plain form rounds is not blamed for being closer.
+warp of uint8 images, its outputs, on the inputs its `sample` draws) and are timed. A kernel is
+kept where it lowers, compiles and runs, its results are finite and as close to the reference
+as the plain form's (error <= 1.5 x the plain form's + 1e-5 relative in float32, + 2^-9 in
+bfloat16 and uint8: the tolerances of the interpreter tests), and it is faster; else the plain
+form runs (`tpu.operations.declined`). The reference is the plain form in float32 at the
+highest matmul precision: both forms' rounding (bfloat16 compute, a chip's float32 matmul
+precision) counts against them alike, and a kernel that accumulates in float32 where the plain
+form rounds is not blamed for being closer.
 
 On a CPU the kernels run in Pallas's interpreter: values are checked, timings say nothing about a
 TPU.

@@ -2,8 +2,8 @@
 
 `check_model` traces the network's train-mode forward pass under `kernels='tpu'` at the run's
 per-device batch (and the step's augmentation where it runs on the device: its warp's kernel),
-records every kernel call it would make (`kernels.tpu.operations.recording`),
-and runs each against its plain form on the device at hand (`kernels.check`). The results are
+records every kernel call it would make (`kernels.tpu.operations.recording`), and runs each
+against its plain form on the device at hand (`kernels.check`). The results are
 cached in the workdir (`KERNEL_CHECK_FILE`), keyed by the device kind, jax's and libtpu's
 versions and the calls' shapes, so a resumed run does not check again.
 """
