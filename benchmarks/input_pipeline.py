@@ -298,13 +298,17 @@ def official_rate(script: str, root: str, seconds: float) -> tuple[float, float]
 
 
 def device_part_cost(cfg, batch: int, size: int) -> dict:
-  """ms (wall and this process's CPU) per batch of `batch_augment.augment` on jax's default
-  device, compiled, the median of 3 calls."""
+  """ms (wall and this process's CPU) per batch of the train step's device part on jax's
+  default device (`device_augment.DeviceAugment`: the warp's kernel on TPUs), compiled, the
+  median of 3 calls."""
   import jax  # pylint: disable=g-import-not-at-top
   from rmt_jax.data import batch_augment  # pylint: disable=g-import-not-at-top
+  from rmt_jax.kernels import selection  # pylint: disable=g-import-not-at-top
   from rmt_jax.train import device_augment  # pylint: disable=g-import-not-at-top
-  recipe = batch_augment.BatchRecipe.from_config(cfg)
   form = batch_augment.form_for(jax.devices())
+  augment = device_augment.DeviceAugment(
+      batch_augment.BatchRecipe.from_config(cfg), form,
+      kernel=selection.for_devices(jax.devices()[:1]) == 'tpu')
   step = jax.jit(lambda x, y, k: augment.shard(x, y, k, 0))
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
   images, labels = jax.device_put(images), jax.device_put(np.arange(batch, dtype=np.int32))
