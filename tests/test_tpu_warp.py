@@ -70,6 +70,7 @@ def test_equals_the_plain_form_within_a_grey_level(height, width):
   assert (got[1] == 0).sum() < (got[1] == np.asarray(_FILL)).sum()  # the fill comes in
 
 
+@pytest.mark.slow  # The interpreter on six 24 x 40 images: ~12 s on two CPU cores.
 def test_sampled_maps_equal_the_plain_form():
   images, maps = warp.sample((6, 24, 40, 3), np.random.default_rng(1), max_scale=2.0)
   got = np.asarray(warp.affine_warp(images, maps, fill=_FILL, max_scale=2.0, interpret=True),
