@@ -88,6 +88,13 @@ def check(kernels: str) -> str:
   return kernels
 
 
+def resolve(kernels: str, devices: Iterable[jax.Device] | Any = None) -> str:
+  """`kernels` checked (`check`), with 'auto' resolved to the forms of `devices` (`for_devices`)
+  where they are given; 'auto' as it is without them."""
+  kernels = check(kernels)
+  return for_devices(devices) if kernels == 'auto' and devices is not None else kernels
+
+
 def select(kernels: str, *args: Any, xla: Callable[..., Any], cpu: Callable[..., Any],
            tpu: Callable[..., Any] | None = None) -> Any:
   """`xla(*args)`, `cpu(*args)` or `tpu(*args)` as `kernels` says ('auto': `for_context()`).

@@ -89,8 +89,7 @@ class DeviceAugment:
       raise ValueError(f"config.data.augment_on='device' finishes the classification recipe; "
                        f"a {config.task} run augments on the host (augment_on='host')")
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    kernels = selection.check(config.get('kernels', 'auto'))
-    kernels = selection.for_devices(devices) if kernels == 'auto' else kernels
+    kernels = selection.resolve(config.get('kernels', 'auto'), devices)
     return cls(batch_augment.BatchRecipe.from_config(config.data),
                batch_augment.form_for(devices), mesh, kernel=kernels == 'tpu')
 

@@ -91,10 +91,7 @@ def build_model(config: ml_collections.ConfigDict,
 def kernel_forms_for(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> str:
   """`config.kernels`, with 'auto' resolved to the forms of the mesh's devices (where a mesh is
   given): what every program of a run is built with."""
-  kernels = kernel_forms.check(config.get('kernels', 'auto'))
-  if kernels == 'auto' and mesh is not None:
-    kernels = kernel_forms.for_devices(mesh)
-  return kernels
+  return kernel_forms.resolve(config.get('kernels', 'auto'), mesh)
 
 
 # ---------------------------------------------------------------------------------------
